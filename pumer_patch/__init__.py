@@ -1,0 +1,56 @@
+"""pumer-patch: prune and merge tokens in vision-language and vision transformers (PuMer, ACL 2023).
+
+``pumer_patch.apply(model, layers=[2, 5, 8], prune_ratio=0.1, merge_ratio=0.3, text_merge_ratio=0.2)``
+patches a ViLT, timm or open_clip model in place, per instance; ``pumer_patch.remove(model)`` undoes it.
+The maths lives in ``pumer_patch.core`` and knows no model.
+"""
+
+from .core import (
+    MergePlan,
+    Mode,
+    Reduced,
+    Tokens,
+    apply_merge,
+    attention_bias,
+    gather_tokens,
+    init_source,
+    merge_count,
+    merge_plan,
+    merge_tokens,
+    prune_count,
+    prune_indices,
+    prune_tokens,
+    reduce_tokens,
+    reduced_counts,
+    text_merge_count,
+    text_to_image_relevance,
+    unmerge,
+)
+from .ratios import Ratios, RatiosLike, parse_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MergePlan",
+    "Mode",
+    "Ratios",
+    "RatiosLike",
+    "Reduced",
+    "Tokens",
+    "apply_merge",
+    "attention_bias",
+    "gather_tokens",
+    "init_source",
+    "merge_count",
+    "merge_plan",
+    "merge_tokens",
+    "parse_config",
+    "prune_count",
+    "prune_indices",
+    "prune_tokens",
+    "reduce_tokens",
+    "reduced_counts",
+    "text_merge_count",
+    "text_to_image_relevance",
+    "unmerge",
+]

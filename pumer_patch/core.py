@@ -1,0 +1,589 @@
+"""The token-reduction maths: pruning, bipartite merging, size and source tracking.
+
+Pure torch: tensors in, tensors out; nothing here knows a model. Every function works on a batch
+at once (no Python loop over samples or tokens) and every output count depends only on the input
+shapes and the ratios, so shapes stay static for ``torch.compile`` and CUDA graphs.
+
+Two modes (see README, "Reference and default mode"):
+
+* ``"default"``: protected leading tokens (image [CLS], text [CLS]) are never pruned or merged,
+  survivors keep their original order, token sizes are carried so merged tokens are averaged by the
+  number of original tokens they stand for, and ratios count the unprotected tokens.
+* ``"reference"``: the arithmetic of the PuMer research code, which its released checkpoints were
+  trained with (ratios of all image tokens, prunable image [CLS], survivors sorted by relevance,
+  ToMe's [unmerged A ; B] layout, plain means, no sizes, a layer that prunes nothing reduces nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .ratios import Ratios, RatiosLike
+
+__all__ = [
+    "Mode",
+    "Tokens",
+    "MergePlan",
+    "Reduced",
+    "prune_count",
+    "merge_count",
+    "text_merge_count",
+    "reduced_counts",
+    "prune_indices",
+    "prune_tokens",
+    "merge_plan",
+    "apply_merge",
+    "merge_tokens",
+    "gather_tokens",
+    "reduce_tokens",
+    "text_to_image_relevance",
+    "attention_bias",
+    "unmerge",
+    "init_source",
+]
+
+Mode = Literal["default", "reference"]
+_MODES = ("default", "reference")
+
+
+@dataclass
+class Tokens:
+    """A token sequence with the state that travels with it.
+
+    x: (B, N, C) features.
+    size: (B, N) float, how many original tokens each token stands for; ``None`` means all ones.
+    source: (B, N0) long, for each *original* token the index in ``x`` of the token that now covers
+        it, or -1 if it was pruned; ``None`` if not tracked. A partition: each original token is
+        covered by at most one survivor. ``unmerge`` uses it to go back to the full grid.
+    mask: (B, N) real (1) against padding (0); ``None`` means no padding. Bool in default mode; the
+        reference mode averages it when text tokens merge, so it may become fractional there.
+    """
+
+    x: Tensor
+    size: Tensor | None = None
+    source: Tensor | None = None
+    mask: Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.x.shape[1]
+
+
+class MergePlan(NamedTuple):
+    """Where every input token goes in a merge, computed once and applied to tokens, sizes, sources.
+
+    kept: (B, N - r) indices of the input tokens that survive, in output order.
+    dest: (B, N) output index of every input token (a merged token points at its destination).
+    merged: (B, r) indices of the input tokens merged away.
+    """
+
+    kept: Tensor
+    dest: Tensor
+    merged: Tensor
+
+
+@dataclass
+class Reduced:
+    """What ``reduce_tokens`` returns: the image tokens and, when given, the text tokens."""
+
+    image: Tokens
+    text: Tokens | None
+    keep_idx: Tensor | None  # (B, K) image indices kept by pruning, None if nothing was pruned
+
+
+# --------------------------------------------------------------------------------------------
+# Counts: the documented formulas, shared by the ops, the adapters, the tests and the benchmarks.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+
+
+def _check_ratio(name: str, ratio: float) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(ratio).__name__}")
+    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {ratio!r}")
+
+
+def prune_count(n: int, ratio: float, protected: int = 0) -> int:
+    """Tokens removed when pruning ``ratio`` of ``n`` tokens whose first ``protected`` stay.
+
+    ``round(ratio * (n - protected))`` (Python's round), leaving at least one unprotected token.
+    """
+    _check_ratio("prune ratio", ratio)
+    prunable = n - protected
+    if prunable <= 1:
+        return 0
+    return min(round(ratio * prunable), prunable - 1)
+
+
+def merge_count(n: int, r: int, protected: int = 0) -> int:
+    """Merges actually done for a requested ``r`` on ``n`` tokens: at most half of the mergeable."""
+    return max(0, min(r, (n - protected) // 2))
+
+
+def text_merge_count(n_text: int, ratio: float, protected: int = 1) -> int:
+    """Text tokens merged away: ``round(ratio * n_text)``, capped at half of the unprotected ones."""
+    _check_ratio("text_merge ratio", ratio)
+    return merge_count(n_text, round(ratio * n_text), protected)
+
+
+def reduced_counts(
+    n_image: int,
+    n_text: int,
+    ratios: RatiosLike,
+    mode: Mode = "default",
+    image_protected: int = 1,
+    text_protected: int = 1,
+) -> tuple[int, int]:
+    """(image, text) token counts after one reduce layer, exactly as ``reduce_tokens`` produces them.
+
+    default: prune ``round(p * M)`` of the ``M = n_image - image_protected`` unprotected image tokens,
+    merge ``round(m * M)`` (M before pruning) capped at half of what is left; text merges
+    ``round(t * n_text)`` capped at half of the unprotected text tokens.
+    reference: ``round(p * n_image)`` pruned (nothing protected, at least one kept); if that is zero
+    the layer does nothing; else ``round(m * n_image)`` merged, capped at ``(kept - 1) // 2`` (the most
+    relevant survivor is never merged), and the text as in default mode.
+    """
+    _check_mode(mode)
+    ratios = Ratios.parse(ratios)
+    if mode == "reference":
+        n_prune = round(ratios.prune * n_image)
+        if n_prune == 0:
+            return n_image, n_text
+        kept = max(n_image - n_prune, 1)
+        r = merge_count(kept, round(ratios.merge * n_image), 1)
+        return kept - r, n_text - text_merge_count(n_text, ratios.text_merge, 1)
+    mergeable = n_image - image_protected
+    kept = n_image - prune_count(n_image, ratios.prune, image_protected)
+    r = merge_count(kept, round(ratios.merge * mergeable), image_protected)
+    return kept - r, n_text - text_merge_count(n_text, ratios.text_merge, text_protected)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _as_tokens(name: str, tokens: Tensor | Tokens, size: Tensor | None = None) -> Tokens:
+    if isinstance(tokens, Tensor):
+        tokens = Tokens(tokens, size=size)
+    elif not isinstance(tokens, Tokens):
+        raise TypeError(f"{name} must be a Tensor (B, N, C) or Tokens, got {type(tokens).__name__}")
+    x = tokens.x
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (B, N, C), got rank {x.dim()} shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}; convert it with .float()")
+    b, n = x.shape[:2]
+    for field in ("size", "mask"):
+        value = getattr(tokens, field)
+        if value is not None and tuple(value.shape) != (b, n):
+            raise ValueError(f"{name}.{field} must have shape (B, N) = {(b, n)}, got {tuple(value.shape)}")
+    if tokens.source is not None and (tokens.source.dim() != 2 or tokens.source.shape[0] != b):
+        raise ValueError(f"{name}.source must have shape (B, N0) with B = {b}, got {tuple(tokens.source.shape)}")
+    return tokens
+
+
+def _check_scores(name: str, scores: Tensor, b: int, n: int, rank: int = 2) -> None:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(scores).__name__}")
+    if scores.dim() != rank or tuple(scores.shape[:2]) != (b, n):
+        want = "(B, N)" if rank == 2 else "(B, N, C)"
+        raise ValueError(f"{name} must have shape {want} with B, N = {b}, {n}; got {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {scores.dtype}")
+
+
+def _check_protected(protected: int, n: int) -> None:
+    if isinstance(protected, bool) or not isinstance(protected, int) or protected < 0:
+        raise ValueError(f"protected must be a non-negative int, got {protected!r}")
+    if protected > n:
+        raise ValueError(f"protected={protected} exceeds the {n} tokens given")
+
+
+# --------------------------------------------------------------------------------------------
+# Gathering with state
+# --------------------------------------------------------------------------------------------
+
+
+def _remap_source(source: Tensor | None, new_index: Tensor) -> Tensor | None:
+    """Compose a source map with ``new_index`` (B, N_old): old position -> new position or -1."""
+    if source is None:
+        return None
+    mapped = new_index.gather(1, source.clamp_min(0))
+    return torch.where(source >= 0, mapped, torch.full_like(mapped, -1))
+
+
+def gather_tokens(tokens: Tokens, idx: Tensor) -> Tokens:
+    """Keep the tokens at ``idx`` (B, K) in that order; sizes, mask and source follow."""
+    b, n, c = tokens.x.shape
+    x = tokens.x.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
+    size = None if tokens.size is None else tokens.size.gather(1, idx)
+    mask = None if tokens.mask is None else tokens.mask.gather(1, idx)
+    source = None
+    if tokens.source is not None:
+        # (B, N): new position of each old token, -1 where dropped
+        new_index = torch.full((b, n), -1, dtype=torch.long, device=idx.device)
+        new_index.scatter_(1, idx, torch.arange(idx.shape[1], device=idx.device).expand(b, -1))
+        source = _remap_source(tokens.source, new_index)
+    return Tokens(x, size=size, source=source, mask=mask)
+
+
+def init_source(batch: int, n: int, device: torch.device | str | None = None) -> Tensor:
+    """The identity source map (B, N): every token covers itself."""
+    return torch.arange(n, device=device).expand(batch, -1).clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning
+# --------------------------------------------------------------------------------------------
+
+
+def prune_indices(
+    relevance: Tensor,
+    n_keep: int,
+    protected: int = 0,
+    keep_order: bool = True,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Indices (B, n_keep) of the tokens to keep: the protected ones, then the most relevant.
+
+    relevance: (B, N). Padding (``mask`` 0) counts as least relevant, so it goes first. Ties are
+    broken by position (earlier wins), so the choice is deterministic. With ``keep_order`` the
+    survivors keep their original order, else they come sorted by relevance (the research code).
+    """
+    b, n = relevance.shape
+    with torch.no_grad():
+        scores = relevance[:, protected:].float()
+        if mask is not None:
+            scores = scores.masked_fill(mask[:, protected:] <= 0, -math.inf)
+        order = scores.argsort(dim=-1, descending=True, stable=True)[:, : n_keep - protected]
+        if keep_order:
+            order = order.sort(dim=-1).values
+        order = order + protected
+        if protected:
+            head = torch.arange(protected, device=relevance.device).expand(b, -1)
+            order = torch.cat([head, order], dim=1)
+    return order
+
+
+def prune_tokens(
+    tokens: Tensor | Tokens,
+    relevance: Tensor,
+    ratio: float,
+    *,
+    protected: int = 0,
+    keep_order: bool = True,
+) -> Tokens:
+    """Drop ``prune_count(N, ratio, protected)`` of the least relevant tokens.
+
+    tokens: (B, N, C) or ``Tokens``; relevance: (B, N), higher is kept. Protected leading tokens are
+    always kept, at the front. Returns ``Tokens`` with sizes, mask and source gathered alike.
+    """
+    tokens = _as_tokens("tokens", tokens)
+    b, n, _ = tokens.x.shape
+    _check_scores("relevance", relevance, b, n)
+    _check_protected(protected, n)
+    n_prune = prune_count(n, ratio, protected)
+    if n_prune == 0:
+        return tokens
+    idx = prune_indices(relevance, n - n_prune, protected, keep_order, tokens.mask)
+    return gather_tokens(tokens, idx)
+
+
+# --------------------------------------------------------------------------------------------
+# Bipartite soft matching (ToMe), within one modality
+# --------------------------------------------------------------------------------------------
+
+
+def merge_plan(
+    metric: Tensor,
+    r: int,
+    protected: int = 0,
+    keep_order: bool = True,
+    mask: Tensor | None = None,
+) -> MergePlan | None:
+    """Match tokens for merging; ``None`` when nothing merges (r capped to 0).
+
+    metric: (B, N, D), compared by cosine similarity (in float32, so fp16 cannot overflow).
+    The first ``protected`` tokens are left out; the rest alternate into sets A and B, each A token
+    picks its most similar B token, and the ``r`` best such edges merge (``r`` capped at half of the
+    mergeable tokens). Padding (``mask`` 0) only ever matches padding. ``keep_order`` puts survivors
+    in their original order; else ToMe's layout [protected ; unmerged A ; B].
+    """
+    b, n, _ = metric.shape
+    r = merge_count(n, r, protected)
+    if r == 0:
+        return None
+    device = metric.device
+    with torch.no_grad():
+        m = metric[:, protected:].float()
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        a, bb = m[:, ::2], m[:, 1::2]  # A: even, B: odd positions after the protected ones
+        scores = a @ bb.transpose(-1, -2)  # (B, Na, Nb)
+        if mask is not None:
+            real = mask[:, protected:] > 0
+            scores = scores.masked_fill(real[:, ::2, None] != real[:, None, 1::2], -math.inf)
+        node_max, node_idx = scores.max(dim=-1)  # best B for every A: (B, Na)
+        edge_order = node_max.argsort(dim=-1, descending=True, stable=True)
+        src = edge_order[:, :r]  # A indices merged away
+        dst = node_idx.gather(1, src)  # their B partners
+        n_b = bb.shape[1]
+        if keep_order:
+            keep = torch.ones(b, n, dtype=torch.bool, device=device)
+            keep.scatter_(1, protected + 2 * src, False)
+            # stable sort of "dropped" flags lists the kept positions in their original order
+            kept = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, : n - r]
+        else:
+            unm = edge_order[:, r:].sort(dim=-1).values
+            head = torch.arange(protected, device=device).expand(b, -1)
+            b_all = (protected + 1 + 2 * torch.arange(n_b, device=device)).expand(b, -1)
+            kept = torch.cat([head, protected + 2 * unm, b_all], dim=1)
+        dest = torch.empty(b, n, dtype=torch.long, device=device)
+        dest.scatter_(1, kept, torch.arange(n - r, device=device).expand(b, -1))
+        merged = protected + 2 * src
+        dest.scatter_(1, merged, dest.gather(1, protected + 1 + 2 * dst))
+    return MergePlan(kept=kept, dest=dest, merged=merged)
+
+
+def apply_merge(tokens: Tokens, plan: MergePlan | None, weighted: bool = True) -> Tokens:
+    """Apply a ``MergePlan``: each merged group becomes the (size-weighted) mean of its members.
+
+    Tokens that take no merge keep their exact values. With ``weighted=False`` every member counts
+    once (plain mean) and no sizes are produced (the research code). Padding carries no weight, so it
+    never shifts a real token. The mean is accumulated in float32. Differentiable in ``tokens.x``.
+    """
+    if plan is None:
+        return tokens
+    x = tokens.x
+    b, n, c = x.shape
+    n_out = plan.kept.shape[1]
+    dest = plan.dest
+    size = tokens.size if (weighted and tokens.size is not None) else x.new_ones(b, n, dtype=torch.float32)
+    weight = size.float()
+    if weighted and tokens.mask is not None:
+        weight = weight * (tokens.mask > 0).float()
+    num = torch.zeros(b, n_out, c, dtype=torch.float32, device=x.device)
+    num = num.scatter_add(1, dest.unsqueeze(-1).expand(-1, -1, c), x.float() * weight.unsqueeze(-1))
+    den = torch.zeros(b, n_out, dtype=torch.float32, device=x.device).scatter_add(1, dest, weight)
+    received = torch.zeros(b, n_out, dtype=torch.bool, device=x.device)
+    received.scatter_(1, dest.gather(1, plan.merged), True)
+    received = received & (den > 0)
+    kept_x = x.gather(1, plan.kept.unsqueeze(-1).expand(-1, -1, c))
+    mean = (num / den.clamp_min(1e-12).unsqueeze(-1)).to(x.dtype)
+    out = torch.where(received.unsqueeze(-1), mean, kept_x)
+
+    new_size = None
+    if weighted:
+        new_size = torch.zeros(b, n_out, dtype=size.dtype, device=x.device).scatter_add(1, dest, size)
+    mask = tokens.mask
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(b, n_out, dtype=torch.bool, device=x.device).scatter_reduce(
+                1, dest, mask, reduce="amax", include_self=False
+            )
+        else:  # the research code averages (possibly fractional) masks like features
+            mask = torch.zeros(b, n_out, dtype=mask.dtype, device=x.device).scatter_reduce(
+                1, dest, mask, reduce="mean", include_self=False
+            )
+    return Tokens(out, size=new_size, source=_remap_source(tokens.source, dest), mask=mask)
+
+
+def merge_tokens(
+    tokens: Tensor | Tokens,
+    metric: Tensor,
+    r: int,
+    size: Tensor | None = None,
+    *,
+    protected: int = 0,
+    keep_order: bool = True,
+    weighted: bool = True,
+) -> Tokens:
+    """Merge ``r`` tokens away by bipartite soft matching (ToMe) on ``metric``.
+
+    tokens: (B, N, C) or ``Tokens``; metric: (B, N, D) (e.g. attention keys averaged over heads);
+    size: (B, N) token sizes when ``tokens`` is a bare tensor. ``r`` is capped at half of the
+    ``N - protected`` mergeable tokens; the protected leading tokens come back unchanged at the front.
+    Output count: ``N - merge_count(N, r, protected)``.
+    """
+    tokens = _as_tokens("tokens", tokens, size)
+    b, n, _ = tokens.x.shape
+    _check_scores("metric", metric, b, n, rank=3)
+    _check_protected(protected, n)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be a non-negative int (tokens to merge away), got {r!r}")
+    plan = merge_plan(metric, r, protected, keep_order, tokens.mask)
+    return apply_merge(tokens, plan, weighted)
+
+
+# --------------------------------------------------------------------------------------------
+# Guidance, bias, un-merging
+# --------------------------------------------------------------------------------------------
+
+
+def text_to_image_relevance(attn: Tensor, text_mask: Tensor | None = None, mode: Mode = "default") -> Tensor:
+    """Relevance (B, N) of each image token: the attention text pays to it (the paper's ``mean_head``).
+
+    attn: (B, H, T, N) attention probabilities from the T text queries to the N image keys.
+    Mean over heads, summed over the real text rows and divided by the real text length. The
+    reference mode sums every row, padding included (the research code), and still divides by the
+    real length. Without ``text_mask`` every row is real.
+    """
+    if attn.dim() != 4:
+        raise ValueError(f"attn must have shape (B, H, T, N), got {tuple(attn.shape)}")
+    _check_mode(mode)
+    probs = attn.float().mean(dim=1)  # (B, T, N)
+    if text_mask is None:
+        return probs.mean(dim=1)
+    text_mask = text_mask.float()
+    length = text_mask.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1)
+    if mode == "default":
+        probs = probs * text_mask.unsqueeze(-1)
+    return probs.sum(dim=1) / length
+
+
+def attention_bias(size: Tensor | None, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Additive key bias (B, 1, 1, N): ``log(size)`` for proportional attention, dtype-min on padding.
+
+    Adding ``log(size)`` to the attention logits makes a token that stands for ``s`` originals count
+    ``s`` times in the softmax (ToMe). ``None`` when there is neither size nor padding.
+    """
+    if size is None and mask is None:
+        return None
+    ref = size if size is not None else mask
+    bias = torch.zeros(ref.shape, dtype=torch.float32, device=ref.device)
+    if size is not None:
+        bias = bias + size.float().log()
+    if mask is not None:
+        # (1 - mask) * min, as transformers builds it, so fractional reference masks behave alike
+        bias = bias + (1.0 - mask.float()) * torch.finfo(torch.float32).min
+    return bias.clamp_min(torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+
+
+def unmerge(x: Tensor, source: Tensor, fill: float = 0.0) -> Tensor:
+    """Spread reduced tokens (B, N', C) back to the original grid (B, N0, C) through ``source``.
+
+    Each original token gets the value of the token that covers it; pruned ones get ``fill``.
+    """
+    c = x.shape[-1]
+    out = x.gather(1, source.clamp_min(0).unsqueeze(-1).expand(-1, -1, c))
+    return out.masked_fill((source < 0).unsqueeze(-1), fill)
+
+
+# --------------------------------------------------------------------------------------------
+# The PuMer reducer
+# --------------------------------------------------------------------------------------------
+
+
+def _query_relevance(query: Tensor, keys: Tensor) -> Tensor:
+    """Softmax attention (B, N) of one query vector (B, C) over keys (B, N, C)."""
+    logits = torch.einsum("bc,bnc->bn", query.float(), keys.float()) / math.sqrt(keys.shape[-1])
+    return logits.softmax(dim=-1)
+
+
+def _relevance_from_guide(text_cls: Tensor, image: Tokens, img_metric: Tensor | None) -> Tensor:
+    b, n = image.x.shape[:2]
+    if not isinstance(text_cls, Tensor) or not text_cls.is_floating_point():
+        raise TypeError("text_cls must be a floating Tensor: relevance (B, N) or a text query (B, C) / (B, 1, C)")
+    if text_cls.shape[0] != b:
+        raise ValueError(f"text_cls has batch {text_cls.shape[0]} but img_tokens has batch {b}")
+    keys = img_metric if img_metric is not None else image.x
+    if text_cls.dim() == 3 and text_cls.shape[1] == 1 and text_cls.shape[2] == keys.shape[-1]:
+        return _query_relevance(text_cls[:, 0], keys)
+    if text_cls.dim() == 2 and text_cls.shape[1] == n:  # read as relevance even when N == C
+        return text_cls
+    if text_cls.dim() == 2 and text_cls.shape[1] == keys.shape[-1]:
+        return _query_relevance(text_cls, keys)
+    raise ValueError(
+        f"text_cls must be relevance (B, N) = ({b}, {n}) or a query (B, C) with C = {keys.shape[-1]}; "
+        f"got {tuple(text_cls.shape)}"
+    )
+
+
+def reduce_tokens(
+    text_cls: Tensor | None,
+    img_tokens: Tensor | Tokens,
+    ratios: RatiosLike,
+    *,
+    img_metric: Tensor | None = None,
+    text_tokens: Tensor | Tokens | None = None,
+    text_metric: Tensor | None = None,
+    mode: Mode = "default",
+    image_protected: int = 1,
+    text_protected: int = 1,
+) -> Reduced:
+    """One PuMer reduce step: text-informed pruning, then merging within each modality.
+
+    text_cls: the text-side guide, one of
+        * (B, N) relevance of each image token, e.g. ``text_to_image_relevance(attn, text_mask)``;
+          this is what the model adapters pass;
+        * (B, C) or (B, 1, C) a text query (e.g. the text [CLS]); relevance is then its softmax
+          attention over ``img_metric`` (or the image features). A (B, N) tensor is read as
+          relevance even when N == C: pass (B, 1, C) for a query then;
+        * None: no guidance; only allowed with ``ratios.prune == 0``.
+    img_tokens: (B, N, C) or ``Tokens``, the image [CLS] (if any) first.
+    ratios: ``Ratios``, ``"p0.1-r0.3-t0.2"``, a mapping or a 3-tuple.
+    img_metric: (B, N, D) merge similarity features (attention keys averaged over heads); defaults
+        to the image features. text_tokens / text_metric: (B, T, C) / (B, T, D), text [CLS] first;
+        merged within the text only when ``ratios.text_merge > 0``.
+    image_protected / text_protected: leading tokens never pruned or merged (default mode only; the
+        reference mode protects the most relevant image survivor and the text [CLS], as the paper).
+
+    Counts follow ``reduced_counts``. Returns ``Reduced(image, text, keep_idx)``.
+    """
+    _check_mode(mode)
+    ratios = Ratios.parse(ratios)
+    image = _as_tokens("img_tokens", img_tokens)
+    b, n, _ = image.x.shape
+    if img_metric is not None:
+        _check_scores("img_metric", img_metric, b, n, rank=3)
+    text = None if text_tokens is None else _as_tokens("text_tokens", text_tokens)
+    if text is not None:
+        if text.x.shape[0] != b:
+            raise ValueError(f"text_tokens has batch {text.x.shape[0]} but img_tokens has batch {b}")
+        if text_metric is not None:
+            _check_scores("text_metric", text_metric, b, text.x.shape[1], rank=3)
+    if text_cls is None and ratios.prune > 0:
+        raise ValueError("pruning needs guidance: pass text_cls (relevance (B, N) or a text query), or prune=0")
+    _check_protected(image_protected, n)
+    relevance = None if text_cls is None else _relevance_from_guide(text_cls, image, img_metric)
+
+    reference = mode == "reference"
+    if reference:
+        n_prune = round(ratios.prune * n)
+        if n_prune == 0:  # the research code reduces nothing in a layer that prunes nothing
+            return Reduced(image, text, None)
+        n_keep, protected_img, r_img = max(n - n_prune, 1), 0, round(ratios.merge * n)
+        image = replace(image, mask=None)  # the research code resets image masks to ones
+    else:
+        n_keep = n - prune_count(n, ratios.prune, image_protected)
+        protected_img, r_img = image_protected, round(ratios.merge * (n - image_protected))
+
+    keep_idx = None
+    metric = img_metric if img_metric is not None else image.x
+    if n_keep < n:
+        keep_idx = prune_indices(relevance, n_keep, protected_img, keep_order=not reference, mask=image.mask)
+        image = gather_tokens(image, keep_idx)
+        metric = metric.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+
+    # reference: ToMe with class_token=True on relevance-sorted survivors protects the most relevant one
+    merge_protected = 1 if reference else protected_img
+    plan = merge_plan(metric, r_img, merge_protected, keep_order=not reference, mask=image.mask)
+    image = apply_merge(image, plan, weighted=not reference)
+
+    if text is not None and ratios.text_merge > 0:
+        t_protected = 1 if reference else text_protected
+        r_text = text_merge_count(text.x.shape[1], ratios.text_merge, t_protected)
+        t_metric = text_metric if text_metric is not None else text.x
+        t_plan = merge_plan(t_metric, r_text, t_protected, keep_order=not reference, mask=None if reference else text.mask)
+        text = apply_merge(text, t_plan, weighted=not reference)
+    return Reduced(image, text, keep_idx)

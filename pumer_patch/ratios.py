@@ -1,0 +1,91 @@
+"""Reduction ratios and the paper's config strings (``p0.1-r0.3-t0.2-258``)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+__all__ = ["Ratios", "RatiosLike", "parse_config"]
+
+_RATIOS_RE = re.compile(r"^p(?P<p>\d*\.?\d+)-?r(?P<r>\d*\.?\d+)-?t(?P<t>\d*\.?\d+)$")
+_CONFIG_RE = re.compile(r"^(?P<ratios>p\d*\.?\d+-?r\d*\.?\d+-?t\d*\.?\d+)-(?P<layers>\d+)$")
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """Fractions of the current tokens removed at one reduce layer.
+
+    prune: image tokens dropped by text relevance (of the image tokens before pruning).
+    merge: image tokens merged away (of the image tokens *before* pruning, as the paper).
+    text_merge: text tokens merged away.
+
+    Each lies in [0, 1). The paper writes them ``p0.1-r0.3-t0.2`` (or ``p0.1r0.3t0.2``);
+    ``Ratios.parse`` reads that, a mapping, a 3-sequence or another ``Ratios``.
+    """
+
+    prune: float = 0.0
+    merge: float = 0.0
+    text_merge: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("prune", "merge", "text_merge"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"Ratios.{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
+            if math.isnan(value) or not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"Ratios.{name} must lie in [0, 1), got {value!r}; "
+                    f"use 0 to switch it off and a value below 1 to keep at least one token"
+                )
+            object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def parse(cls, spec: RatiosLike) -> Ratios:
+        """Read ratios from a ``Ratios``, ``"p0.1-r0.3-t0.2"``, a mapping or a (prune, merge, text_merge) sequence."""
+        if isinstance(spec, Ratios):
+            return spec
+        if isinstance(spec, str):
+            match = _RATIOS_RE.match(spec.strip())
+            if match is None:
+                raise ValueError(
+                    f"ratios string {spec!r} is not in the paper's form; write e.g. 'p0.1-r0.3-t0.2' or 'p0.1r0.3t0.2'"
+                )
+            return cls(float(match["p"]), float(match["r"]), float(match["t"]))
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"prune", "merge", "text_merge"}
+            if unknown:
+                raise ValueError(f"ratios mapping has unknown keys {sorted(unknown)}; use prune, merge, text_merge")
+            return cls(**spec)
+        if isinstance(spec, Sequence) and len(spec) == 3:
+            return cls(*spec)
+        raise TypeError(
+            f"ratios must be a Ratios, a string like 'p0.1-r0.3-t0.2', a mapping or a 3-tuple, got {spec!r}"
+        )
+
+    @property
+    def is_zero(self) -> bool:
+        return self.prune == 0.0 and self.merge == 0.0 and self.text_merge == 0.0
+
+    def __str__(self) -> str:
+        return f"p{self.prune:g}-r{self.merge:g}-t{self.text_merge:g}"
+
+
+RatiosLike = Union[Ratios, str, Mapping[str, float], Sequence[float]]
+
+
+def parse_config(config: str) -> tuple[Ratios, list[int]]:
+    """Split a paper config name into ratios and layer indices.
+
+    ``"p0.1-r0.3-t0.2-258"`` -> ``(Ratios(0.1, 0.3, 0.2), [2, 5, 8])``. Each digit of the suffix is one
+    layer, as in the research code's names.
+    """
+    match = _CONFIG_RE.match(config.strip())
+    if match is None:
+        raise ValueError(
+            f"config {config!r} is not a paper config name; write e.g. 'p0.1-r0.3-t0.2-258' "
+            f"(ratios, a dash, then one digit per reduce layer)"
+        )
+    return Ratios.parse(match["ratios"]), [int(d) for d in match["layers"]]
