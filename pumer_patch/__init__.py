@@ -26,6 +26,7 @@ from .core import (
     text_to_image_relevance,
     unmerge,
 )
+from .patch import apply, is_patched, last_trace, patched_roots, remove
 from .ratios import Ratios, RatiosLike, parse_config
 
 __version__ = "0.1.0"
@@ -37,19 +38,24 @@ __all__ = [
     "RatiosLike",
     "Reduced",
     "Tokens",
+    "apply",
     "apply_merge",
     "attention_bias",
     "gather_tokens",
     "init_source",
+    "is_patched",
+    "last_trace",
     "merge_count",
     "merge_plan",
     "merge_tokens",
     "parse_config",
+    "patched_roots",
     "prune_count",
     "prune_indices",
     "prune_tokens",
     "reduce_tokens",
     "reduced_counts",
+    "remove",
     "text_merge_count",
     "text_to_image_relevance",
     "unmerge",
