@@ -203,11 +203,11 @@ def _check_scores(name: str, scores: Tensor, b: int, n: int, rank: int = 2) -> N
         raise TypeError(f"{name} must be a floating tensor, got {scores.dtype}")
 
 
-def _check_protected(protected: int, n: int) -> None:
+def _check_protected(protected: int, n: int, name: str = "protected") -> None:
     if isinstance(protected, bool) or not isinstance(protected, int) or protected < 0:
-        raise ValueError(f"protected must be a non-negative int, got {protected!r}")
+        raise ValueError(f"{name} must be a non-negative int, got {protected!r}")
     if protected > n:
-        raise ValueError(f"protected={protected} exceeds the {n} tokens given")
+        raise ValueError(f"{name}={protected} exceeds the {n} tokens given")
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,10 +315,13 @@ def merge_plan(
     """Match tokens for merging; ``None`` when nothing merges (r capped to 0).
 
     metric: (B, N, D), compared by cosine similarity (in float32, so fp16 cannot overflow).
-    The first ``protected`` tokens are left out; the rest alternate into sets A and B, each A token
-    picks its most similar B token, and the ``r`` best such edges merge (``r`` capped at half of the
-    mergeable tokens). Padding (``mask`` 0) only ever matches padding. ``keep_order`` puts survivors
-    in their original order; else ToMe's layout [protected ; unmerged A ; B].
+    The first ``protected`` tokens are left out; the rest fall into set A (even positions) or B (odd
+    positions), as ToMe splits them (with one protected [CLS] this is ToMe's ``class_token=True``,
+    which the research code used), each A token picks its most similar B token, and the ``r`` best
+    such edges merge (``r`` capped at half of the mergeable tokens). Padding (``mask`` 0) matches
+    padding; it meets a real token only where the split leaves an A token no partner of its kind and
+    ``r`` needs that edge (counts are static), and then carries no weight in the mean.
+    ``keep_order`` puts survivors in their original order; else ToMe's layout [protected ; unmerged A ; B].
     """
     b, n, _ = metric.shape
     r = merge_count(n, r, protected)
@@ -326,13 +329,14 @@ def merge_plan(
         return None
     device = metric.device
     with torch.no_grad():
-        m = metric[:, protected:].float()
+        a0, b0 = protected + protected % 2, protected + 1 - protected % 2  # first A, first B position
+        m = metric.float()
         m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        a, bb = m[:, ::2], m[:, 1::2]  # A: even, B: odd positions after the protected ones
+        a, bb = m[:, a0::2], m[:, b0::2]
         scores = a @ bb.transpose(-1, -2)  # (B, Na, Nb)
         if mask is not None:
-            real = mask[:, protected:] > 0
-            scores = scores.masked_fill(real[:, ::2, None] != real[:, None, 1::2], -math.inf)
+            real = mask > 0
+            scores = scores.masked_fill(real[:, a0::2, None] != real[:, None, b0::2], -math.inf)
         node_max, node_idx = scores.max(dim=-1)  # best B for every A: (B, Na)
         edge_order = node_max.argsort(dim=-1, descending=True, stable=True)
         src = edge_order[:, :r]  # A indices merged away
@@ -340,18 +344,18 @@ def merge_plan(
         n_b = bb.shape[1]
         if keep_order:
             keep = torch.ones(b, n, dtype=torch.bool, device=device)
-            keep.scatter_(1, protected + 2 * src, False)
+            keep.scatter_(1, a0 + 2 * src, False)
             # stable sort of "dropped" flags lists the kept positions in their original order
             kept = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, : n - r]
         else:
             unm = edge_order[:, r:].sort(dim=-1).values
             head = torch.arange(protected, device=device).expand(b, -1)
-            b_all = (protected + 1 + 2 * torch.arange(n_b, device=device)).expand(b, -1)
-            kept = torch.cat([head, protected + 2 * unm, b_all], dim=1)
+            b_all = (b0 + 2 * torch.arange(n_b, device=device)).expand(b, -1)
+            kept = torch.cat([head, a0 + 2 * unm, b_all], dim=1)
         dest = torch.empty(b, n, dtype=torch.long, device=device)
         dest.scatter_(1, kept, torch.arange(n - r, device=device).expand(b, -1))
-        merged = protected + 2 * src
-        dest.scatter_(1, merged, dest.gather(1, protected + 1 + 2 * dst))
+        merged = a0 + 2 * src
+        dest.scatter_(1, merged, dest.gather(1, b0 + 2 * dst))
     return MergePlan(kept=kept, dest=dest, merged=merged)
 
 
@@ -441,6 +445,8 @@ def text_to_image_relevance(attn: Tensor, text_mask: Tensor | None = None, mode:
     if attn.dim() != 4:
         raise ValueError(f"attn must have shape (B, H, T, N), got {tuple(attn.shape)}")
     _check_mode(mode)
+    if text_mask is not None and tuple(text_mask.shape) != tuple(attn.shape[::2]):
+        raise ValueError(f"text_mask must have shape (B, T) = {tuple(attn.shape[::2])}, got {tuple(text_mask.shape)}")
     probs = attn.float().mean(dim=1)  # (B, T, N)
     if text_mask is None:
         return probs.mean(dim=1)
@@ -552,9 +558,10 @@ def reduce_tokens(
             raise ValueError(f"text_tokens has batch {text.x.shape[0]} but img_tokens has batch {b}")
         if text_metric is not None:
             _check_scores("text_metric", text_metric, b, text.x.shape[1], rank=3)
+        _check_protected(text_protected, text.x.shape[1], "text_protected")
     if text_cls is None and ratios.prune > 0:
         raise ValueError("pruning needs guidance: pass text_cls (relevance (B, N) or a text query), or prune=0")
-    _check_protected(image_protected, n)
+    _check_protected(image_protected, n, "image_protected")
     relevance = None if text_cls is None else _relevance_from_guide(text_cls, image, img_metric)
 
     reference = mode == "reference"

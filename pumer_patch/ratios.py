@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Union
 
 __all__ = ["Ratios", "RatiosLike", "parse_config"]
@@ -70,7 +71,12 @@ class Ratios:
         return self.prune == 0.0 and self.merge == 0.0 and self.text_merge == 0.0
 
     def __str__(self) -> str:
-        return f"p{self.prune:g}-r{self.merge:g}-t{self.text_merge:g}"
+        return f"p{_decimal(self.prune)}-r{_decimal(self.merge)}-t{_decimal(self.text_merge)}"
+
+
+def _decimal(value: float) -> str:
+    """The shortest decimal that reads back as ``value``, without an exponent (``parse`` takes none)."""
+    return format(Decimal(repr(value)).normalize(), "f")
 
 
 RatiosLike = Union[Ratios, str, Mapping[str, float], Sequence[float]]
@@ -82,6 +88,8 @@ def parse_config(config: str) -> tuple[Ratios, list[int]]:
     ``"p0.1-r0.3-t0.2-258"`` -> ``(Ratios(0.1, 0.3, 0.2), [2, 5, 8])``. Each digit of the suffix is one
     layer, as in the research code's names.
     """
+    if not isinstance(config, str):
+        raise TypeError(f"config must be a string like 'p0.1-r0.3-t0.2-258', got {type(config).__name__}")
     match = _CONFIG_RE.match(config.strip())
     if match is None:
         raise ValueError(
