@@ -1,0 +1,236 @@
+"""The block loop shared by the single-tower ViT adapters (timm, open_clip).
+
+Both towers stack pre-norm blocks ``x + attn(norm1(x)); x + mlp(norm2(x))`` over image tokens whose
+first ``protected`` are prefix tokens ([CLS], distillation, registers). A reduce block runs its
+attention half, reduces the tokens with ``pumer_patch.core.reduce_tokens`` and runs its MLP half on
+the survivors (ToMe's and PuMer's place). Each adapter hands the loop a ``BlockOps``: the whole
+block, the attention half (also returning the keys and the query rows asked for) and the MLP half.
+
+Relevance without text (pruning):
+
+* ``"cls"``: the [CLS] row of the attention, mean over heads (EViT), for towers pooled from [CLS].
+* ``"received"``: the attention each token receives from the non-prefix queries, mean over heads,
+  each query weighted by its size. For towers that pool over their tokens (``avg``, ``map``) it
+  plays the [CLS] row's part: the mean of the attention outputs over the pooled queries is
+  ``sum_j received_j v_j``, so ``received_j`` is token j's share of what the pooled feature reads
+  at this layer (Learned Token Pruning, Kim et al. 2022, scores tokens this way; for ``map`` it is
+  a proxy, the latent query being learned). It costs one extra ``q k^T`` (2 B H N^2 d FLOPs) at
+  each pruning block; the [CLS] row costs 2 B H N d.
+
+Merge metric: the attention keys averaged over heads (ToMe). Both are computed without gradient:
+they only choose indices.
+
+Options (``pumer_patch.apply(..., **options)``):
+
+* ``merge_schedule``: ToMe's r, the tokens merged away at each block: an int for the same r at
+  every block, or a list with one r per block. It is independent of ``layers``, which places the
+  ratios: ``apply(model, layers=[], merge_schedule=8)`` is plain ToMe. At a block that also has a
+  merge ratio the two counts add up in one matching; pruning still follows the ratios. Counts are
+  capped at half of the mergeable tokens like the ratios'. In reference mode a block that prunes
+  nothing reduces nothing (the research code's rule), so ``merge_schedule`` there needs pruning.
+* ``relevance``: ``"auto"`` (decided at apply time from how the tower pools), ``"cls"`` or
+  ``"received"``.
+
+``text_merge`` ratios have no effect: these towers carry no text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from pumer_patch.core import Tokens, attention_bias, init_source, reduce_tokens
+from pumer_patch.ratios import Ratios
+
+from .base import LayerCount, Plan, Trace
+
+__all__ = [
+    "Attended",
+    "BlockOps",
+    "Relevance",
+    "VIT_OPTIONS",
+    "attention_relevance",
+    "reduces",
+    "resolve_vit_options",
+    "run_blocks",
+    "weighted_mean",
+]
+
+Relevance = Literal["cls", "received"]
+
+#: options the timm and open_clip adapters accept, with their defaults
+VIT_OPTIONS: dict[str, Any] = {"merge_schedule": None, "relevance": "auto"}
+
+
+class Attended(NamedTuple):
+    """What the attention half of a block hands back.
+
+    x: (B, N, C) after the attention residual. q: (B, H, Q, d) the query rows asked for (after any
+    q norm), or None. k: (B, H, N, d) the keys (after any k norm). scale: the logit scale.
+    """
+
+    x: Tensor
+    q: Tensor | None
+    k: Tensor
+    scale: float
+
+
+class BlockOps(NamedTuple):
+    """The three block-specific pieces of the loop, as module-level functions of one library.
+
+    plain(block, x, bias) -> x: the library's own forward. attend(block, x, bias, rows) -> Attended:
+    the attention half, with ``q`` for the query ``rows`` (a slice) or None. finish(block, x) -> x:
+    the MLP half. ``bias`` is the proportional-attention key bias (B, 1, 1, N) or None.
+    """
+
+    plain: Callable[[nn.Module, Tensor, Tensor | None], Tensor]
+    attend: Callable[[nn.Module, Tensor, Tensor | None, slice | None], Attended]
+    finish: Callable[[nn.Module, Tensor], Tensor]
+
+
+def resolve_vit_options(options: dict[str, Any], n_blocks: int, has_cls: bool, auto: Relevance) -> dict[str, Any]:
+    """Check ``merge_schedule`` and ``relevance`` and bring them to their resolved forms.
+
+    merge_schedule: None, an int r (ToMe's r at every block) or one int per block -> tuple or None.
+    relevance: ``"auto"`` (``auto``), ``"cls"`` (needs a class token) or ``"received"``.
+    """
+    schedule = options["merge_schedule"]
+    if schedule is not None:
+        if isinstance(schedule, int) and not isinstance(schedule, bool):
+            schedule = [schedule] * n_blocks
+        if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
+            raise TypeError(
+                f"merge_schedule must be an int r or a list of {n_blocks} ints (one per block), got {schedule!r}"
+            )
+        if len(schedule) != n_blocks:
+            raise ValueError(
+                f"merge_schedule has {len(schedule)} entries but the model has {n_blocks} blocks; give one r per block"
+            )
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in schedule):
+            raise ValueError(
+                f"merge_schedule entries must be non-negative ints (tokens merged at that block), got {list(schedule)}"
+            )
+        schedule = tuple(schedule) if any(schedule) else None
+    relevance = options["relevance"]
+    if relevance not in ("auto", "cls", "received"):
+        raise ValueError(f"relevance must be 'auto', 'cls' or 'received', got {relevance!r}")
+    if relevance == "cls" and not has_cls:
+        raise ValueError("relevance='cls' needs a class token, which this model has not; use 'received' or 'auto'")
+    return {**options, "merge_schedule": schedule, "relevance": auto if relevance == "auto" else relevance}
+
+
+def reduces(plan: Plan) -> bool:
+    """Whether the plan reduces anything (otherwise the library's forward runs untouched)."""
+    return bool(plan.schedule) or plan.options.get("merge_schedule") is not None
+
+
+def attention_relevance(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, query_size: Tensor | None) -> Tensor:
+    """Relevance (B, N): attention paid to each key, mean over heads and over the query rows.
+
+    q: (B, H, Q, d) query rows; k: (B, H, N, d); bias: (B, 1, 1, N) key bias as in the forward;
+    query_size: (B, Q) weights of the query rows (their sizes), None for a plain mean. float32.
+    """
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Q, N)
+    if bias is not None:
+        logits = logits + bias.float()
+    probs = logits.softmax(dim=-1).mean(dim=1)  # (B, Q, N)
+    if query_size is None:
+        return probs.mean(dim=1)
+    weight = query_size.float()
+    return (probs * weight.unsqueeze(-1)).sum(dim=1) / weight.sum(dim=1, keepdim=True)
+
+
+def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
+    """Size-weighted mean over tokens: x (B, N, C), size (B, N) -> (B, C), accumulated in float32.
+
+    A merged token is the size-weighted mean of its members, so this equals the plain mean of the
+    tokens it stands for.
+    """
+    weight = size.float().unsqueeze(-1)
+    return ((x.float() * weight).sum(dim=1) / weight.sum(dim=1)).to(x.dtype)
+
+
+def _block_ratios(plan: Plan, i: int, n: int, protected: int) -> Ratios | None:
+    """The ratios of block ``i`` on ``n`` tokens, ``merge_schedule`` folded in; None to run it plainly.
+
+    ToMe's r is added to the tokens the merge ratio asks for, in one matching. It is expressed as a
+    merge ratio of the very count ``reduce_tokens`` takes it of, so its rounding gives back r.
+    """
+    ratios = plan.schedule.get(i)
+    schedule = plan.options.get("merge_schedule")
+    mergeable = n if plan.mode == "reference" else n - protected
+    if schedule is None or schedule[i] == 0 or mergeable < 2:
+        return ratios
+    ratios = ratios or Ratios()
+    total = min(round(ratios.merge * mergeable) + schedule[i], mergeable - 1)
+    return replace(ratios, merge=total / mergeable)
+
+
+def run_blocks(
+    blocks: Sequence[nn.Module],
+    x: Tensor,
+    plan: Plan,
+    ops: BlockOps,
+    *,
+    protected: int,
+    guide: Callable[[Tensor], Tensor] | None = None,
+    checkpointing: bool = False,
+) -> tuple[Tokens, Trace]:
+    """Run ``blocks`` on x (B, N, C), reducing at the planned blocks.
+
+    protected: leading prefix tokens never pruned or merged (default mode). guide: relevance (B, N)
+    from the post-attention tokens (text guidance); None uses ``plan.options["relevance"]``.
+    checkpointing: recompute the plain blocks in backward (reduce blocks are not checkpointed).
+    Returns the final ``Tokens`` (sizes in default mode, sources with ``plan.trace``) and the ``Trace``.
+    """
+    reference = plan.mode == "reference"
+    b, n, _ = x.shape
+    size = None if reference else torch.ones(b, n, dtype=torch.float32, device=x.device)
+    tokens = Tokens(x, size=size, source=init_source(b, n, x.device) if plan.trace else None)
+    cls_row = plan.options["relevance"] == "cls"
+    bias: Tensor | None = None  # no key bias until a merge makes sizes differ from one
+    merged = False
+    counts: list[LayerCount] = []
+    for i, block in enumerate(blocks):
+        ratios = _block_ratios(plan, i, tokens.count, protected)
+        if ratios is None:
+            if checkpointing:
+                tokens.x = checkpoint(ops.plain, block, tokens.x, bias, use_reentrant=False)
+            else:
+                tokens.x = ops.plain(block, tokens.x, bias)
+            continue
+        prune = ratios.prune > 0
+        rows = None if not prune or guide is not None else (slice(0, 1) if cls_row else slice(protected, None))
+        att = ops.attend(block, tokens.x, bias, rows)
+        relevance = None
+        with torch.no_grad():
+            if prune and guide is not None:
+                relevance = guide(att.x)
+            elif prune:
+                weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
+                relevance = attention_relevance(att.q, att.k, att.scale, bias, weights)
+            metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
+        n_in = tokens.count
+        reduced = reduce_tokens(
+            relevance,
+            Tokens(att.x, tokens.size, tokens.source),
+            ratios,
+            img_metric=metric,
+            mode=plan.mode,
+            image_protected=protected,
+        )
+        image = reduced.image
+        merged = merged or image.count < (n_in if reduced.keep_idx is None else reduced.keep_idx.shape[1])
+        tokens = replace(image, x=ops.finish(block, image.x))
+        if merged and not reference:
+            bias = attention_bias(tokens.size, None, x.dtype)
+        counts.append(LayerCount(i, tokens.count, 0))
+    trace = Trace(counts=counts)
+    if plan.trace:
+        trace.image = Tokens(tokens.x.detach(), tokens.size, tokens.source)
+    return tokens, trace

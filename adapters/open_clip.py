@@ -1,0 +1,241 @@
+"""open_clip's own ``VisionTransformer`` image tower (CLIP, CLIPA, CoCa); the text tower is left alone.
+
+The text tower uses the same ``Transformer`` and ``ResidualAttentionBlock`` classes, so only the
+image tower's instances are switched (towers with a timm trunk belong to the timm adapter):
+
+* ``visual.transformer`` -> ``PumerTransformer``: the reducing block loop (``_vit.run_blocks``),
+  calling the library's own blocks at plain blocks and their sub-modules at reduce blocks.
+  Proportional attention goes through the block's ``attn_mask``: ``nn.MultiheadAttention`` takes a
+  float (B * H, N, N) mask, built as a stride-0 expansion of (B * H, 1, N), so no N^2 memory.
+* ``visual`` -> ``PumerVisionTransformer``: ``avg`` pooling (CLIPA) becomes the size-weighted mean,
+  equal to the mean over the tokens the merged ones stand for. ``tok`` reads [CLS], never merged;
+  the attentional pooler (CoCa) takes no mask, so it sees merged tokens unweighted.
+
+The MHA in-projection is fused (``in_proj_weight``) and returns neither q nor k, so a reduce block
+recomputes the keys (merge metric) with ``F.linear`` on the key slice: 2 B N C^2 FLOPs, about 8 % of
+a block; the [CLS] query row costs 2 B C^2, the queries for "received" relevance (``avg``, CoCa)
+another 2 B N C^2.
+
+Text guidance (``text_guidance``): pruning can follow a text query instead of the [CLS] row, for
+text-conditioned retrieval. An image embedding then depends on the query: do not cache it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock, Transformer
+from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
+from packaging.version import Version
+from torch import Tensor, nn
+
+from ._vit import VIT_OPTIONS, Attended, BlockOps, reduces, resolve_vit_options, run_blocks, weighted_mean
+from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, restore_class, swap_class
+
+__all__ = ["OpenClipAdapter", "PumerTransformer", "PumerVisionTransformer", "text_guidance"]
+
+_TESTED = (Version("2.24"), Version("4"))
+_SHARED = "_pumer_state"  # the root's PatchState, on the swapped transformer
+_GUIDE = "guide"  # key in PatchState.pending: relevance from text, set by text_guidance
+
+
+def _mha_mask(bias: Tensor | None, heads: int) -> Tensor | None:
+    """Key bias (B, 1, 1, N) as the (B * H, N, N) float mask ``nn.MultiheadAttention`` takes, stride 0 over queries."""
+    if bias is None:
+        return None
+    b, n = bias.shape[0], bias.shape[-1]
+    return bias.reshape(b, 1, n).repeat_interleave(heads, dim=0).expand(-1, n, -1)
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, N, C) -> (B, H, N, d)
+
+
+def _plain(block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None) -> Tensor:
+    return block(x, attn_mask=_mha_mask(bias, block.attn.num_heads))
+
+
+def _attend(block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
+    """``ResidualAttentionBlock.forward``'s attention line, then k (and q rows) from the fused in-projection."""
+    attn: nn.MultiheadAttention = block.attn
+    h = block.ln_1(x)
+    x = x + block.ls_1(block.attention(q_x=h, attn_mask=_mha_mask(bias, attn.num_heads)))
+    c, heads = attn.embed_dim, attn.num_heads
+    weight, in_bias = attn.in_proj_weight, attn.in_proj_bias
+    k_bias = None if in_bias is None else in_bias[c : 2 * c]
+    k = _heads(F.linear(h, weight[c : 2 * c], k_bias), heads)
+    q = None
+    if rows is not None:
+        q = _heads(F.linear(h[:, rows], weight[:c], None if in_bias is None else in_bias[:c]), heads)
+    return Attended(x, q, k, (c // heads) ** -0.5)
+
+
+def _finish(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+_OPS = BlockOps(_plain, _attend, _finish)
+
+
+class PumerTransformer(Transformer):
+    """The image tower's ``Transformer`` with the reducing loop; see the module docstring."""
+
+    _pumer_patched = True
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        state: PatchState = getattr(self, _SHARED)
+        state.pending["size"] = None
+        if not reduces(state.plan):
+            state.last = Trace()
+            return super().forward(x, attn_mask)
+        if attn_mask is not None:
+            raise ValueError("the image tower of a pumer_patch-reduced open_clip model takes no attn_mask")
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        guide = state.pending.get(_GUIDE)
+        tokens, state.last = run_blocks(
+            self.resblocks, x, state.plan, _OPS, protected=1, guide=guide, checkpointing=checkpointing
+        )
+        state.pending["size"] = tokens.size
+        return tokens.x
+
+
+class PumerVisionTransformer(OpenClipVisionTransformer):
+    """open_clip ``VisionTransformer`` whose ``avg`` pooling weighs merged tokens by their sizes."""
+
+    _pumer_patched = True
+
+    def _global_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        size = getattr(self, STATE_ATTR).pending.pop("size", None)
+        # no sizes: unreduced or reference mode; with an attentional pooler x holds its queries
+        weighted = self.pool_type == "avg" and self.attn_pool is None
+        if not weighted or size is None or size.shape != x.shape[:2]:
+            return super()._global_pool(x)
+        return weighted_mean(x[:, 1:], size[:, 1:]), x[:, 1:]
+
+
+def _text_relevance(ln_post: nn.Module, proj: Tensor, text: Tensor, x: Tensor) -> Tensor:
+    """Cosine (B, N) of each token, mapped to the joint space by the tower's own head, with the text.
+
+    x: (B, N, C) tokens at the reduce block; text: (B or 1, D). ``ln_post`` and ``proj`` map the final
+    [CLS] to the image embedding; applied to intermediate tokens they give MaskCLIP-style patch
+    embeddings, the only bridge from an inner layer to the text space that needs no training.
+    """
+    if text.shape[0] not in (1, x.shape[0]):
+        raise ValueError(
+            f"text_guidance has {text.shape[0]} text features for a batch of {x.shape[0]} images; "
+            f"give one per image or one for all"
+        )
+    tokens = F.normalize((ln_post(x) @ proj).float(), dim=-1)  # (B, N, D)
+    query = F.normalize(text.float(), dim=-1).expand(x.shape[0], -1)  # (B, D)
+    return torch.einsum("bnd,bd->bn", tokens, query)
+
+
+@contextmanager
+def text_guidance(model: nn.Module, text_features: Tensor) -> Iterator[None]:
+    """Inside this ``with`` block, the patched open_clip image towers of ``model`` prune by a text query.
+
+    text_features: (B, D) one per image, or (D,) / (1, D) for the whole batch, in the joint embedding
+    space (e.g. ``model.encode_text(tokens)``, normalized or not). Relevance of an image token at a
+    pruning block is its cosine with the text after the tower's ``ln_post`` and ``proj``; merging is
+    unchanged. The image embedding then depends on the query, so it cannot be cached and reused
+    across queries as plain CLIP retrieval does. Needs a patch that prunes (``prune_ratio > 0``) and a
+    tower with a projection and no attentional pooler.
+    """
+    roots = [m for m in model.modules() if isinstance(m, OpenClipVisionTransformer) and hasattr(m, STATE_ATTR)]
+    if not roots:
+        raise ValueError(
+            "text_guidance needs an open_clip image tower patched by pumer_patch.apply; none found in model"
+        )
+    if not isinstance(text_features, Tensor) or not text_features.is_floating_point():
+        raise TypeError("text_features must be a floating Tensor (B, D), e.g. model.encode_text(tokens)")
+    text = (text_features.reshape(1, -1) if text_features.dim() == 1 else text_features).detach()
+    for root in roots:
+        state: PatchState = getattr(root, STATE_ATTR)
+        if root.attn_pool is not None or root.proj is None:
+            raise ValueError(
+                "text_guidance needs a tower whose tokens map to the joint space (a proj, no attentional pooler)"
+            )
+        if text.dim() != 2 or text.shape[1] != root.proj.shape[1]:
+            raise ValueError(
+                f"text_features must have shape (B, {root.proj.shape[1]}), got {tuple(text_features.shape)}"
+            )
+        if not any(r.prune > 0 for r in state.plan.schedule.values()):
+            raise ValueError("text guidance steers pruning, but this patch prunes nothing; apply with prune_ratio > 0")
+    states: list[PatchState] = [getattr(root, STATE_ATTR) for root in roots]
+    previous = [state.pending.get(_GUIDE) for state in states]  # nested guidance is restored on exit
+    for root, state in zip(roots, states):
+        state.pending[_GUIDE] = partial(_text_relevance, root.ln_post, root.proj, text)
+    try:
+        yield
+    finally:
+        for state, guide in zip(states, previous):
+            if guide is None:
+                state.pending.pop(_GUIDE, None)
+            else:
+                state.pending[_GUIDE] = guide
+
+
+class OpenClipAdapter(Adapter):
+    name = "open_clip"
+    supports = "open_clip VisionTransformer image towers with ResidualAttentionBlock (CLIP, CLIPA, CoCa)"
+    options: Mapping[str, Any] = VIT_OPTIONS
+
+    def roots(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, OpenClipVisionTransformer)]
+
+    def blocks(self, root: nn.Module) -> Sequence[nn.Module]:
+        return root.transformer.resblocks
+
+    def check(self, root: nn.Module) -> None:
+        ensure_class(root, OpenClipVisionTransformer, "open_clip VisionTransformer")
+        ensure_class(root.transformer, Transformer, "VisionTransformer.transformer")
+        if not root.transformer.batch_first:
+            raise ValueError(
+                "the open_clip adapter needs a batch-first image Transformer (open_clip >= 2.24 builds one)"
+            )
+        for i, block in enumerate(root.transformer.resblocks):
+            where = f"VisionTransformer.transformer.resblocks[{i}]"
+            if isinstance(block, CustomResidualAttentionBlock):
+                raise ValueError(
+                    f"{where} is open_clip's CustomResidualAttentionBlock (qk norm / scaled cosine attention), "
+                    f"not supported: the open_clip adapter supports ResidualAttentionBlock over nn.MultiheadAttention"
+                )
+            ensure_class(block, ResidualAttentionBlock, where)
+            attn = block.attn
+            if type(attn) is not nn.MultiheadAttention or not attn._qkv_same_embed_dim or not attn.batch_first:
+                raise ValueError(f"{where}.attn must be a batch-first nn.MultiheadAttention with a fused in-projection")
+            if hasattr(block, "ln_1_kv"):
+                raise ValueError(f"{where} is a cross-attention block; only self-attention towers are supported")
+        version = Version(open_clip.__version__)
+        if not _TESTED[0] <= version < _TESTED[1]:
+            warnings.warn(
+                f"pumer_patch's open_clip adapter repeats ResidualAttentionBlock.forward as of open_clip "
+                f"{_TESTED[0]}..<{_TESTED[1]}; found {version}. Check zero-reduction parity.",
+                stacklevel=3,
+            )
+
+    def resolve_options(self, model: nn.Module, root: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+        # [CLS] relevance where the embedding is read from [CLS]; avg / attentional pooling: attention received
+        auto = "cls" if root.attn_pool is None and root.pool_type == "tok" else "received"
+        return resolve_vit_options({**self.options, **options}, len(root.transformer.resblocks), True, auto)
+
+    def patch(self, root: nn.Module, state: PatchState) -> None:
+        swap_class(root, PumerVisionTransformer)
+        swap_class(root.transformer, PumerTransformer)
+        setattr(root.transformer, _SHARED, state)
+        setattr(root, STATE_ATTR, state)
+
+    def unpatch(self, root: nn.Module) -> None:
+        restore_class(root)
+        restore_class(root.transformer)
+        for module, attr in ((root.transformer, _SHARED), (root, STATE_ATTR)):
+            if attr in vars(module):
+                delattr(module, attr)

@@ -1,0 +1,214 @@
+"""timm ``VisionTransformer``: ViT, DeiT (distilled too), DINO, CLIP and SigLIP trunks, register tokens.
+
+Found by ``isinstance`` anywhere in the model, a timm trunk inside an open_clip ``TimmModel`` too.
+The root's class is switched to a module-level subclass that overrides two methods:
+
+* ``forward_features`` runs timm's embedding steps and final norm around the reducing block loop
+  (``_vit.run_blocks``), so that grad checkpointing and direct ``forward_features`` calls reduce
+  too. It repeats the six steps of ``VisionTransformer.forward_features`` (timm 1.0); the library's
+  own ``Block`` instances run unchanged at plain blocks (``blk(x, attn_mask=bias)``, which both the
+  fused and the eager attention honour) and as their own sub-modules at reduce blocks.
+* ``pool`` makes pooling count merged tokens by their sizes (default mode): ``avg`` is the
+  size-weighted mean, which equals the mean over the tokens they stand for; ``map`` passes
+  ``log(size)`` to the latent attention pool as proportional attention. ``token`` reads [CLS], which
+  is never merged; ``max`` and ``prr`` pool as timm does.
+
+The ``num_prefix_tokens`` leading tokens are protected. Relevance: the [CLS] row for towers pooled
+from [CLS] (``token`` or none), else the size-weighted attention received (see ``_vit``), so pruning
+works without a class token too. ``forward_intermediates`` runs unreduced: feature maps need the grid.
+When the plan reduces nothing, both methods fall through to timm's unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import timm
+import torch
+from packaging.version import Version
+from timm.layers import Attention, AttentionPoolLatent
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from pumer_patch.core import attention_bias
+
+from ._vit import VIT_OPTIONS, Attended, BlockOps, reduces, resolve_vit_options, run_blocks, weighted_mean
+from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, restore_class, swap_class
+
+__all__ = ["TimmAdapter", "PumerVisionTransformer", "PumerVisionTransformerDistilled"]
+
+_TESTED = (Version("1.0"), Version("2"))
+_SUPPORTED = "timm VisionTransformer / VisionTransformerDistilled built from timm.models.vision_transformer.Block"
+
+
+def _plain(block: Block, x: Tensor, bias: Tensor | None) -> Tensor:
+    return block(x, attn_mask=bias)
+
+
+def _attend(block: Block, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
+    """``Block.forward``'s attention line; the q/k it used come from a hook on ``attn.qkv``.
+
+    The hook reads the projection the attention computes anyway (recomputing k alone would cost
+    2 N C^2 per reduce block); the q/k norms are applied again to the keys and the rows asked for.
+    """
+    attn: Attention = block.attn
+    captured: dict[str, Tensor] = {}
+    handle = attn.qkv.register_forward_hook(lambda _m, _i, out: captured.__setitem__("qkv", out))
+    try:
+        x = x + block.drop_path1(block.ls1(attn(block.norm1(x), attn_mask=bias)))
+    finally:
+        handle.remove()
+    b, n, _ = x.shape
+    qkv = captured["qkv"].reshape(b, n, 3, attn.num_heads, attn.head_dim)  # (B, N, 3, H, d)
+    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, H, N, d)
+    q = None if rows is None else attn.q_norm(qkv[:, rows, 0].transpose(1, 2))  # (B, H, Q, d)
+    return Attended(x, q, k, attn.scale)
+
+
+def _finish(block: Block, x: Tensor) -> Tensor:
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+_OPS = BlockOps(_plain, _attend, _finish)
+
+
+def _forward_features(
+    vit: VisionTransformer, library: Callable[..., Tensor], x: Tensor, attn_mask: Tensor | None, is_causal: bool
+) -> Tensor:
+    """``forward_features`` (B, 3, H, W) -> (B, N', C); sizes handed to ``pool`` through the state."""
+    state: PatchState = getattr(vit, STATE_ATTR)
+    state.pending["size"] = None
+    if not reduces(state.plan):
+        state.last = Trace()
+        return library(x, attn_mask=attn_mask, is_causal=is_causal)
+    if attn_mask is not None or is_causal:
+        raise ValueError(
+            "attn_mask / is_causal cover the original tokens, which a pumer_patch-reduced ViT does not keep; "
+            "call without them, or pumer_patch.remove(model) first"
+        )
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    checkpointing = vit.grad_checkpointing and torch.is_grad_enabled()
+    tokens, state.last = run_blocks(
+        vit.blocks, x, state.plan, _OPS, protected=vit.num_prefix_tokens, checkpointing=checkpointing
+    )
+    state.pending["size"] = tokens.size
+    return vit.norm(tokens.x)
+
+
+def _pool(vit: VisionTransformer, library: Callable[..., Tensor], x: Tensor, pool_type: str | None) -> Tensor:
+    """``pool`` (B, N', C) -> (B, C), counting each token by its size where the pooling averages."""
+    size = getattr(vit, STATE_ATTR).pending.pop("size", None)
+    if size is None or size.shape != x.shape[:2]:  # unreduced, reference mode, or not our features
+        return library(x, pool_type)
+    start = 0 if vit.pool_include_prefix else vit.num_prefix_tokens
+    if isinstance(vit.attn_pool, AttentionPoolLatent):
+        return vit.attn_pool(x[:, start:], attn_mask=attention_bias(size[:, start:], None, x.dtype))
+    pool_type = vit.global_pool if pool_type is None else pool_type
+    if vit.attn_pool is None and pool_type in ("avg", "avgmax"):
+        mean = weighted_mean(x[:, start:], size[:, start:])
+        return mean if pool_type == "avg" else 0.5 * (x[:, start:].amax(dim=1) + mean)
+    return library(x, pool_type)
+
+
+class PumerVisionTransformer(VisionTransformer):
+    """``VisionTransformer`` whose features come from the reducing loop; see the module docstring."""
+
+    _pumer_patched = True
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return _forward_features(self, super().forward_features, x, attn_mask, is_causal)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        return _pool(self, super().pool, x, pool_type)
+
+
+class PumerVisionTransformerDistilled(VisionTransformerDistilled):
+    """``VisionTransformerDistilled`` (DeiT, [CLS] and distillation token protected), as above."""
+
+    _pumer_patched = True
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return _forward_features(self, super().forward_features, x, attn_mask, is_causal)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        return _pool(self, super().pool, x, pool_type)
+
+
+_PATCHED: dict[type[nn.Module], type[nn.Module]] = {
+    VisionTransformer: PumerVisionTransformer,
+    VisionTransformerDistilled: PumerVisionTransformerDistilled,
+}
+
+
+def _library_class(module: nn.Module) -> type[nn.Module]:
+    cls = type(module)
+    return cls.__bases__[0] if getattr(cls, "_pumer_patched", False) else cls
+
+
+def _is_other_timm_vit(module: nn.Module) -> bool:
+    """A timm ViT-like model with its own block classes (EVA, BEiT, ...): claimed only to be refused."""
+    return (
+        type(module).__module__.startswith("timm.models.")
+        and not isinstance(module, VisionTransformer)
+        and hasattr(module, "blocks")
+        and hasattr(module, "patch_embed")
+    )
+
+
+def _check_library_part(module: nn.Module, expected: type[nn.Module], where: str) -> None:
+    """Refuse timm's other classes as unsupported and anything else as patched by someone."""
+    cls = _library_class(module)
+    if cls is not expected and cls.__module__.startswith("timm."):
+        raise ValueError(
+            f"{where} is timm's {cls.__qualname__}, not supported: the timm adapter supports {_SUPPORTED} "
+            f"(with {expected.__module__}.{expected.__qualname__} there)"
+        )
+    ensure_class(module, expected, where)
+
+
+class TimmAdapter(Adapter):
+    name = "timm"
+    supports = _SUPPORTED + " (ViT, DeiT, DINO, CLIP, SigLIP, register tokens)"
+    options: Mapping[str, Any] = VIT_OPTIONS
+
+    def roots(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, VisionTransformer) or _is_other_timm_vit(m)]
+
+    def blocks(self, root: nn.Module) -> Sequence[nn.Module]:
+        return root.blocks
+
+    def check(self, root: nn.Module) -> None:
+        if not isinstance(root, VisionTransformer):
+            raise ValueError(
+                f"timm's {type(root).__qualname__} has its own block classes; the timm adapter supports {_SUPPORTED}"
+            )
+        cls = _library_class(root)
+        expected = cls if cls in _PATCHED else VisionTransformer
+        _check_library_part(root, expected, f"timm {type(root).__qualname__}")
+        for i, block in enumerate(root.blocks):
+            _check_library_part(block, Block, f"{cls.__qualname__}.blocks[{i}]")
+            _check_library_part(block.attn, Attention, f"{cls.__qualname__}.blocks[{i}].attn")
+        version = Version(timm.__version__)
+        if not _TESTED[0] <= version < _TESTED[1]:
+            warnings.warn(
+                f"pumer_patch's timm adapter repeats VisionTransformer.forward_features and Block.forward as of "
+                f"timm {_TESTED[0]}..<{_TESTED[1]}; found {version}. Check zero-reduction parity.",
+                stacklevel=3,
+            )
+
+    def resolve_options(self, model: nn.Module, root: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+        # [CLS] relevance where the output is read from [CLS]; pooled towers use the attention received
+        auto = "cls" if root.has_class_token and root.global_pool in ("token", "") else "received"
+        return resolve_vit_options({**self.options, **options}, len(root.blocks), root.has_class_token, auto)
+
+    def patch(self, root: nn.Module, state: PatchState) -> None:
+        swap_class(root, _PATCHED[type(root)])
+        setattr(root, STATE_ATTR, state)
+
+    def unpatch(self, root: nn.Module) -> None:
+        restore_class(root)
+        if STATE_ATTR in vars(root):
+            delattr(root, STATE_ATTR)
