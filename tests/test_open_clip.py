@@ -13,6 +13,7 @@ from open_clip.transformer import Transformer, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 import pumer_patch
+from model_state import same, snapshot
 from pumer_patch.adapters.open_clip import PumerTransformer, PumerVisionTransformer, text_guidance
 from pumer_patch.adapters.timm import PumerVisionTransformer as PumerTimmVisionTransformer
 
@@ -254,21 +255,6 @@ def test_text_guidance_errors():
 # ---------------------------------------------------------------------------------------------
 # state: remove, re-apply, deepcopy, torch.save; bad input
 # ---------------------------------------------------------------------------------------------
-
-
-def snapshot(model):
-    return (
-        {name: type(m) for name, m in model.named_modules()},
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(name, attr) for name, m in model.named_modules() for attr in vars(m) if "pumer" in attr],
-    )
-
-
-def same(a, b) -> bool:
-    (classes, state, attrs), (classes_b, state_b, attrs_b) = a, b
-    return classes == classes_b and attrs == attrs_b and state.keys() == state_b.keys() and all(
-        torch.equal(state[k], state_b[k]) for k in state
-    )
 
 
 def test_remove_restores_everything_and_apply_twice_replaces():

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 import pumer_patch
+from model_state import same, snapshot
 from pumer_patch.adapters.timm import PumerVisionTransformer
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
@@ -221,21 +222,6 @@ def test_attn_mask_cannot_follow_a_reduction():
 # ---------------------------------------------------------------------------------------------
 # state: remove, re-apply, deepcopy, torch.save
 # ---------------------------------------------------------------------------------------------
-
-
-def snapshot(model):
-    return (
-        {name: type(m) for name, m in model.named_modules()},
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(name, attr) for name, m in model.named_modules() for attr in vars(m) if "pumer" in attr],
-    )
-
-
-def same(a, b) -> bool:
-    (classes, state, attrs), (classes_b, state_b, attrs_b) = a, b
-    return classes == classes_b and attrs == attrs_b and state.keys() == state_b.keys() and all(
-        torch.equal(state[k], state_b[k]) for k in state
-    )
 
 
 @pytest.mark.parametrize("config", ["vit", "deit_distilled"])

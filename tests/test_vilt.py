@@ -20,6 +20,7 @@ from transformers import (
 from transformers.models.vilt.modeling_vilt import ViltEmbeddings, ViltEncoder
 
 import pumer_patch
+from model_state import same, snapshot
 from pumer_patch.adapters.vilt import PumerViltEncoder, unmerge_hidden
 
 HEADS = [
@@ -330,18 +331,6 @@ def test_deepcopy_and_torch_save_of_a_patched_model():
 # ---------------------------------------------------------------------------------------------
 
 
-def snapshot(model):
-    return (
-        {name: type(m) for name, m in model.named_modules()},
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(name, attr) for name, m in model.named_modules() for attr in vars(m) if "pumer" in attr],
-    )
-
-
-def same(a, b) -> bool:
-    return a[0] == b[0] and a[2] == b[2] and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -366,7 +355,6 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(kwargs, error, match):
     with pytest.raises(error, match=match):
         pumer_patch.apply(model, **kwargs)
     assert same(snapshot(model), before)
-    assert pumer_patch.last_trace(model) is None or True
     assert model.vilt._pumer.plan.schedule.keys() == {2}
 
 
