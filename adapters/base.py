@@ -56,7 +56,7 @@ class Trace:
     """What the last forward of a patched root did.
 
     counts: token counts after each reduce layer (always recorded; Python ints).
-    image / text: final ``Tokens`` with ``size``, ``source`` and ``mask`` (``x`` is None), recorded
+    image / text: final ``Tokens`` (``x`` detached, with ``size``, ``source`` and ``mask``), recorded
     only with ``apply(..., trace=True)``. extra: adapter specifics (ViLT: ``patch_index`` (B, N0-1, 2),
     the grid position of each image patch, and ``grid`` (H, W)).
     """
