@@ -1,0 +1,140 @@
+"""The easy-vqa study end to end: ``--quick`` into a temporary folder, then every output checked.
+
+One quick run (a tiny ViLT on a few hundred questions) is shared by the module's tests; a second
+run against the same cache must load the weights instead of training them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("easy_vqa")
+
+import pumer_patch  # noqa: E402
+from recipes import easy_vqa as study  # noqa: E402
+
+VARIANTS = ["unpatched", "pumer", "pumer-reference", "prune-only", "merge-only", "tome-equal-flops", "pumer-finetuned"]
+FILES = ["results.json", "results.md", "tradeoff.png", "kept_merged.png"]
+
+
+def _run(out: Path, cache: Path) -> tuple[dict, str]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = study.main(["--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"])
+    assert rc == 0
+    return json.loads((out / "results.json").read_text()), stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict, str]:
+    out, cache = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("cache")
+    results, stdout = _run(out, cache)
+    return out, cache, results, stdout
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_output_file_is_written(quick):
+    out, _, _, _ = quick
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in ("tradeoff.png", "kept_merged.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_results_json_has_every_section_and_variant(quick):
+    _, _, results, _ = quick
+    for key in ("config", "environment", "data", "base", "finetune", "timing", "variants", "figures", "runtime_seconds"):
+        assert key in results, key
+    assert [row["name"] for row in results["variants"]] == VARIANTS
+    for row in results["variants"]:
+        for key in ("description", "weights", "patch", "accuracy", "accuracy_drop_points", "throughput", "speedup",
+                    "seconds_per_pass", "gflops", "gflops_ratio", "tokens"):
+            assert key in row, (row["name"], key)
+    assert results["data"]["train"] > 0 and results["data"]["val"] > 0 and results["data"]["test"] > 0
+    assert results["base"]["cached"] is False and results["finetune"]["cached"] is False
+
+
+def test_numbers_are_sane(quick):
+    _, _, results, _ = quick
+    rows = {row["name"]: row for row in results["variants"]}
+    base = rows["unpatched"]
+    rounds = results["timing"]["rounds"]
+    for name, row in rows.items():
+        assert 0.0 <= row["accuracy"] <= 1.0, name
+        assert row["throughput"] > 0 and row["speedup"] > 0, name
+        assert len(row["seconds_per_pass"]) == rounds and all(s > 0 for s in row["seconds_per_pass"]), name
+        assert row["gflops"] > 0, name
+        if name != "unpatched":
+            assert row["gflops"] < base["gflops"], name
+    assert base["speedup"] == pytest.approx(1.0) and base["accuracy_drop_points"] == 0.0
+    # the ToMe baseline is searched to match PuMer's compute; it can only come close from above
+    assert rows["tome-equal-flops"]["gflops"] >= rows["pumer"]["gflops"] * 0.95
+
+
+def test_token_counts_decrease_and_follow_the_documented_arithmetic(quick):
+    _, _, results, _ = quick
+    cfg = results["config"]
+    n_layers = cfg["model"]["layers"]
+    n_image0 = 1 + (64 // cfg["model"]["patch"]) ** 2
+    for row in results["variants"]:
+        image, text = row["tokens"]["image"], row["tokens"]["text"]
+        assert len(image) == len(text) == n_layers + 1
+        assert image[0] == n_image0 and text[0] == results["data"]["text_tokens"]
+        assert all(a >= b for a, b in zip(image, image[1:])), row["name"]
+        assert all(a >= b for a, b in zip(text, text[1:])), row["name"]
+        if row["patch"] is None:
+            assert image[-1] == image[0] and text[-1] == text[0]
+        else:
+            assert image[-1] < image[0], row["name"]
+            patch = row["patch"]
+            n_image, n_text = image[0], text[0]
+            for layer in range(n_layers):
+                if layer in patch["layers"]:
+                    n_image, n_text = pumer_patch.reduced_counts(
+                        n_image, n_text, (patch["prune_ratio"], patch["merge_ratio"], patch["text_merge_ratio"]),
+                        mode=patch["mode"],
+                    )
+                assert (image[layer + 1], text[layer + 1]) == (n_image, n_text), (row["name"], layer)
+
+
+def test_markdown_table_is_printed_with_one_row_per_variant(quick):
+    out, _, results, stdout = quick
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| variant |") and set(lines[1]) <= set("|-: ")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == VARIANTS
+    assert study.markdown_table(results) in (out / "results.md").read_text()
+
+
+def test_second_run_loads_the_cached_weights(quick, tmp_path):
+    _, cache, first, _ = quick
+    assert (Path(first["base"]["cache_dir"]) / "config.json").is_file()
+    assert (Path(first["finetune"]["cache_dir"]) / "config.json").is_file()
+    results, _ = _run(tmp_path, cache)
+    assert results["base"]["cached"] is True and results["finetune"]["cached"] is True
+    before = {row["name"]: row["accuracy"] for row in first["variants"]}
+    assert {row["name"]: row["accuracy"] for row in results["variants"]} == before
+
+
+def test_word_level_tokenizer_fallback(tmp_path):
+    questions = ["what color is the shape?", "is there not a teal circle in the image?"]
+    tokenizer = study.word_level_tokenizer(questions, tmp_path)
+    ids = tokenizer(questions[1])["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and "[UNK]" not in tokens
+    assert tokens[1:-1] == ["is", "there", "not", "a", "teal", "circle", "in", "the", "image", "?"]
+
+
+def test_command_line_overrides_reach_the_config():
+    args = study.parse_args(["--quick", "--reduce-layers", "1,2", "--prune", "0.4", "--epochs", "3", "--seed", "7"])
+    cfg = study.config_from_args(args)
+    assert cfg.reduce.layers == (1, 2) and cfg.reduce.prune == 0.4
+    assert cfg.train.epochs == 3 and cfg.seed == 7
+    assert cfg.model == study.QUICK.model
+    assert cfg.base_key() != study.QUICK.base_key()
