@@ -137,4 +137,6 @@ def test_command_line_overrides_reach_the_config():
     assert cfg.reduce.layers == (1, 2) and cfg.reduce.prune == 0.4
     assert cfg.train.epochs == 3 and cfg.seed == 7
     assert cfg.model == study.QUICK.model
-    assert cfg.base_key() != study.QUICK.base_key()
+    vocabulary = {"[PAD]": 0, "what": 1}
+    assert cfg.base_key(vocabulary) != study.QUICK.base_key(vocabulary)
+    assert study.QUICK.base_key(vocabulary) != study.QUICK.base_key({**vocabulary, "shape": 2})
