@@ -26,8 +26,8 @@ Options (``pumer_patch.apply(..., **options)``):
   every block, or a list with one r per block. It is independent of ``layers``, which places the
   ratios: ``apply(model, layers=[], merge_schedule=8)`` is plain ToMe. At a block that also has a
   merge ratio the two counts add up in one matching; pruning still follows the ratios. Counts are
-  capped at half of the mergeable tokens like the ratios'. In reference mode a block that prunes
-  nothing reduces nothing (the research code's rule), so ``merge_schedule`` there needs pruning.
+  capped at half of the mergeable tokens like the ratios'. Not in reference mode: the research code
+  has no such schedule.
 * ``relevance``: ``"auto"`` (decided at apply time from how the tower pools), ``"cls"`` or
   ``"received"``.
 
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pumer_patch.core import Tokens, attention_bias, init_source, reduce_tokens
+from pumer_patch.core import Mode, Tokens, attention_bias, init_source, reduce_tokens
 from pumer_patch.ratios import Ratios
 
 from .base import LayerCount, Plan, Trace
@@ -93,13 +93,21 @@ class BlockOps(NamedTuple):
     finish: Callable[[nn.Module, Tensor], Tensor]
 
 
-def resolve_vit_options(options: dict[str, Any], n_blocks: int, has_cls: bool, auto: Relevance) -> dict[str, Any]:
+def resolve_vit_options(
+    options: dict[str, Any], n_blocks: int, has_cls: bool, auto: Relevance, mode: Mode = "default"
+) -> dict[str, Any]:
     """Check ``merge_schedule`` and ``relevance`` and bring them to their resolved forms.
 
-    merge_schedule: None, an int r (ToMe's r at every block) or one int per block -> tuple or None.
+    merge_schedule: None, an int r (ToMe's r at every block) or one int per block -> tuple or None;
+    ToMe's, so refused in reference mode, which keeps to the research code's arithmetic.
     relevance: ``"auto"`` (``auto``), ``"cls"`` (needs a class token) or ``"received"``.
     """
     schedule = options["merge_schedule"]
+    if schedule is not None and mode == "reference":
+        raise ValueError(
+            "merge_schedule is ToMe's schedule, which the research code (mode='reference') has not; "
+            "use mode='default', or merge_ratio at the layers you name"
+        )
     if schedule is not None:
         if isinstance(schedule, int) and not isinstance(schedule, bool):
             schedule = [schedule] * n_blocks

@@ -1,6 +1,6 @@
 """The adapter contract: what a model family tells ``pumer_patch.apply`` about itself.
 
-An adapter answers four questions and nothing else:
+An adapter answers five questions and nothing else:
 
 * ``roots(model)``: which sub-modules of ``model`` it patches (every ``ViltModel`` inside a head, the
   image tower of an open_clip model, ...). Empty when the model is not of its family.
@@ -9,6 +9,7 @@ An adapter answers four questions and nothing else:
   adapter's business, the maths (``pumer_patch.core.reduce_tokens``) is the same.
 * ``check(root)``: raise if this root cannot be patched (patched by something else, a subclass we do
   not know); it must not change anything.
+* ``resolve_options(model, root, options, mode)``: the adapter's options with their defaults, checked.
 * ``patch(root, state)`` / ``unpatch(root)``: switch instance classes to module-level subclasses
   (never assign to a library class), attach ``state`` as ``root._pumer``; undo all of it.
 
@@ -96,8 +97,10 @@ class Adapter:
     def check(self, root: nn.Module) -> None:
         """Raise ``ValueError`` if ``root`` cannot be patched. Must not mutate."""
 
-    def resolve_options(self, model: nn.Module, root: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Fill the defaults of ``options`` (an adapter may derive some from the whole model)."""
+    def resolve_options(
+        self, model: nn.Module, root: nn.Module, options: Mapping[str, Any], mode: Mode = "default"
+    ) -> dict[str, Any]:
+        """Fill the defaults of ``options`` and check them (some depend on the whole model or the ``mode``)."""
         return {**self.options, **options}
 
     def patch(self, root: nn.Module, state: PatchState) -> None:

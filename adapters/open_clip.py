@@ -36,6 +36,8 @@ from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 from packaging.version import Version
 from torch import Tensor, nn
 
+from pumer_patch.core import Mode
+
 from ._vit import VIT_OPTIONS, Attended, BlockOps, reduces, resolve_vit_options, run_blocks, weighted_mean
 from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, restore_class, swap_class
 
@@ -222,10 +224,12 @@ class OpenClipAdapter(Adapter):
                 stacklevel=3,
             )
 
-    def resolve_options(self, model: nn.Module, root: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve_options(
+        self, model: nn.Module, root: nn.Module, options: Mapping[str, Any], mode: Mode = "default"
+    ) -> dict[str, Any]:
         # [CLS] relevance where the embedding is read from [CLS]; avg / attentional pooling: attention received
         auto = "cls" if root.attn_pool is None and root.pool_type == "tok" else "received"
-        return resolve_vit_options({**self.options, **options}, len(root.transformer.resblocks), True, auto)
+        return resolve_vit_options({**self.options, **options}, len(root.transformer.resblocks), True, auto, mode)
 
     def patch(self, root: nn.Module, state: PatchState) -> None:
         swap_class(root, PumerVisionTransformer)

@@ -33,7 +33,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from pumer_patch.core import attention_bias
+from pumer_patch.core import Mode, attention_bias
 
 from ._vit import VIT_OPTIONS, Attended, BlockOps, reduces, resolve_vit_options, run_blocks, weighted_mean
 from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, restore_class, swap_class
@@ -199,10 +199,12 @@ class TimmAdapter(Adapter):
                 stacklevel=3,
             )
 
-    def resolve_options(self, model: nn.Module, root: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve_options(
+        self, model: nn.Module, root: nn.Module, options: Mapping[str, Any], mode: Mode = "default"
+    ) -> dict[str, Any]:
         # [CLS] relevance where the output is read from [CLS]; pooled towers use the attention received
         auto = "cls" if root.has_class_token and root.global_pool in ("token", "") else "received"
-        return resolve_vit_options({**self.options, **options}, len(root.blocks), root.has_class_token, auto)
+        return resolve_vit_options({**self.options, **options}, len(root.blocks), root.has_class_token, auto, mode)
 
     def patch(self, root: nn.Module, state: PatchState) -> None:
         swap_class(root, _PATCHED[type(root)])

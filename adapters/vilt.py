@@ -36,7 +36,7 @@ from transformers.models.vilt.modeling_vilt import (
     ViltModel,
 )
 
-from pumer_patch.core import Tokens, attention_bias, init_source, reduce_tokens, text_to_image_relevance, unmerge
+from pumer_patch.core import Mode, Tokens, attention_bias, init_source, reduce_tokens, text_to_image_relevance, unmerge
 from pumer_patch.ratios import Ratios
 
 from .base import STATE_ATTR, Adapter, LayerCount, PatchState, Trace, ensure_class, restore_class, swap_class
@@ -261,7 +261,9 @@ class ViltAdapter(Adapter):
                 stacklevel=3,
             )
 
-    def resolve_options(self, model: nn.Module, root: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve_options(
+        self, model: nn.Module, root: nn.Module, options: Mapping[str, Any], mode: Mode = "default"
+    ) -> dict[str, Any]:
         resolved = {**self.options, **options}
         if resolved["unmerge_text"] is None:
             dense_text = (ViltForMaskedLM, ViltForTokenClassification)

@@ -41,8 +41,9 @@ def _resolve_schedule(
         if ratios is not None and loose:
             raise ValueError("pass either ratios=... or prune_ratio/merge_ratio/text_merge_ratio, not both")
         one = Ratios.parse(ratios) if ratios is not None else Ratios(**loose)
-        if layers is None:
-            raise ValueError("layers is required: the block indices to reduce at, e.g. layers=[2, 5, 8]")
+        if layers is None and not one.is_zero:
+            raise ValueError("layers is required with ratios: the block indices to reduce at, e.g. layers=[2, 5, 8]")
+        layers = [] if layers is None else layers
         if isinstance(layers, int) or not isinstance(layers, Sequence):
             raise TypeError(f"layers must be a list of block indices such as [2, 5, 8], got {layers!r}")
         schedule = {}
@@ -85,7 +86,8 @@ def apply(
 
     Important:
         layers: block indices to reduce at (``[2, 5, 8]``), or a paper config name such as
-            ``"p0.1-r0.3-t0.2-258"`` that also gives the ratios.
+            ``"p0.1-r0.3-t0.2-258"`` that also gives the ratios. May be left out when an adapter
+            option alone says where to reduce (``merge_schedule=16``: plain ToMe).
         ratios / prune_ratio, merge_ratio, text_merge_ratio: fractions in [0, 1) of the current image
             tokens pruned and merged and of the text tokens merged, at each reduce layer. ``ratios``
             takes a ``Ratios``, ``"p0.1-r0.3-t0.2"``, or a dict ``{layer: ratios}`` for a schedule
@@ -103,6 +105,12 @@ def apply(
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    loose = (prune_ratio, merge_ratio, text_merge_ratio)
+    if layers is None and ratios is None and all(r is None for r in loose) and not options:
+        raise ValueError(
+            "nothing to reduce: pass layers=[...] with ratios (layers=[2, 5, 8], prune_ratio=0.1, ...), a paper "
+            "config (layers='p0.1-r0.3-t0.2-258'), or an adapter schedule (merge_schedule=16 for timm / open_clip)"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     schedule = _resolve_schedule(layers, ratios, prune_ratio, merge_ratio, text_merge_ratio)
@@ -129,7 +137,7 @@ def apply(
                 f"valid indices are 0..{n_blocks - 1}"
             )
         adapter.check(root)
-        resolved = adapter.resolve_options(model, root, options)
+        resolved = adapter.resolve_options(model, root, options, mode)
         kept = {i: r for i, r in schedule.items() if not r.is_zero}
         planned.append((adapter, root, Plan(schedule=kept, mode=mode, trace=trace, options=resolved)))
     for adapter, root, plan in planned:

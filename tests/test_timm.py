@@ -107,7 +107,7 @@ def test_counts_follow_the_documented_arithmetic(config, mode):
 
 def test_merge_schedule_is_tome_r_per_block_added_to_the_ratios():
     model = make()  # 17 tokens: [CLS] + 16 patches
-    pumer_patch.apply(model, layers=[], merge_schedule=3)
+    pumer_patch.apply(model, merge_schedule=3)  # plain ToMe: no layers needed
     run(model, images())
     assert counts(model) == [(0, 14), (1, 11), (2, 8), (3, 5)]  # r = 3, at most half of the patches
     pumer_patch.apply(model, layers=[], merge_schedule=[0, 8, 0, 8])
@@ -290,6 +290,9 @@ def test_timm_model_inside_a_container_is_found():
         ({"layers": [], "merge_schedule": [1, 2]}, ValueError, "merge_schedule has 2 entries .* 4 blocks"),
         ({"layers": [], "merge_schedule": -1}, ValueError, "non-negative ints"),
         ({"layers": [], "merge_schedule": "8"}, TypeError, "merge_schedule must be an int"),
+        ({"merge_schedule": 2, "mode": "reference"}, ValueError, "merge_schedule is ToMe's .* mode='default'"),
+        ({"prune_ratio": 0.1}, ValueError, "layers is required with ratios"),
+        ({}, ValueError, "nothing to reduce"),
         ({"layers": [1], "prune_ratio": 0.1, "relevance": "text"}, ValueError, "relevance must be"),
         ({"layers": [1], "prune_ratio": 0.1, "fixed_patch_order": True}, ValueError, "unknown option"),
     ],
