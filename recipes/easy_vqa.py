@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from packaging.version import Version
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase, ViltConfig, ViltForQuestionAnswering
 
 import pumer_patch
+from pumer_patch.flops import gflops_per_example, match_gflops
 
 __all__ = [
     "QUICK",
@@ -74,7 +74,6 @@ __all__ = [
     "markdown_table",
     "parse_args",
     "config_from_args",
-    "gflops_per_example",
     "tokens_per_layer",
     "measure_throughput",
     "run_study",
@@ -483,15 +482,6 @@ def accuracy(pred: Tensor, label: Tensor) -> float:
 
 
 @torch.inference_mode()
-def gflops_per_example(model: nn.Module, batch: Mapping[str, Tensor]) -> float:
-    """Forward GFLOPs per example as ``torch.utils.flop_counter`` counts them (matmuls, convolutions)."""
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(**batch)
-    return counter.get_total_flops() / batch["input_ids"].shape[0] / 1e9
-
-
 @torch.inference_mode()
 def tokens_per_layer(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, list[int]]:
     """Image and text token counts leaving each encoder layer (the input counts come first).
@@ -571,51 +561,17 @@ def _patch_args(layers: Sequence[int], prune: float, merge: float, text_merge: f
     return {"layers": list(layers), "prune_ratio": prune, "merge_ratio": merge, "text_merge_ratio": text_merge, "mode": mode}
 
 
-def _tome_matching_flops(
-    base: nn.Module, example: Mapping[str, Tensor], target: float, first_layer: int
-) -> tuple[dict[str, Any], float]:
-    """The ToMe-style patch whose GFLOPs come closest to ``target``, and its GFLOPs.
-
-    ToMe merges in every layer; here from PuMer's first reduce layer on, the same ratio for image
-    and text (within each modality: the adapter never merges across), nothing pruned, nothing guided
-    by text. The ratio is searched on a 0.01 grid by bisection (FLOPs do not grow with the ratio, and
-    depend only on shapes, so one example tells).
-    """
-    model = copy.deepcopy(base).eval()
-    layers = range(first_layer, model.config.num_hidden_layers)
-    grid = [k / 100 for k in range(1, 99)]
-    measured: dict[int, float] = {}
-
-    def gflops(k: int) -> float:
-        if k not in measured:
-            ratio = grid[k]
-            measured[k] = gflops_per_example(pumer_patch.apply(model, **_patch_args(layers, 0.0, ratio, ratio)), example)
-        return measured[k]
-
-    lo, hi = 0, len(grid) - 1  # the first grid index whose GFLOPs are <= target, else the last one
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if gflops(mid) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = min((k for k in (lo - 1, lo) if k >= 0), key=lambda k: abs(gflops(k) - target))
-    if abs(gflops(best) - target) > 0.02 * target:
-        logger.warning(
-            "ToMe baseline: the closest GFLOPs reachable by merging alone is %.4f against PuMer's %.4f "
-            "(merging at most halves the tokens per layer)", gflops(best), target,
-        )
-    return _patch_args(layers, 0.0, grid[best], grid[best]), gflops(best)
-
-
 def build_variants(cfg: StudyConfig, base: nn.Module, example: Mapping[str, Tensor]) -> list[Variant]:
     """The study's rows; the ToMe baseline's ratio is chosen here to match PuMer's FLOPs."""
     r = cfg.reduce
     pumer = _patch_args(r.layers, r.prune, r.merge, r.text_merge)
     pumer_gflops = gflops_per_example(pumer_patch.apply(copy.deepcopy(base), **pumer), example)
-    tome, _ = _tome_matching_flops(base, example, pumer_gflops, min(r.layers))
+    # ToMe merges in every layer: here from PuMer's first reduce layer on, one ratio for image and
+    # text (each within its modality), nothing pruned, nothing guided by text
+    tome_layers = list(range(min(r.layers), base.config.num_hidden_layers))
+    ratio, _ = match_gflops(base, example, pumer_gflops, lambda q: _patch_args(tome_layers, 0.0, q, q))
+    tome = _patch_args(tome_layers, 0.0, ratio, ratio)
     layer_names = ",".join(map(str, r.layers))
-    tome_layers = f"{tome['layers'][0]}-{tome['layers'][-1]}"
     return [
         Variant("unpatched", "the trained ViLT, no reduction"),
         Variant("pumer", f"PuMer {r.name}, default mode, off the shelf", patch=pumer),
@@ -626,7 +582,7 @@ def build_variants(cfg: StudyConfig, base: nn.Module, example: Mapping[str, Tens
         Variant("merge-only", f"merging {r.merge:g} image / {r.text_merge:g} text at layers {layer_names}, no pruning",
                 patch=_patch_args(r.layers, 0.0, r.merge, r.text_merge)),
         Variant("tome-equal-flops",
-                f"ToMe-style: merge {tome['merge_ratio']:g} of image and text tokens at layers {tome_layers}, "
+                f"ToMe-style: merge {tome['merge_ratio']:g} of image and text tokens at layers {tome_layers[0]}-{tome_layers[-1]}, "
                 f"no text guidance, ratio searched to match PuMer's GFLOPs", patch=tome),
         Variant("pumer-finetuned", f"PuMer {r.name}, default mode, finetuned with the reduction on"
                 + (f", distilled from the unpatched model (KL weight {cfg.distill_weight:g})" if cfg.distill_weight > 0 else ""),
