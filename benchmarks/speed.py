@@ -2,11 +2,16 @@
 
     python -m benchmarks.speed                      # ViLT-B/32 (32 and 40 text tokens) and timm ViT-B/16
     python -m benchmarks.speed --models vilt40 --batch-sizes 8 --repeats 5
+    python -m benchmarks.speed --models vit_large_patch16_224 open_clip:ViT-B-16 --dtype bf16
 
-Models carry random weights: the compute is the same as a trained model's. Baseline and patched
-run interleaved (A B A B ...) in one process after a warm-up; each figure is the median of the
-repeats. Peak memory: CUDA ``max_memory_allocated`` or, on CPU with ``--memory``, the peak RSS of a
-fresh subprocess per config. Writes ``results.json``, ``results.md`` and ``speedup.png`` under ``--out``.
+Models (random weights: the compute is the same as a trained model's): ``vilt<T>`` is ViLT-B/32 at
+384x384 with T text tokens, ``open_clip:<name>`` an open_clip model's image tower, anything else a
+timm model name. Configs: unpatched, the paper's, prune-only, merge-only and ToMe-style baselines,
+one of them with its merge ratio searched to meet a PuMer config's GFLOPs (``match_gflops``).
+Baseline and patched run interleaved (A B A B ...) in one process after a warm-up; each figure is
+the median of the repeats. Peak memory: CUDA ``max_memory_allocated`` or, on CPU with ``--memory``,
+the peak RSS of a fresh subprocess per config. Writes ``results.json``, ``results.md`` and
+``speedup.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -20,64 +25,96 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import pumer_patch
+from pumer_patch.flops import gflops_per_example, match_gflops
 
 log = logging.getLogger("benchmarks.speed")
 
 
 @dataclass(frozen=True)
 class Config:
+    """One row: ``pumer_patch.apply`` keyword arguments ({} is the unpatched baseline).
+
+    With ``match`` set, ``by_ratio`` gives the arguments for a ratio, and the ratio is searched so
+    that the GFLOPs equal those of the config named ``match`` (a ToMe-style baseline at equal FLOPs).
+    """
+
     name: str
-    apply: dict  # keyword arguments of pumer_patch.apply; {} is the unpatched baseline
+    apply: Mapping[str, Any] = field(default_factory=dict)
+    match: str | None = None
+    by_ratio: Callable[[float], dict] | None = None
+
+
+def _tome_everywhere(layers: int, text: bool) -> Callable[[float], dict]:
+    """ToMe-style: the same merge ratio in every layer (image and text alike), no pruning, no guidance."""
+    return lambda r: {"layers": list(range(layers)), "merge_ratio": r, "text_merge_ratio": r if text else 0.0}
 
 
 VILT_CONFIGS = [
-    Config("unpatched", {}),
+    Config("unpatched"),
     Config("p0.1-r0.3-t0.2-258", {"layers": "p0.1-r0.3-t0.2-258"}),
     Config("p0.1-r0.3-t0.2-258 (reference)", {"layers": "p0.1-r0.3-t0.2-258", "mode": "reference"}),
     Config("p0.1r0.3t0.2-2468", {"layers": "p0.1-r0.3-t0.2-2468"}),
     Config("prune-only p0.3-258", {"layers": [2, 5, 8], "prune_ratio": 0.3}),
     Config("merge-only r0.4-258", {"layers": [2, 5, 8], "merge_ratio": 0.4}),
+    Config("ToMe-style", match="p0.1-r0.3-t0.2-258", by_ratio=_tome_everywhere(12, text=True)),
 ]
-TIMM_CONFIGS = [
-    Config("unpatched", {}),
-    Config("ToMe r=16", {"layers": [], "merge_schedule": 16}),
-    Config("prune+merge p0.2-r0.2-369", {"layers": [3, 6, 9], "prune_ratio": 0.2, "merge_ratio": 0.2}),
-]
+
+
+def vit_configs(depth: int) -> list[Config]:
+    """Image-only towers: ToMe's own r=16 schedule, PuMer-style prune+merge and ToMe-style at its FLOPs."""
+    third = [depth // 4, depth // 2, 3 * depth // 4]
+    sep = "" if third[-1] < 10 else ","  # the paper's names write one digit per layer
+    pm = f"prune+merge p0.2-r0.2-{sep.join(map(str, third))}"
+    return [
+        Config("unpatched"),
+        Config("ToMe r=16", {"layers": [], "merge_schedule": 16}),
+        Config(pm, {"layers": third, "prune_ratio": 0.2, "merge_ratio": 0.2}),
+        Config("ToMe-style", match=pm, by_ratio=_tome_everywhere(depth, text=False)),
+    ]
 
 
 def build(model: str) -> tuple[torch.nn.Module, Callable[[int], dict], list[Config]]:
-    """The model, a batch maker and its configs."""
+    """The model (eval mode), a batch maker and its configs."""
     if model.startswith("vilt"):
         from transformers import ViltConfig, ViltModel
 
         text = int(model[4:])
-        net = ViltModel(ViltConfig(image_size=384, patch_size=32, max_position_embeddings=40))
+        net = ViltModel(ViltConfig(image_size=384, patch_size=32, max_position_embeddings=max(40, text)))
 
         def batch(b: int) -> dict:
             return {"input_ids": torch.randint(1, 1000, (b, text)), "pixel_values": torch.randn(b, 3, 384, 384)}
 
         return net.eval(), batch, VILT_CONFIGS
+    if model.startswith("open_clip:"):
+        import open_clip
+
+        clip = open_clip.create_model(model.split(":", 1)[1])
+        size = clip.visual.image_size
+        size = size if isinstance(size, tuple) else (size, size)
+        depth = len(clip.visual.transformer.resblocks)
+        return clip.eval(), (lambda b: {"image": torch.randn(b, 3, *size)}), vit_configs(depth)
     import timm
 
     net = timm.create_model(model, pretrained=False)
-    return net.eval(), (lambda b: {"x": torch.randn(b, 3, 224, 224)}), TIMM_CONFIGS
+    size = net.default_cfg["input_size"][1:]
+    return net.eval(), (lambda b: {"x": torch.randn(b, 3, *size)}), vit_configs(len(net.blocks))
 
 
 def move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def forward(net: torch.nn.Module, batch: dict, device: torch.device) -> None:
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+def forward(net: torch.nn.Module, batch: dict, device: torch.device, dtype: str) -> None:
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         net(**batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -88,34 +125,41 @@ def patch(net: torch.nn.Module, config: Config) -> torch.nn.Module:
     return pumer_patch.apply(net, **config.apply) if config.apply else net
 
 
-def gflops(net: torch.nn.Module, batch: dict) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(**batch)
-    return counter.get_total_flops() / batch[next(iter(batch))].shape[0] / 1e9
+def resolve(net: torch.nn.Module, configs: list[Config], example: dict) -> list[tuple[Config, float]]:
+    """Each config with its GFLOPs per example; ``match`` configs get their searched ratio."""
+    out: list[tuple[Config, float]] = []
+    for config in configs:
+        if config.match is not None:
+            target = dict((c.name, g) for c, g in out)[config.match]
+            ratio, _ = match_gflops(pumer_patch.remove(net), example, target, config.by_ratio)
+            config = Config(f"{config.name} r{ratio:g} (FLOPs of {config.match})", config.by_ratio(ratio))
+        out.append((config, gflops_per_example(patch(net, config), example)))
+    return out
 
 
-def peak_memory_subprocess(model: str, config: Config, batch_size: int) -> float:
+def peak_memory_subprocess(model: str, config: Config, batch_size: int, dtype: str) -> float:
     """Peak RSS (MiB) of a fresh process that builds the model and runs one forward."""
     code = (
         "import json, resource, sys, torch, pumer_patch; from benchmarks.speed import build, Config, patch, forward;"
         f"net, batch, _ = build({model!r}); patch(net, Config('x', json.loads(sys.argv[1])));"
-        f"forward(net, batch({batch_size}), torch.device('cpu'));"
+        f"forward(net, batch({batch_size}), torch.device('cpu'), {dtype!r});"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code, json.dumps(config.apply)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.device, memory: bool) -> list[dict]:
+def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.device, dtype: str, memory: bool) -> list[dict]:
     net, make_batch, configs = build(model)
+    flop_batch = make_batch(1)
+    resolved = resolve(net, configs, flop_batch)  # on CPU, fp32: FLOPs depend on shapes only
+    configs = [c for c, _ in resolved]
     net.to(device)
     rows = []
-    flop_batch = make_batch(1)
-    for config in configs:
+    for config, gflops in resolved:
         patch(net, config)
-        row = {"model": model, "config": config.name, "gflops": gflops(net, flop_batch)}
-        forward(net, move(flop_batch, device), device)
+        row = {"model": model, "config": config.name, "apply": _jsonable(config.apply), "gflops": gflops}
+        forward(net, move(flop_batch, device), device, dtype)
         trace = pumer_patch.last_trace(net) if config.apply else None
         row["tokens"] = [asdict(c) for c in trace.counts] if trace is not None else []
         rows.append(row)
@@ -123,12 +167,12 @@ def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.devi
         batch = move(make_batch(b), device)
         times: dict[str, list[float]] = {c.name: [] for c in configs}
         for config in configs:  # warm-up
-            forward(patch(net, config), batch, device)
+            forward(patch(net, config), batch, device, dtype)
         for _ in tqdm(range(repeats), desc=f"{model} batch {b}", leave=False):
             for config in configs:  # interleaved: A B C ... A B C ...
                 patch(net, config)
                 start = time.perf_counter()
-                forward(net, batch, device)
+                forward(net, batch, device, dtype)
                 times[config.name].append(time.perf_counter() - start)
         for row in rows:
             median = statistics.median(times[row["config"]])
@@ -140,10 +184,10 @@ def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.devi
         if device.type == "cuda":
             patch(net, config)
             torch.cuda.reset_peak_memory_stats()
-            forward(net, move(make_batch(batch_sizes[-1]), device), device)
+            forward(net, move(make_batch(batch_sizes[-1]), device), device, dtype)
             row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
         elif memory:
-            row["peak_mem_mib"] = peak_memory_subprocess(model, config, batch_sizes[-1])
+            row["peak_mem_mib"] = peak_memory_subprocess(model, config, batch_sizes[-1], dtype)
     base = rows[0]
     for row in rows:
         row["flops_ratio"] = row["gflops"] / base["gflops"]
@@ -156,6 +200,21 @@ def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.devi
             row["mem_ratio"] = row["peak_mem_mib"] / base["peak_mem_mib"]
     pumer_patch.remove(net)
     return rows
+
+
+def _jsonable(options: Mapping[str, Any]) -> dict:
+    return {k: list(v) if isinstance(v, range) else v for k, v in options.items()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def table(rows: list[dict], batch_sizes: list[int]) -> str:
@@ -202,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["vilt40", "vilt32", "vit_base_patch16_224"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 8 on CPU, 64 256 on CUDA")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--memory",
@@ -216,11 +278,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_sizes = args.batch_sizes or ([64, 256] if device.type == "cuda" else [8])
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     machine = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "dtype": "bf16 autocast" if dtype == "bf16" else "fp32",
         "date": time.strftime("%Y-%m-%d"),
         "peak_rss_self_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -229,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model in args.models:
         log.info("benchmarking %s on %s, batch sizes %s", model, device, batch_sizes)
-        rows += measure(model, batch_sizes, args.repeats, device, memory=args.memory)
+        rows += measure(model, batch_sizes, args.repeats, device, dtype, memory=args.memory)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     md = f"Machine: {machine}\n\n" + table(rows, batch_sizes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from benchmarks import reduce_op
 
 
@@ -13,3 +15,28 @@ def test_reduce_op_benchmark_writes_json_and_table(tmp_path):
     assert [r["image_tokens"] for r in rows] == [16, 32]
     assert all(r["op_ms"] > 0 and r["layer_ms"] > 0 for r in rows)
     assert "| 32 |" in (tmp_path / "reduce_op.md").read_text()
+
+
+def test_speed_benchmark_rows_flops_and_equal_flops_baseline(tmp_path):
+    from benchmarks import speed
+
+    speed.main(["--models", "vit_tiny_patch16_224", "--batch-sizes", "2", "--repeats", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows)[:3] == ["unpatched", "ToMe r=16", "prune+merge p0.2-r0.2-369"]
+    base, tome, pm = rows["unpatched"], rows["ToMe r=16"], rows["prune+merge p0.2-r0.2-369"]
+    (matched,) = [r for name, r in rows.items() if name.startswith("ToMe-style")]
+    # ViT-Ti/16 (192 wide, 12 blocks, 197 tokens), attention included: 2 * 12 * (12 N C^2 + 2 N^2 C) per image
+    n, c = 197, 192
+    patch_and_head = base["gflops"] - 2 * 12 * (12 * n * c * c + 2 * n * n * c) / 1e9
+    assert 0 < patch_and_head < 0.1 * base["gflops"]
+    assert tome["flops_ratio"] < pm["flops_ratio"] < 1.0
+    assert abs(matched["gflops"] - pm["gflops"]) <= 0.03 * pm["gflops"]  # the searched ratio meets the FLOPs
+    assert matched["apply"]["layers"] == list(range(12)) and matched["apply"]["merge_ratio"] > 0
+    assert [t["image"] for t in tome["tokens"]] == [197 - 16 * (i + 1) for i in range(11)] + [11]
+    for row in rows.values():
+        assert row["throughput_b2"] > 0 and row["latency_ms"] > 0
+        assert row["speedup_b2"] > 0 and row["efficiency"] == row["speedup_b2"] * row["flops_ratio"]
+    assert result["machine"]["dtype"] == "fp32" and result["machine"]["torch"] == torch.__version__
+    assert "| vit_tiny_patch16_224 | ToMe r=16 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "speedup.png").stat().st_size > 0
