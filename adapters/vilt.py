@@ -13,16 +13,28 @@ Two instance classes are switched per patched ``ViltModel``:
   four lines of ``ViltLayer.forward`` (checked against transformers 4.40 to 5.x by the
   zero-reduction parity tests).
 
-When the plan reduces nothing, both fall through to the library's forward unchanged.
+Option ``attention="sdpa"`` (default ``"eager"``, ViLT's own): every layer of the loop computes its
+self-attention with ``F.scaled_dot_product_attention`` from the layer's own query/key/value/output
+projections, and a reduce layer computes only the text query rows of the attention probabilities
+for its relevance (``2 B H T L d`` more FLOPs). On a 2-core CPU, one ViLT-B/32 attention module at
+batch 8 runs 1.33x faster at 185 tokens and 1.0-1.1x at 53-120 tokens; outputs agree with eager to
+about 1e-6 relative in float32 (``test_sdpa_matches_eager``). Attention dropout still applies in
+training; the relevance rows are taken before dropout. ``output_attentions=True`` runs that forward
+eagerly (SDPA returns no probabilities). With ``attention="sdpa"`` the loop runs even when nothing
+is reduced (``layers=[]``), so SDPA alone can be had.
+
+When the plan reduces nothing (and attention is eager), both fall through to the library's forward.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from torch import Tensor, nn
@@ -34,7 +46,9 @@ from transformers.models.vilt.modeling_vilt import (
     ViltForTokenClassification,
     ViltLayer,
     ViltModel,
+    ViltSelfAttention,
 )
+from torch.utils.checkpoint import checkpoint
 
 from pumer_patch.core import Mode, Tokens, attention_bias, init_source, reduce_tokens, text_to_image_relevance, unmerge
 from pumer_patch.ratios import Ratios
@@ -98,7 +112,8 @@ class PumerViltEncoder(ViltEncoder):
         state: PatchState = getattr(self, _SHARED)
         pending, state.pending = state.pending, {}
         plan = state.plan
-        if not plan.schedule:
+        sdpa = plan.options["attention"] == "sdpa" and not output_attentions
+        if not plan.schedule and not sdpa:
             state.last = Trace()
             return super().forward(hidden_states, attention_mask, output_attentions, output_hidden_states, return_dict)
         if "text_len" not in pending:
@@ -129,12 +144,18 @@ class PumerViltEncoder(ViltEncoder):
             if output_hidden_states:
                 all_hidden += (h,)
             ratios = plan.schedule.get(i)
-            if ratios is None:
+            if ratios is None and sdpa:
+                attn = None
+                if self.gradient_checkpointing and self.training:
+                    h = checkpoint(_sdpa_layer, layer, h, bias, use_reentrant=False)
+                else:
+                    h = _sdpa_layer(layer, h, bias)
+            elif ratios is None:
                 out = layer(h, bias, output_attentions)
                 h = out[0]
                 attn = out[1] if output_attentions else None
             else:
-                h, attn, text, image = _reduce_layer(layer, h, bias, text, image, ratios, plan.mode)
+                h, attn, text, image = _reduce_layer(layer, h, bias, text, image, ratios, plan.mode, sdpa)
                 bias = _sequence_bias(text, image, reference, h.dtype)
                 counts.append(LayerCount(i, image.count, text.count))
             if output_attentions:
@@ -156,6 +177,65 @@ class PumerViltEncoder(ViltEncoder):
         )
 
 
+def _sdpa_attention(
+    self_attn: ViltSelfAttention, x: Tensor, bias: Tensor | None, rows: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``ViltSelfAttention`` through ``F.scaled_dot_product_attention``, with the same projections.
+
+    x: (B, L, C). Returns the context (B, L, H * d), the keys (B, L, H * d) and, for ``rows`` > 0,
+    the attention probabilities of the first ``rows`` queries (B, H, rows, L), without dropout.
+    """
+    b, length, _ = x.shape
+    heads, d = self_attn.num_attention_heads, self_attn.attention_head_size
+    q = self_attn.query(x).view(b, length, heads, d).transpose(1, 2)
+    keys = self_attn.key(x)
+    k = keys.view(b, length, heads, d).transpose(1, 2)
+    v = self_attn.value(x).view(b, length, heads, d).transpose(1, 2)
+    mask = None if bias is None else bias.to(q.dtype)  # SDPA wants the query's dtype (autocast)
+    p = self_attn.dropout.p if self_attn.training else 0.0
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    probs = None
+    if rows:
+        with torch.no_grad():  # indices only: relevance chooses which tokens to keep
+            logits = q[:, :, :rows] @ k.transpose(-1, -2) / math.sqrt(d)  # (B, H, rows, L)
+            if mask is not None:
+                logits = logits + mask[:, :, :rows]  # (B, 1, L, L) or (B, 1, 1, L)
+            probs = logits.softmax(dim=-1)
+    return context.transpose(1, 2).reshape(b, length, heads * d), keys, probs
+
+
+def _attention_half(
+    layer: ViltLayer, h: Tensor, bias: Tensor | None, sdpa: bool, rows: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``ViltLayer.forward`` up to the first residual: h (B, L, C) -> (B, L, C).
+
+    Also returns the keys (B, L, H * d) and the attention probabilities: all of them (B, H, L, L)
+    eagerly, the first ``rows`` query rows (B, H, rows, L) with SDPA, None for SDPA with rows 0.
+    """
+    self_attn = layer.attention.attention
+    if sdpa:
+        context, keys, probs = _sdpa_attention(self_attn, layer.layernorm_before(h), bias, rows)
+        return layer.attention.output(context, h) + h, keys, probs
+    captured: dict[str, Tensor] = {}
+    # the keys are the merge metric; a hook for this one call avoids computing them twice
+    handle = self_attn.key.register_forward_hook(lambda _m, _i, out: captured.__setitem__("key", out))
+    try:
+        attn_out, probs = layer.attention(layer.layernorm_before(h), bias, output_attentions=True)
+    finally:
+        handle.remove()
+    return attn_out + h, captured["key"], probs
+
+
+def _mlp_half(layer: ViltLayer, h: Tensor) -> Tensor:
+    """``ViltLayer.forward`` after the first residual: layernorm, MLP, second residual."""
+    return layer.output(layer.intermediate(layer.layernorm_after(h)), h)
+
+
+def _sdpa_layer(layer: ViltLayer, h: Tensor, bias: Tensor | None) -> Tensor:
+    """A whole ``ViltLayer`` with SDPA attention: (B, L, C) -> (B, L, C)."""
+    return _mlp_half(layer, _attention_half(layer, h, bias, sdpa=True, rows=0)[0])
+
+
 def _reduce_layer(
     layer: ViltLayer,
     h: Tensor,
@@ -164,26 +244,18 @@ def _reduce_layer(
     image: Tokens,
     ratios: Ratios,
     mode: str,
-) -> tuple[Tensor, Tensor, Tokens, Tokens]:
+    sdpa: bool,
+) -> tuple[Tensor, Tensor | None, Tokens, Tokens]:
     """``ViltLayer.forward`` with PuMer's reduction between the attention residual and the MLP.
 
-    h: (B, T + N, C). Returns the reduced (B, T' + N', C), the attention probs (B, H, T+N, T+N),
-    and the reduced text and image ``Tokens`` (their ``x`` are views of the new ``h``).
+    h: (B, T + N, C). Returns the reduced (B, T' + N', C), the attention probs (B, H, T+N, T+N)
+    (None with SDPA), and the reduced text and image ``Tokens`` (their ``x`` are views of the new ``h``).
     """
-    self_attn = layer.attention.attention
-    captured: dict[str, Tensor] = {}
-    # the keys are the merge metric; a hook for this one call avoids computing them twice
-    handle = self_attn.key.register_forward_hook(lambda _m, _i, out: captured.__setitem__("key", out))
-    try:
-        attn_out, probs = layer.attention(layer.layernorm_before(h), bias, output_attentions=True)
-    finally:
-        handle.remove()
-    h = attn_out + h
-
-    b, length, _ = h.shape
     n_text = text.count
+    h, keys, probs = _attention_half(layer, h, bias, sdpa, rows=n_text)
+    b, length, _ = h.shape
     # (B, L, H * d) -> (B, L, d): keys averaged over heads (ToMe, PuMer)
-    metric = captured["key"].view(b, length, self_attn.num_attention_heads, -1).mean(dim=2)
+    metric = keys.view(b, length, layer.attention.attention.num_attention_heads, -1).mean(dim=2)
     relevance = text_to_image_relevance(probs[:, :, :n_text, n_text:], text.mask, mode)
     reduced = reduce_tokens(
         relevance,
@@ -195,9 +267,8 @@ def _reduce_layer(
         mode=mode,  # type: ignore[arg-type]
     )
     text, image = reduced.text, reduced.image
-    h = torch.cat([text.x, image.x], dim=1)
-    h = layer.output(layer.intermediate(layer.layernorm_after(h)), h)
-    return h, probs, text, image
+    h = _mlp_half(layer, torch.cat([text.x, image.x], dim=1))
+    return h, None if sdpa else probs, text, image
 
 
 def _sequence_bias(text: Tokens, image: Tokens, reference: bool, dtype: torch.dtype) -> Tensor | None:
@@ -240,7 +311,7 @@ def unmerge_hidden(hidden: Tensor, trace: Trace, fill: float = 0.0) -> Tensor:
 class ViltAdapter(Adapter):
     name = "vilt"
     supports = "transformers ViltModel and every Vilt head (VQA, NLVR2, retrieval, masked LM, token classification)"
-    options: Mapping[str, Any] = {"fixed_patch_order": True, "unmerge_text": None}
+    options: Mapping[str, Any] = {"fixed_patch_order": True, "unmerge_text": None, "attention": "eager"}
 
     def roots(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in model.modules() if isinstance(m, ViltModel)]
@@ -271,6 +342,8 @@ class ViltAdapter(Adapter):
         for key in ("fixed_patch_order", "unmerge_text"):
             if not isinstance(resolved[key], bool):
                 raise TypeError(f"{key} must be True or False, got {resolved[key]!r}")
+        if resolved["attention"] not in ("eager", "sdpa"):
+            raise ValueError(f"attention must be 'eager' (ViLT's own) or 'sdpa', got {resolved['attention']!r}")
         return resolved
 
     def patch(self, root: nn.Module, state: PatchState) -> None:

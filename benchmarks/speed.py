@@ -66,6 +66,8 @@ VILT_CONFIGS = [
     Config("prune-only p0.3-258", {"layers": [2, 5, 8], "prune_ratio": 0.3}),
     Config("merge-only r0.4-258", {"layers": [2, 5, 8], "merge_ratio": 0.4}),
     Config("ToMe-style", match="p0.1-r0.3-t0.2-258", by_ratio=_tome_everywhere(12, text=True)),
+    Config("sdpa only (no reduction)", {"layers": [], "attention": "sdpa"}),
+    Config("p0.1-r0.3-t0.2-258 + sdpa", {"layers": "p0.1-r0.3-t0.2-258", "attention": "sdpa"}),
 ]
 
 

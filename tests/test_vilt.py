@@ -346,6 +346,8 @@ def test_deepcopy_and_torch_save_of_a_patched_model():
         ({"layers": [1], "prune_ratio": 0.1, "merge_schedule": 4}, ValueError, "unknown option"),
         ({"layers": [1], "prune_ratio": 0.1, "mode": "fast"}, ValueError, "mode must be one of"),
         ({"layers": [1], "prune_ratio": 0.1, "fixed_patch_order": "yes"}, TypeError, "fixed_patch_order"),
+        ({"layers": [1], "prune_ratio": 0.1, "attention": "flash"}, ValueError, "attention must be 'eager'"),
+        ({}, ValueError, "nothing to reduce"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_changes_nothing(kwargs, error, match):
@@ -376,6 +378,59 @@ def test_model_patched_by_something_else_is_refused():
     other.vilt.embeddings.__class__ = type("ToMeEmbeddings", (ViltEmbeddings,), {})
     with pytest.raises(ValueError, match="ViltModel.embeddings is .*ToMeEmbeddings"):
         pumer_patch.apply(other, layers=[1], prune_ratio=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention="sdpa"
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_sdpa_matches_eager(cls):
+    # the same tokens kept and merged, outputs to float32 rounding, with padded text in the batch
+    batch = {**inputs(cls, batch=3), "attention_mask": torch.tensor([[1] * 12, [1] * 7 + [0] * 5, [1] * 4 + [0] * 8])}
+    outputs, sources = [], []
+    for attention in ("eager", "sdpa"):
+        model = make(cls)
+        pumer_patch.apply(model, layers=[1, 3], ratios="p0.2-r0.3-t0.2", attention=attention, trace=True)
+        outputs.append(first_tensor(run(model, batch)))
+        trace = pumer_patch.last_trace(model)
+        sources.append([(t.text.source, t.image.source) for t in (trace if isinstance(trace, list) else [trace])])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for (text_e, image_e), (text_s, image_s) in zip(*sources):
+        assert torch.equal(text_e, text_s) and torch.equal(image_e, image_s)
+
+
+def test_sdpa_alone_without_reduction_matches_the_library():
+    model = make()
+    batch = inputs(ViltForQuestionAnswering)
+    expected = run(model, batch).logits
+    pumer_patch.apply(model, layers=[], attention="sdpa")
+    assert pumer_patch.is_patched(model)
+    torch.testing.assert_close(run(model, batch).logits, expected, rtol=1e-5, atol=1e-5)
+    # SDPA returns no probabilities: output_attentions runs the library's eager forward, bit for bit
+    pumer_patch.remove(model)
+    eager = run(model, {**batch, "output_attentions": True})
+    pumer_patch.apply(model, layers=[], attention="sdpa")
+    patched = run(model, {**batch, "output_attentions": True})
+    assert len(patched.attentions) == 6 and torch.equal(patched.logits, eager.logits)
+
+
+def test_sdpa_training_gradients_checkpointing_and_bf16():
+    def grads(checkpointing: bool) -> torch.Tensor:
+        model = make().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        pumer_patch.apply(model, layers=[1, 3], ratios="p0.2-r0.3-t0.2", attention="sdpa")
+        torch.manual_seed(5)
+        model(**inputs(ViltForQuestionAnswering), labels=torch.rand(2, 3)).loss.backward()
+        assert all(layer.attention.attention.value.weight.grad.abs().sum() > 0 for layer in model.vilt.encoder.layer)
+        return model.vilt.encoder.layer[0].output.dense.weight.grad
+
+    torch.testing.assert_close(grads(True), grads(False))
+    model = pumer_patch.apply(make(), layers=[1, 3], ratios="p0.2-r0.3-t0.2", attention="sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(run(model, inputs(ViltForQuestionAnswering)).logits).all()
 
 
 # ---------------------------------------------------------------------------------------------
