@@ -50,7 +50,7 @@ from transformers.models.vilt.modeling_vilt import (
 )
 from torch.utils.checkpoint import checkpoint
 
-from pumer_patch.core import Mode, Tokens, attention_bias, init_source, reduce_tokens, text_to_image_relevance, unmerge
+from pumer_patch.core import Mode, Tokens, attention_bias, init_source, reduce_tokens, take_rows, text_to_image_relevance, unmerge
 from pumer_patch.ratios import Ratios
 
 from .base import STATE_ATTR, Adapter, LayerCount, PatchState, Trace, ensure_class, restore_class, swap_class
@@ -74,9 +74,9 @@ class PumerViltEmbeddings(ViltEmbeddings):
             key = patch_index[..., 0] * grid[1] + patch_index[..., 1]  # (B, P)
             key = key + (x_mask[:, 1:] == 0).long() * (grid[0] * grid[1])
             order = key.argsort(dim=1, stable=True)  # (B, P)
-            patch_index = patch_index.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+            patch_index = take_rows(patch_index, order)
             order = torch.cat([torch.zeros_like(order[:, :1]), order + 1], dim=1)  # (B, 1 + P)
-            x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = take_rows(x, order)
             x_mask = x_mask.gather(1, order)
         state.pending["patch_index"] = patch_index
         state.pending["grid"] = grid

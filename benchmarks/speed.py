@@ -72,13 +72,17 @@ VILT_CONFIGS = [
 
 
 def vit_configs(depth: int) -> list[Config]:
-    """Image-only towers: ToMe's own r=16 schedule, PuMer-style prune+merge and ToMe-style at its FLOPs."""
+    """Image-only towers: ToMe's own schedule, PuMer-style prune+merge and ToMe-style at its FLOPs.
+
+    ToMe's r: 16 per block for 12-block models, 8 for deeper ones (ToMe's ViT-L/16 setting).
+    """
+    r = 16 if depth <= 12 else 8
     third = [depth // 4, depth // 2, 3 * depth // 4]
     sep = "" if third[-1] < 10 else ","  # the paper's names write one digit per layer
     pm = f"prune+merge p0.2-r0.2-{sep.join(map(str, third))}"
     return [
         Config("unpatched"),
-        Config("ToMe r=16", {"layers": [], "merge_schedule": 16}),
+        Config(f"ToMe r={r}", {"merge_schedule": r}),
         Config(pm, {"layers": third, "prune_ratio": 0.2, "merge_ratio": 0.2}),
         Config("ToMe-style", match=pm, by_ratio=_tome_everywhere(depth, text=False)),
     ]
@@ -133,7 +137,7 @@ def resolve(net: torch.nn.Module, configs: list[Config], example: dict) -> list[
     for config in configs:
         if config.match is not None:
             target = dict((c.name, g) for c, g in out)[config.match]
-            ratio, _ = match_gflops(pumer_patch.remove(net), example, target, config.by_ratio)
+            ratio, _ = match_gflops(pumer_patch.remove(net), example, target, config.by_ratio, steps=200)
             config = Config(f"{config.name} r{ratio:g} (FLOPs of {config.match})", config.by_ratio(ratio))
         out.append((config, gflops_per_example(patch(net, config), example)))
     return out
