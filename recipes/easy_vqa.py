@@ -159,7 +159,7 @@ class StudyConfig:
     test_images: int | None = None  # first N test images only; None = all 1,000
     eval_batch_size: int = 64
     timing_batches: int = 8
-    timing_rounds: int = 5
+    timing_rounds: int = 15
     timing_warmup: int = 2
     figure_examples: int = 6
     seed: int = 0

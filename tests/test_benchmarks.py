@@ -40,3 +40,36 @@ def test_speed_benchmark_rows_flops_and_equal_flops_baseline(tmp_path):
     assert result["machine"]["dtype"] == "fp32" and result["machine"]["torch"] == torch.__version__
     assert "| vit_tiny_patch16_224 | ToMe r=16 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_overhead_benchmark_separates_the_reduction_from_fewer_tokens(tmp_path):
+    from benchmarks import overhead
+
+    overhead.main(["--models", "vit_tiny_patch16_224", "--batch-size", "2", "--repeats", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "overhead.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["ToMe r=16", "prune+merge p0.2-r0.2-369"]
+    for r in rows:
+        assert 0.4 < r["flops_ratio"] < 0.6 and min(r["unpatched_ms"], r["patched_ms"], r["same_counts_ms"]) > 0
+        assert r["overhead"] == r["patched_ms"] / r["same_counts_ms"] - 1
+    assert "| vit_tiny_patch16_224 | ToMe r=16 |" in (tmp_path / "overhead.md").read_text()
+
+
+def test_same_counts_forward_is_the_model_when_nothing_is_dropped():
+    import timm
+    from transformers import ViltConfig, ViltModel
+
+    from benchmarks.overhead import same_counts
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    x = {"x": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        torch.testing.assert_close(same_counts(vit, "vit", x, {})(), vit(**x))
+    vilt = ViltModel(ViltConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=32, patch_size=8, max_position_embeddings=8)).eval()
+    batch = {"input_ids": torch.randint(1, 100, (2, 8)), "pixel_values": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        torch.manual_seed(1)
+        pooled = same_counts(vilt, "vilt8", batch, {})()
+        torch.manual_seed(1)  # ViLT draws its patch order at random
+        torch.testing.assert_close(pooled, vilt(**batch).pooler_output)
