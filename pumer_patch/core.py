@@ -398,7 +398,7 @@ def apply_merge(tokens: Tokens, plan: MergePlan | None, weighted: bool = True) -
         w_merged / den.gather(1, to).clamp_min(1e-12)
     ).unsqueeze(-1)
     flat = (to + n_out * torch.arange(b, device=x.device).unsqueeze(1)).reshape(-1)  # rows of (B * (N - r), C)
-    out = kept_x.reshape(b * n_out, c).index_add(0, flat, step.reshape(-1, c)).view(b, n_out, c).to(x.dtype)
+    out = kept_x.reshape(b * n_out, c).index_add_(0, flat, step.reshape(-1, c)).view(b, n_out, c).to(x.dtype)
 
     new_size = None
     if weighted:
