@@ -97,8 +97,9 @@ def apply(
 
     To tinker with:
         trace: record per-token sizes and source maps of the last forward (``last_trace``).
-        **options: adapter options, e.g. ViLT ``fixed_patch_order`` and ``unmerge_text``, timm and
-            open_clip ``merge_schedule``; an unknown one is an error that lists the accepted ones.
+        **options: adapter options, e.g. ViLT ``fixed_patch_order``, ``unmerge_text`` and
+            ``attention="sdpa"``, timm and open_clip ``merge_schedule`` and ``relevance``; an unknown
+            one is an error that lists the accepted ones.
 
     Validates everything before changing anything; a model already patched by pumer_patch is
     re-patched (the old patch removed first), never stacked. The state_dict does not change.
