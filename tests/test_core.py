@@ -31,6 +31,7 @@ from pumer_patch.core import (
     prune_tokens,
     reduce_tokens,
     reduced_counts,
+    take_rows,
     text_merge_count,
     text_to_image_relevance,
     unmerge,
@@ -270,6 +271,22 @@ def test_merging_conserves_size_weighted_mass(case, r, protected):
     scale = (x.double().abs() * size.double()[..., None]).sum(1)
     tol = (_eps(case.dtype) + 2 * case.tokens * _eps(torch.float32)) * scale + 1e-12
     assert bool(((before - after).abs() <= tol).all())
+
+
+@given(case=cases(), r=st.integers(0, 400), protected=PROTECTED, weighted=st.booleans())
+def test_tokens_that_take_no_merge_keep_their_exact_values(case, r, protected, weighted):
+    assume(protected <= case.tokens)
+    g = case.generator()
+    x, metric = case.image(g), case.metric(g)
+    size = torch.randint(1, 5, (case.batch, case.tokens), generator=g).float()
+    tokens = Tokens(x, size=size, source=init_source(case.batch, case.tokens))
+    out = merge_tokens(tokens, metric, r, protected=protected, weighted=weighted)
+    members = torch.zeros(case.batch, out.count, dtype=torch.long).scatter_add(1, out.source, torch.ones_like(out.source))
+    alone = members == 1  # (B, N') output tokens standing for one input token
+    origin = torch.zeros(case.batch, out.count, dtype=torch.long).scatter_(
+        1, out.source, torch.arange(case.tokens).expand(case.batch, -1)
+    )
+    assert torch.equal(out.x[alone], take_rows(x, origin)[alone])
 
 
 @given(case=cases(), steps=st.lists(ratio_triples(), min_size=1, max_size=3), protected=PROTECTED, mode=MODES)
