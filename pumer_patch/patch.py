@@ -23,9 +23,15 @@ def _resolve_schedule(
     prune_ratio: float | None,
     merge_ratio: float | None,
     text_merge_ratio: float | None,
+    adapter_options: bool,
 ) -> dict[int, Ratios]:
     loose = {"prune": prune_ratio, "merge": merge_ratio, "text_merge": text_merge_ratio}
     loose = {k: v for k, v in loose.items() if v is not None}
+    if layers is None and ratios is None and not loose and not adapter_options:
+        raise ValueError(
+            "nothing to reduce: pass layers=[...] with ratios (layers=[2, 5, 8], prune_ratio=0.1, ...), a paper "
+            "config (layers='p0.1-r0.3-t0.2-258'), or an adapter schedule (merge_schedule=16 for timm / open_clip)"
+        )
     if isinstance(layers, str):
         if ratios is not None or loose:
             raise ValueError(f"layers={layers!r} is a paper config that names the ratios; do not pass ratios too")
@@ -106,15 +112,9 @@ def apply(
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    loose = (prune_ratio, merge_ratio, text_merge_ratio)
-    if layers is None and ratios is None and all(r is None for r in loose) and not options:
-        raise ValueError(
-            "nothing to reduce: pass layers=[...] with ratios (layers=[2, 5, 8], prune_ratio=0.1, ...), a paper "
-            "config (layers='p0.1-r0.3-t0.2-258'), or an adapter schedule (merge_schedule=16 for timm / open_clip)"
-        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    schedule = _resolve_schedule(layers, ratios, prune_ratio, merge_ratio, text_merge_ratio)
+    schedule = _resolve_schedule(layers, ratios, prune_ratio, merge_ratio, text_merge_ratio, bool(options))
     roots = _find_roots(model)
     if not roots:
         supported = "; ".join(get_adapter(name).supports for name in REGISTRY)
