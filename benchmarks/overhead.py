@@ -34,7 +34,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import pumer_patch
-from benchmarks.speed import build, cpu_name, patch
+from benchmarks.speed import build, machine_info, patch
+from pumer_patch.adapters.timm import _finish as timm_mlp_half
+from pumer_patch.adapters.vilt import _mlp_half as vilt_mlp_half
 from pumer_patch.flops import gflops_per_example
 
 log = logging.getLogger("benchmarks.overhead")
@@ -50,13 +52,10 @@ def _vilt_parts(net: nn.Module, batch: dict) -> tuple[Callable[[], Tensor], list
     def embed() -> Tensor:
         return net.embeddings(ids, torch.ones_like(ids), None, pixels, ones, None, None)[0]
 
-    def attend(layer: nn.Module, h: Tensor) -> Tensor:
+    def attend(layer: nn.Module, h: Tensor) -> Tensor:  # the library's eager attention, nothing captured
         return layer.attention(layer.layernorm_before(h))[0] + h
 
-    def finish(layer: nn.Module, h: Tensor) -> Tensor:
-        return layer.output(layer.intermediate(layer.layernorm_after(h)), h)
-
-    return embed, list(net.encoder.layer), (attend, finish), lambda h: net.pooler(net.layernorm(h))
+    return embed, list(net.encoder.layer), (attend, vilt_mlp_half), lambda h: net.pooler(net.layernorm(h))
 
 
 def _timm_parts(net: nn.Module, batch: dict) -> tuple[Callable[[], Tensor], list[nn.Module], Halves, Callable[[Tensor], Tensor]]:
@@ -65,13 +64,10 @@ def _timm_parts(net: nn.Module, batch: dict) -> tuple[Callable[[], Tensor], list
     def embed() -> Tensor:
         return net.norm_pre(net._pos_embed(net.patch_embed(batch["x"])))
 
-    def attend(block: nn.Module, x: Tensor) -> Tensor:
+    def attend(block: nn.Module, x: Tensor) -> Tensor:  # no q/k captured, unlike the adapter's
         return x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
 
-    def finish(block: nn.Module, x: Tensor) -> Tensor:
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-    return embed, list(net.blocks), (attend, finish), lambda x: net.forward_head(net.norm(x))
+    return embed, list(net.blocks), (attend, timm_mlp_half), lambda x: net.forward_head(net.norm(x))
 
 
 def same_counts(net: nn.Module, model: str, batch: dict, counts: dict[int, int]) -> Callable[[], Tensor]:
@@ -96,10 +92,9 @@ def measure(model: str, batch_size: int, repeats: int) -> list[dict]:
     rows = []
     for config in configs:
         patched = patch(copy.deepcopy(net), config)
-        with torch.no_grad():
-            patched(**batch)
-        counts = {c.layer: c.image + c.text for c in pumer_patch.last_trace(patched).counts}
         flops_ratio = gflops_per_example(patched, make_batch(1)) / base_gflops
+        # counts depend on shapes only: the batch-1 FLOPs forward tells them
+        counts = {c.layer: c.image + c.text for c in pumer_patch.last_trace(patched).counts}
         runs = {
             "unpatched": lambda: net(**batch),
             "patched": lambda patched=patched: patched(**batch),
@@ -151,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = {"device": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "fp32",
-               "date": time.strftime("%Y-%m-%d")}
+    machine = machine_info(torch.device("cpu"), "fp32")
     log.info("machine: %s", machine)
     torch.manual_seed(0)
     rows = [row for model in args.models for row in measure(model, args.batch_size, args.repeats)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch.utils.benchmark as tbench
 from transformers import ViltConfig
 from transformers.models.vilt.modeling_vilt import ViltLayer
 
-from benchmarks.speed import cpu_name
+from benchmarks.speed import machine_info
 from pumer_patch import Tokens, init_source, reduce_tokens
 
 log = logging.getLogger("benchmarks.reduce_op")
@@ -61,13 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"image_tokens": n, "op_ms": op_s * 1e3, "layer_ms": layer_s * 1e3, "share": op_s / layer_s})
         log.info("N=%d: op %.2f ms, layer %.2f ms (%.1f%%)", n, op_s * 1e3, layer_s * 1e3, 100 * op_s / layer_s)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "batch": b,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    meta = {**machine_info(device, "fp32"), "batch": b}
     (args.out / "reduce_op.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=2))
     lines = [f"Machine: {meta}", "", "| N image | reduce_tokens (ms) | one ViLT layer (ms) | share |", "|---|---|---|---|"]
     lines += [f"| {r['image_tokens']} | {r['op_ms']:.2f} | {r['layer_ms']:.2f} | {100 * r['share']:.1f}% |" for r in rows]

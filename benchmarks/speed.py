@@ -131,15 +131,18 @@ def patch(net: torch.nn.Module, config: Config) -> torch.nn.Module:
     return pumer_patch.apply(net, **config.apply) if config.apply else net
 
 
-def resolve(net: torch.nn.Module, configs: list[Config], example: dict) -> list[tuple[Config, float]]:
-    """Each config with its GFLOPs per example; ``match`` configs get their searched ratio."""
-    out: list[tuple[Config, float]] = []
+def resolve(net: torch.nn.Module, configs: list[Config], example: dict) -> list[tuple[Config, float, list[dict]]]:
+    """Each config with its GFLOPs per example and token counts after each reduce layer (from the
+    same forward: counts depend on shapes only); ``match`` configs get their searched ratio."""
+    out: list[tuple[Config, float, list[dict]]] = []
     for config in configs:
         if config.match is not None:
-            target = dict((c.name, g) for c, g in out)[config.match]
+            target = next(g for c, g, _ in out if c.name == config.match)
             ratio, _ = match_gflops(pumer_patch.remove(net), example, target, config.by_ratio, steps=200)
             config = Config(f"{config.name} r{ratio:g} (FLOPs of {config.match})", config.by_ratio(ratio))
-        out.append((config, gflops_per_example(patch(net, config), example)))
+        gflops = gflops_per_example(patch(net, config), example)
+        tokens = [asdict(c) for c in pumer_patch.last_trace(net).counts] if config.apply else []
+        out.append((config, gflops, tokens))
     return out
 
 
@@ -159,16 +162,12 @@ def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.devi
     net, make_batch, configs = build(model)
     flop_batch = make_batch(1)
     resolved = resolve(net, configs, flop_batch)  # on CPU, fp32: FLOPs depend on shapes only
-    configs = [c for c, _ in resolved]
+    configs = [c for c, _, _ in resolved]
     net.to(device)
-    rows = []
-    for config, gflops in resolved:
-        patch(net, config)
-        row = {"model": model, "config": config.name, "apply": _jsonable(config.apply), "gflops": gflops}
-        forward(net, move(flop_batch, device), device, dtype)
-        trace = pumer_patch.last_trace(net) if config.apply else None
-        row["tokens"] = [asdict(c) for c in trace.counts] if trace is not None else []
-        rows.append(row)
+    rows = [
+        {"model": model, "config": c.name, "apply": _jsonable(c.apply), "gflops": gflops, "tokens": tokens}
+        for c, gflops, tokens in resolved
+    ]
     for b in batch_sizes + [1]:
         batch = move(make_batch(b), device)
         times: dict[str, list[float]] = {c.name: [] for c in configs}
@@ -210,6 +209,17 @@ def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.devi
 
 def _jsonable(options: Mapping[str, Any]) -> dict:
     return {k: list(v) if isinstance(v, range) else v for k, v in options.items()}
+
+
+def machine_info(device: torch.device, dtype: str) -> dict[str, Any]:
+    """What the figures were measured on: device name, torch, threads, dtype and date."""
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": "bf16 autocast" if dtype == "bf16" else "fp32",
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def cpu_name() -> str:
@@ -286,11 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     batch_sizes = args.batch_sizes or ([64, 256] if device.type == "cuda" else [8])
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     machine = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "dtype": "bf16 autocast" if dtype == "bf16" else "fp32",
-        "date": time.strftime("%Y-%m-%d"),
+        **machine_info(device, dtype),
         "peak_rss_self_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     log.info("machine: %s", machine)
