@@ -31,40 +31,73 @@ Options (``pumer_patch.apply(..., **options)``):
 * ``relevance``: ``"auto"`` (decided at apply time from how the tower pools), ``"cls"`` or
   ``"received"``.
 
-``text_merge`` ratios have no effect: these towers carry no text.
+``text_merge`` ratios have no effect: these towers carry no text. ``mode="reference"`` is refused:
+it is the research code's arithmetic for its ViLT and METER checkpoints, and it would prune and move
+the prefix tokens that these towers' heads read at fixed positions.
+
+Token sizes travel with the features a reducing forward returns (``sizes_of``), so a head applied
+later, or twice, or to another batch's features first, pools each batch by its own sizes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from typing import Any, Literal, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from pumer_patch.core import Mode, Tokens, attention_bias, init_source, reduce_tokens
+from pumer_patch.core import Mode, Tokens, reduce_tokens
 from pumer_patch.ratios import Ratios
 
-from .base import LayerCount, Plan, Trace
+from ._loop import Loop, Policy, key_bias, start
+from .base import Plan, Trace
 
 __all__ = [
     "Attended",
     "BlockOps",
     "Relevance",
-    "VIT_OPTIONS",
+    "VitOptions",
     "attention_relevance",
     "reduces",
     "resolve_vit_options",
     "run_blocks",
+    "sizes_of",
     "weighted_mean",
 ]
 
 Relevance = Literal["cls", "received"]
 
-#: options the timm and open_clip adapters accept, with their defaults
-VIT_OPTIONS: dict[str, Any] = {"merge_schedule": None, "relevance": "auto"}
+
+@dataclass(frozen=True)
+class VitOptions:
+    """The options the timm and open_clip adapters accept (see the module docstring).
+
+    merge_schedule: as given, an int r or one int per block; resolved to a tuple per block or None.
+    relevance: ``"auto"``, ``"cls"`` or ``"received"``; resolved to ``"cls"`` or ``"received"``.
+    """
+
+    merge_schedule: int | Sequence[int] | None = None
+    relevance: Literal["auto", "cls", "received"] = "auto"
+
+
+# features (B, N', C) a reducing forward returned -> their token sizes (B, N'); weak, so a dropped
+# batch takes its entry with it. Keyed by the tensor itself: each call's features carry their own.
+_SIZES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def remember_sizes(features: Tensor, size: Tensor | None) -> Tensor:
+    """Record that ``features`` stand for ``size`` original tokens each; returns ``features``."""
+    if size is not None:
+        _SIZES[features] = size
+    return features
+
+
+def sizes_of(features: Tensor) -> Tensor | None:
+    """The token sizes (B, N') of features a reducing forward returned, None for any other tensor."""
+    return _SIZES.get(features)
 
 
 class Attended(NamedTuple):
@@ -94,20 +127,20 @@ class BlockOps(NamedTuple):
 
 
 def resolve_vit_options(
-    options: dict[str, Any], n_blocks: int, has_cls: bool, auto: Relevance, mode: Mode = "default"
-) -> dict[str, Any]:
+    options: dict[str, object], n_blocks: int, has_cls: bool, auto: Relevance, mode: Mode
+) -> VitOptions:
     """Check ``merge_schedule`` and ``relevance`` and bring them to their resolved forms.
 
-    merge_schedule: None, an int r (ToMe's r at every block) or one int per block -> tuple or None;
-    ToMe's, so refused in reference mode, which keeps to the research code's arithmetic.
+    merge_schedule: None, an int r (ToMe's r at every block) or one int per block -> tuple or None.
     relevance: ``"auto"`` (``auto``), ``"cls"`` (needs a class token) or ``"received"``.
     """
-    schedule = options["merge_schedule"]
-    if schedule is not None and mode == "reference":
+    if mode == "reference":
         raise ValueError(
-            "merge_schedule is ToMe's schedule, which the research code (mode='reference') has not; "
-            "use mode='default', or merge_ratio at the layers you name"
+            "mode='reference' reproduces the research code's ViLT / METER arithmetic (it prunes and moves the "
+            "[CLS], which this ViT's head reads at a fixed position); use mode='default' on timm and open_clip"
         )
+    given = VitOptions(**options)
+    schedule = given.merge_schedule
     if schedule is not None:
         if isinstance(schedule, int) and not isinstance(schedule, bool):
             schedule = [schedule] * n_blocks
@@ -124,17 +157,17 @@ def resolve_vit_options(
                 f"merge_schedule entries must be non-negative ints (tokens merged at that block), got {list(schedule)}"
             )
         schedule = tuple(schedule) if any(schedule) else None
-    relevance = options["relevance"]
+    relevance = given.relevance
     if relevance not in ("auto", "cls", "received"):
         raise ValueError(f"relevance must be 'auto', 'cls' or 'received', got {relevance!r}")
     if relevance == "cls" and not has_cls:
         raise ValueError("relevance='cls' needs a class token, which this model has not; use 'received' or 'auto'")
-    return {**options, "merge_schedule": schedule, "relevance": auto if relevance == "auto" else relevance}
+    return VitOptions(merge_schedule=schedule, relevance=auto if relevance == "auto" else relevance)
 
 
 def reduces(plan: Plan) -> bool:
     """Whether the plan reduces anything (otherwise the library's forward runs untouched)."""
-    return bool(plan.schedule) or plan.options.get("merge_schedule") is not None
+    return bool(plan.schedule) or plan.options.merge_schedule is not None
 
 
 def attention_relevance(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, query_size: Tensor | None) -> Tensor:
@@ -170,13 +203,44 @@ def _block_ratios(plan: Plan, i: int, n: int, protected: int) -> Ratios | None:
     merge ratio of the very count ``reduce_tokens`` takes it of, so its rounding gives back r.
     """
     ratios = plan.schedule.get(i)
-    schedule = plan.options.get("merge_schedule")
-    mergeable = n if plan.mode == "reference" else n - protected
+    schedule = plan.options.merge_schedule
+    mergeable = n - protected
     if schedule is None or schedule[i] == 0 or mergeable < 2:
         return ratios
     ratios = ratios or Ratios()
     total = min(round(ratios.merge * mergeable) + schedule[i], mergeable - 1)
     return replace(ratios, merge=total / mergeable)
+
+
+def _reduce_block(
+    block: nn.Module,
+    tokens: Tokens,
+    bias: Tensor | None,
+    ratios: Ratios,
+    ops: BlockOps,
+    protected: int,
+    cls_row: bool,
+    guide: Callable[[Tensor], Tensor] | None,
+) -> tuple[Tokens, bool]:
+    """One reduce block: attention half, relevance and metric, ``reduce_tokens``, MLP half.
+
+    Returns the reduced ``Tokens`` and whether a merge happened (from then on sizes differ from one).
+    """
+    prune = ratios.prune > 0
+    rows = None if not prune or guide is not None else (slice(0, 1) if cls_row else slice(protected, None))
+    att = ops.attend(block, tokens.x, bias, rows)
+    relevance = None
+    with torch.no_grad():  # indices only
+        if prune and guide is not None:
+            relevance = guide(att.x)
+        elif prune:
+            weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
+            relevance = attention_relevance(att.q, att.k, att.scale, bias, weights)
+        metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
+    reduced = reduce_tokens(relevance, replace(tokens, x=att.x), ratios, img_metric=metric, image_protected=protected)
+    image = reduced.image
+    kept = tokens.count if reduced.keep_idx is None else reduced.keep_idx.shape[1]
+    return replace(image, x=ops.finish(block, image.x)), image.count < kept
 
 
 def run_blocks(
@@ -189,56 +253,25 @@ def run_blocks(
     guide: Callable[[Tensor], Tensor] | None = None,
     checkpointing: bool = False,
 ) -> tuple[Tokens, Trace]:
-    """Run ``blocks`` on x (B, N, C), reducing at the planned blocks.
+    """Run ``blocks`` on x (B, N, C), reducing at the planned blocks (default mode).
 
-    protected: leading prefix tokens never pruned or merged (default mode). guide: relevance (B, N)
-    from the post-attention tokens (text guidance); None uses ``plan.options["relevance"]``.
-    checkpointing: recompute the plain blocks in backward (reduce blocks are not checkpointed).
-    Returns the final ``Tokens`` (sizes in default mode, sources with ``plan.trace``) and the ``Trace``.
+    protected: leading prefix tokens never pruned or merged. guide: relevance (B, N) from the
+    post-attention tokens (text guidance); None uses ``plan.options.relevance``.
+    checkpointing: recompute every block, reduce blocks included, in backward.
+    Returns the final ``Tokens`` (with sizes, and sources with ``plan.trace``) and the ``Trace``.
     """
-    reference = plan.mode == "reference"
-    b, n, _ = x.shape
-    size = None if reference else torch.ones(b, n, dtype=torch.float32, device=x.device)
-    tokens = Tokens(x, size=size, source=init_source(b, n, x.device) if plan.trace else None)
-    cls_row = plan.options["relevance"] == "cls"
+    policy = Policy.of(plan.mode)
+    loop = Loop(plan, checkpointing)
+    tokens = start(policy, x, source=plan.trace)
+    cls_row = plan.options.relevance == "cls"
     bias: Tensor | None = None  # no key bias until a merge makes sizes differ from one
-    merged = False
-    counts: list[LayerCount] = []
     for i, block in enumerate(blocks):
         ratios = _block_ratios(plan, i, tokens.count, protected)
         if ratios is None:
-            if checkpointing:
-                tokens.x = checkpoint(ops.plain, block, tokens.x, bias, use_reentrant=False)
-            else:
-                tokens.x = ops.plain(block, tokens.x, bias)
+            tokens = replace(tokens, x=loop.run(ops.plain, block, tokens.x, bias))
             continue
-        prune = ratios.prune > 0
-        rows = None if not prune or guide is not None else (slice(0, 1) if cls_row else slice(protected, None))
-        att = ops.attend(block, tokens.x, bias, rows)
-        relevance = None
-        with torch.no_grad():
-            if prune and guide is not None:
-                relevance = guide(att.x)
-            elif prune:
-                weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
-                relevance = attention_relevance(att.q, att.k, att.scale, bias, weights)
-            metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
-        n_in = tokens.count
-        reduced = reduce_tokens(
-            relevance,
-            Tokens(att.x, tokens.size, tokens.source),
-            ratios,
-            img_metric=metric,
-            mode=plan.mode,
-            image_protected=protected,
-        )
-        image = reduced.image
-        merged = merged or image.count < (n_in if reduced.keep_idx is None else reduced.keep_idx.shape[1])
-        tokens = replace(image, x=ops.finish(block, image.x))
-        if merged and not reference:
-            bias = attention_bias(tokens.size, None, x.dtype)
-        counts.append(LayerCount(i, tokens.count, 0))
-    trace = Trace(counts=counts)
-    if plan.trace:
-        trace.image = Tokens(tokens.x.detach(), tokens.size, tokens.source)
-    return tokens, trace
+        tokens, merged = loop.run(_reduce_block, block, tokens, bias, ratios, ops, protected, cls_row, guide)
+        if merged or bias is not None:
+            bias = key_bias(policy, [tokens], x.dtype)
+        loop.count(i, tokens)
+    return tokens, loop.trace(tokens)

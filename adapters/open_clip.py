@@ -17,16 +17,22 @@ a block; the [CLS] query row costs 2 B C^2, the queries for "received" relevance
 another 2 B N C^2.
 
 Text guidance (``text_guidance``): pruning can follow a text query instead of the [CLS] row, for
-text-conditioned retrieval. An image embedding then depends on the query: do not cache it.
+text-conditioned retrieval. An image embedding then depends on the query: do not cache it. The
+guidance holds in the thread and ``with`` block that set it, for the models it was given, and not for
+a copy taken inside the block.
+
+Per call, the tower's forward opens a scope (``_loop.CallScope``) in which the transformer hands the
+token sizes to the pooling. ``forward_intermediates`` is refused while the patch reduces.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import open_clip
 import torch
@@ -37,15 +43,27 @@ from packaging.version import Version
 from torch import Tensor, nn
 
 from pumer_patch.core import Mode
+from pumer_patch.ratios import Ratios
 
-from ._vit import VIT_OPTIONS, Attended, BlockOps, reduces, resolve_vit_options, run_blocks, weighted_mean
-from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, restore_class, swap_class
+from ._loop import CallScope
+from ._vit import Attended, BlockOps, VitOptions, reduces, resolve_vit_options, run_blocks, weighted_mean
+from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class
 
 __all__ = ["OpenClipAdapter", "PumerTransformer", "PumerVisionTransformer", "text_guidance"]
 
 _TESTED = (Version("2.24"), Version("4"))
-_SHARED = "_pumer_state"  # the root's PatchState, on the swapped transformer
-_GUIDE = "guide"  # key in PatchState.pending: relevance from text, set by text_guidance
+
+
+@dataclass
+class _TowerCall:
+    """What the tower's transformer hands its pooling during one forward of the tower."""
+
+    size: Tensor | None = None  # (B, N') token sizes of the reduced tokens
+
+
+_CALL: CallScope[_TowerCall] = CallScope("pumer_patch_open_clip_call")
+# relevance from a text query, per patched tower, set by ``text_guidance`` for its ``with`` block
+_GUIDANCE: CallScope[Callable[[Tensor], Tensor]] = CallScope("pumer_patch_open_clip_guidance")
 
 
 def _mha_mask(bias: Tensor | None, heads: int) -> Tensor | None:
@@ -93,19 +111,19 @@ class PumerTransformer(Transformer):
     _pumer_patched = True
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        state: PatchState = getattr(self, _SHARED)
-        state.pending["size"] = None
+        state: PatchState = getattr(self, SHARED_ATTR)
         if not reduces(state.plan):
             state.last = Trace()
             return super().forward(x, attn_mask)
         if attn_mask is not None:
             raise ValueError("the image tower of a pumer_patch-reduced open_clip model takes no attn_mask")
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        guide = state.pending.get(_GUIDE)
         tokens, state.last = run_blocks(
-            self.resblocks, x, state.plan, _OPS, protected=1, guide=guide, checkpointing=checkpointing
+            self.resblocks, x, state.plan, _OPS, protected=1, guide=_GUIDANCE.get(state), checkpointing=checkpointing
         )
-        state.pending["size"] = tokens.size
+        call = _CALL.get(state)
+        if call is not None:
+            call.size = tokens.size
         return tokens.x
 
 
@@ -114,13 +132,25 @@ class PumerVisionTransformer(OpenClipVisionTransformer):
 
     _pumer_patched = True
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _CALL.open(getattr(self, STATE_ATTR), _TowerCall()):
+            return super().forward(*args, **kwargs)
+
     def _global_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        size = getattr(self, STATE_ATTR).pending.pop("size", None)
-        # no sizes: unreduced or reference mode; with an attentional pooler x holds its queries
+        call = _CALL.get(getattr(self, STATE_ATTR))
+        # no sizes: unreduced; with an attentional pooler x holds its queries
         weighted = self.pool_type == "avg" and self.attn_pool is None
-        if not weighted or size is None or size.shape != x.shape[:2]:
+        if not weighted or call is None or call.size is None:
             return super()._global_pool(x)
-        return weighted_mean(x[:, 1:], size[:, 1:]), x[:, 1:]
+        return weighted_mean(x[:, 1:], call.size[:, 1:]), x[:, 1:]
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        if reduces(getattr(self, STATE_ATTR).plan):
+            raise ValueError(
+                "forward_intermediates returns feature maps on the full patch grid, which a pumer_patch-reduced "
+                "tower does not keep; pumer_patch.remove(model) first, or call the tower"
+            )
+        return super().forward_intermediates(*args, **kwargs)
 
 
 def _text_relevance(ln_post: nn.Module, proj: Tensor, text: Tensor, x: Tensor) -> Tensor:
@@ -171,24 +201,16 @@ def text_guidance(model: nn.Module, text_features: Tensor) -> Iterator[None]:
             )
         if not any(r.prune > 0 for r in state.plan.schedule.values()):
             raise ValueError("text guidance steers pruning, but this patch prunes nothing; apply with prune_ratio > 0")
-    states: list[PatchState] = [getattr(root, STATE_ATTR) for root in roots]
-    previous = [state.pending.get(_GUIDE) for state in states]  # nested guidance is restored on exit
-    for root, state in zip(roots, states):
-        state.pending[_GUIDE] = partial(_text_relevance, root.ln_post, root.proj, text)
-    try:
+    with ExitStack() as stack:  # nested guidance is restored on exit
+        for root in roots:
+            stack.enter_context(_GUIDANCE.open(getattr(root, STATE_ATTR), partial(_text_relevance, root.ln_post, root.proj, text)))
         yield
-    finally:
-        for state, guide in zip(states, previous):
-            if guide is None:
-                state.pending.pop(_GUIDE, None)
-            else:
-                state.pending[_GUIDE] = guide
 
 
 class OpenClipAdapter(Adapter):
     name = "open_clip"
     supports = "open_clip VisionTransformer image towers with ResidualAttentionBlock (CLIP, CLIPA, CoCa)"
-    options: Mapping[str, Any] = VIT_OPTIONS
+    Options = VitOptions
 
     def roots(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in model.modules() if isinstance(m, OpenClipVisionTransformer)]
@@ -197,7 +219,7 @@ class OpenClipAdapter(Adapter):
         return root.transformer.resblocks
 
     def check(self, root: nn.Module) -> None:
-        ensure_class(root, OpenClipVisionTransformer, "open_clip VisionTransformer")
+        ensure_class(root, OpenClipVisionTransformer, "open_clip VisionTransformer", ("forward", "_global_pool", "forward_intermediates"))
         ensure_class(root.transformer, Transformer, "VisionTransformer.transformer")
         if not root.transformer.batch_first:
             raise ValueError(
@@ -225,21 +247,11 @@ class OpenClipAdapter(Adapter):
             )
 
     def resolve_options(
-        self, model: nn.Module, root: nn.Module, options: Mapping[str, Any], mode: Mode = "default"
-    ) -> dict[str, Any]:
+        self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
+    ) -> VitOptions:
         # [CLS] relevance where the embedding is read from [CLS]; avg / attentional pooling: attention received
         auto = "cls" if root.attn_pool is None and root.pool_type == "tok" else "received"
-        return resolve_vit_options({**self.options, **options}, len(root.transformer.resblocks), True, auto, mode)
+        return resolve_vit_options(options, len(root.transformer.resblocks), True, auto, mode)
 
-    def patch(self, root: nn.Module, state: PatchState) -> None:
-        swap_class(root, PumerVisionTransformer)
-        swap_class(root.transformer, PumerTransformer)
-        setattr(root.transformer, _SHARED, state)
-        setattr(root, STATE_ATTR, state)
-
-    def unpatch(self, root: nn.Module) -> None:
-        restore_class(root)
-        restore_class(root.transformer)
-        for module, attr in ((root.transformer, _SHARED), (root, STATE_ATTR)):
-            if attr in vars(module):
-                delattr(module, attr)
+    def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
+        return [(root, PumerVisionTransformer), (root.transformer, PumerTransformer)]

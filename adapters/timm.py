@@ -16,13 +16,17 @@ The root's class is switched to a module-level subclass that overrides two metho
 The ``num_prefix_tokens`` leading tokens are protected. Relevance: the [CLS] row for towers pooled
 from [CLS] (``token`` or none), else the size-weighted attention received (see ``_vit``), so pruning
 works without a class token too. ``forward_intermediates`` runs unreduced: feature maps need the grid.
-When the plan reduces nothing, both methods fall through to timm's unchanged.
+``forward_intermediates`` (and so ``features_only`` models, which call it) is refused while the
+patch reduces: feature maps need the full grid. Token sizes travel with the features
+(``_vit.sizes_of``): ``forward_head`` on features that did not come straight from this model's
+``forward_features`` (sliced, copied) is refused where the pooling needs sizes.
+When the plan reduces nothing, the methods fall through to timm's unchanged.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import timm
@@ -34,9 +38,20 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from pumer_patch.core import Mode, attention_bias
+from pumer_patch.ratios import Ratios
 
-from ._vit import VIT_OPTIONS, Attended, BlockOps, reduces, resolve_vit_options, run_blocks, weighted_mean
-from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, restore_class, swap_class
+from ._vit import (
+    Attended,
+    BlockOps,
+    VitOptions,
+    reduces,
+    remember_sizes,
+    resolve_vit_options,
+    run_blocks,
+    sizes_of,
+    weighted_mean,
+)
+from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class
 
 __all__ = ["TimmAdapter", "PumerVisionTransformer", "PumerVisionTransformerDistilled"]
 
@@ -78,9 +93,8 @@ _OPS = BlockOps(_plain, _attend, _finish)
 def _forward_features(
     vit: VisionTransformer, library: Callable[..., Tensor], x: Tensor, attn_mask: Tensor | None, is_causal: bool
 ) -> Tensor:
-    """``forward_features`` (B, 3, H, W) -> (B, N', C); sizes handed to ``pool`` through the state."""
+    """``forward_features`` (B, 3, H, W) -> (B, N', C); the features remember their token sizes for ``pool``."""
     state: PatchState = getattr(vit, STATE_ATTR)
-    state.pending["size"] = None
     if not reduces(state.plan):
         state.last = Trace()
         return library(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -94,23 +108,50 @@ def _forward_features(
     tokens, state.last = run_blocks(
         vit.blocks, x, state.plan, _OPS, protected=vit.num_prefix_tokens, checkpointing=checkpointing
     )
-    state.pending["size"] = tokens.size
-    return vit.norm(tokens.x)
+    return remember_sizes(vit.norm(tokens.x), tokens.size)
+
+
+def _merges(vit: VisionTransformer) -> bool:
+    plan = getattr(vit, STATE_ATTR).plan
+    return plan.options.merge_schedule is not None or any(r.merge > 0 for r in plan.schedule.values())
 
 
 def _pool(vit: VisionTransformer, library: Callable[..., Tensor], x: Tensor, pool_type: str | None) -> Tensor:
     """``pool`` (B, N', C) -> (B, C), counting each token by its size where the pooling averages."""
-    size = getattr(vit, STATE_ATTR).pending.pop("size", None)
-    if size is None or size.shape != x.shape[:2]:  # unreduced, reference mode, or not our features
+    pool_type = vit.global_pool if pool_type is None else pool_type
+    averages = isinstance(vit.attn_pool, AttentionPoolLatent) or (vit.attn_pool is None and pool_type in ("avg", "avgmax"))
+    size = sizes_of(x)
+    if size is None:
+        if averages and _merges(vit):
+            raise ValueError(
+                "these features are not the tensor this pumer_patch-reduced model's forward_features returned "
+                "(detached, sliced, copied or from elsewhere), so their merged tokens' sizes are unknown and the "
+                f"{pool_type or 'attention'} pooling would weigh them wrongly; pass forward_features' output as it is"
+            )
         return library(x, pool_type)
     start = 0 if vit.pool_include_prefix else vit.num_prefix_tokens
     if isinstance(vit.attn_pool, AttentionPoolLatent):
         return vit.attn_pool(x[:, start:], attn_mask=attention_bias(size[:, start:], None, x.dtype))
-    pool_type = vit.global_pool if pool_type is None else pool_type
     if vit.attn_pool is None and pool_type in ("avg", "avgmax"):
         mean = weighted_mean(x[:, start:], size[:, start:])
         return mean if pool_type == "avg" else 0.5 * (x[:, start:].amax(dim=1) + mean)
     return library(x, pool_type)
+
+
+def _forward_intermediates(vit: VisionTransformer, library: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if reduces(getattr(vit, STATE_ATTR).plan):
+        raise ValueError(
+            "forward_intermediates (and features_only models) return feature maps on the full patch grid, which a "
+            "pumer_patch-reduced ViT does not keep; pumer_patch.remove(model) first, or use forward_features"
+        )
+    return library(*args, **kwargs)
+
+
+def _no_script(vit: VisionTransformer) -> None:
+    raise TypeError(
+        "torch.jit.script cannot compile a pumer_patch-patched timm model (its loop uses data-dependent Python); "
+        "use torch.compile, or pumer_patch.remove(model) before scripting"
+    )
 
 
 class PumerVisionTransformer(VisionTransformer):
@@ -124,6 +165,13 @@ class PumerVisionTransformer(VisionTransformer):
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         return _pool(self, super().pool, x, pool_type)
 
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        return _forward_intermediates(self, super().forward_intermediates, *args, **kwargs)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _no_script(self)
+        return self
+
 
 class PumerVisionTransformerDistilled(VisionTransformerDistilled):
     """``VisionTransformerDistilled`` (DeiT, [CLS] and distillation token protected), as above."""
@@ -135,6 +183,13 @@ class PumerVisionTransformerDistilled(VisionTransformerDistilled):
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         return _pool(self, super().pool, x, pool_type)
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        return _forward_intermediates(self, super().forward_intermediates, *args, **kwargs)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _no_script(self)
+        return self
 
 
 _PATCHED: dict[type[nn.Module], type[nn.Module]] = {
@@ -158,7 +213,12 @@ def _is_other_timm_vit(module: nn.Module) -> bool:
     )
 
 
-def _check_library_part(module: nn.Module, expected: type[nn.Module], where: str) -> None:
+_OVERRIDES = ("forward", "forward_features", "forward_head", "pool", "forward_intermediates")
+
+
+def _check_library_part(
+    module: nn.Module, expected: type[nn.Module], where: str, overrides: Sequence[str] = ("forward",)
+) -> None:
     """Refuse timm's other classes as unsupported and anything else as patched by someone."""
     cls = _library_class(module)
     if cls is not expected and cls.__module__.startswith("timm."):
@@ -166,13 +226,13 @@ def _check_library_part(module: nn.Module, expected: type[nn.Module], where: str
             f"{where} is timm's {cls.__qualname__}, not supported: the timm adapter supports {_SUPPORTED} "
             f"(with {expected.__module__}.{expected.__qualname__} there)"
         )
-    ensure_class(module, expected, where)
+    ensure_class(module, expected, where, overrides)
 
 
 class TimmAdapter(Adapter):
     name = "timm"
     supports = _SUPPORTED + " (ViT, DeiT, DINO, CLIP, SigLIP, register tokens)"
-    options: Mapping[str, Any] = VIT_OPTIONS
+    Options = VitOptions
 
     def roots(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in model.modules() if isinstance(m, VisionTransformer) or _is_other_timm_vit(m)]
@@ -187,7 +247,7 @@ class TimmAdapter(Adapter):
             )
         cls = _library_class(root)
         expected = cls if cls in _PATCHED else VisionTransformer
-        _check_library_part(root, expected, f"timm {type(root).__qualname__}")
+        _check_library_part(root, expected, f"timm {type(root).__qualname__}", _OVERRIDES)
         for i, block in enumerate(root.blocks):
             _check_library_part(block, Block, f"{cls.__qualname__}.blocks[{i}]")
             _check_library_part(block.attn, Attention, f"{cls.__qualname__}.blocks[{i}].attn")
@@ -200,17 +260,11 @@ class TimmAdapter(Adapter):
             )
 
     def resolve_options(
-        self, model: nn.Module, root: nn.Module, options: Mapping[str, Any], mode: Mode = "default"
-    ) -> dict[str, Any]:
+        self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
+    ) -> VitOptions:
         # [CLS] relevance where the output is read from [CLS]; pooled towers use the attention received
         auto = "cls" if root.has_class_token and root.global_pool in ("token", "") else "received"
-        return resolve_vit_options({**self.options, **options}, len(root.blocks), root.has_class_token, auto, mode)
+        return resolve_vit_options(options, len(root.blocks), root.has_class_token, auto, mode)
 
-    def patch(self, root: nn.Module, state: PatchState) -> None:
-        swap_class(root, _PATCHED[type(root)])
-        setattr(root, STATE_ATTR, state)
-
-    def unpatch(self, root: nn.Module) -> None:
-        restore_class(root)
-        if STATE_ATTR in vars(root):
-            delattr(root, STATE_ATTR)
+    def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
+        return [(root, _PATCHED[_library_class(root)])]

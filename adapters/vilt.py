@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +50,52 @@ from transformers.models.vilt.modeling_vilt import (
     ViltModel,
     ViltSelfAttention,
 )
-from torch.utils.checkpoint import checkpoint
 
-from pumer_patch.core import Mode, Tokens, attention_bias, init_source, reduce_tokens, take_rows, text_to_image_relevance, unmerge
+from pumer_patch.core import Mode, Tokens, reduce_tokens, take_rows, text_to_image_relevance, unmerge
 from pumer_patch.ratios import Ratios
 
-from .base import STATE_ATTR, Adapter, LayerCount, PatchState, Trace, ensure_class, restore_class, swap_class
+from ._loop import CallScope, Loop, Policy, key_bias, start
+from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class
 
-__all__ = ["ViltAdapter", "PumerViltEmbeddings", "PumerViltEncoder", "unmerge_hidden"]
+__all__ = ["ViltAdapter", "ViltOptions", "PumerViltModel", "PumerViltEmbeddings", "PumerViltEncoder", "unmerge_hidden"]
 
 _TESTED = (Version("4.40"), Version("6"))
-_SHARED = "_pumer_state"  # the root's PatchState, on the swapped sub-modules
+
+
+@dataclass(frozen=True)
+class ViltOptions:
+    """ViLT's options for ``pumer_patch.apply`` (see the module docstring).
+
+    relevance: ``"mean_head"`` (the paper) or ``"first_head"`` (head 0 only, the research code's
+    ``sim_method="first_head"``, which its ViLT VQA config used).
+    """
+
+    fixed_patch_order: bool = True
+    unmerge_text: bool | None = None
+    attention: Literal["eager", "sdpa"] = "eager"
+    relevance: Literal["mean_head", "first_head"] = "mean_head"
+
+
+@dataclass
+class _ViltCall:
+    """What ``ViltEmbeddings`` hands the encoder during one ``ViltModel`` forward."""
+
+    text_len: int | None = None
+    patch_index: Tensor | None = None  # (B, P, 2) grid position of each patch, as they enter the encoder
+    grid: tuple[int, int] | None = None
+
+
+_CALL: CallScope[_ViltCall] = CallScope("pumer_patch_vilt_call")
+
+
+class PumerViltModel(ViltModel):
+    """``ViltModel`` whose forward opens the per-call scope its patched embeddings and encoder share."""
+
+    _pumer_patched = True
+
+    def forward(self, *args: Any, **kwargs: Any):
+        with _CALL.open(getattr(self, STATE_ATTR), _ViltCall()):
+            return super().forward(*args, **kwargs)
 
 
 class PumerViltEmbeddings(ViltEmbeddings):
@@ -68,8 +105,8 @@ class PumerViltEmbeddings(ViltEmbeddings):
 
     def visual_embed(self, pixel_values: Tensor, pixel_mask: Tensor, max_image_length: int = 200):
         x, x_mask, (patch_index, grid) = super().visual_embed(pixel_values, pixel_mask, max_image_length)
-        state: PatchState = getattr(self, _SHARED)
-        if state.plan.schedule and state.plan.options["fixed_patch_order"]:
+        state: PatchState = getattr(self, SHARED_ATTR)
+        if state.plan.schedule and state.plan.options.fixed_patch_order:
             # raster order, padding last; the image [CLS] stays first
             key = patch_index[..., 0] * grid[1] + patch_index[..., 1]  # (B, P)
             key = key + (x_mask[:, 1:] == 0).long() * (grid[0] * grid[1])
@@ -78,22 +115,33 @@ class PumerViltEmbeddings(ViltEmbeddings):
             order = torch.cat([torch.zeros_like(order[:, :1]), order + 1], dim=1)  # (B, 1 + P)
             x = take_rows(x, order)
             x_mask = x_mask.gather(1, order)
-        state.pending["patch_index"] = patch_index
-        state.pending["grid"] = grid
+        call = _CALL.get(state)
+        if call is not None:
+            call.patch_index, call.grid = patch_index, (int(grid[0]), int(grid[1]))
         return x, x_mask, (patch_index, grid)
 
     def forward(self, input_ids: Tensor | None, attention_mask: Tensor, *args: Any, **kwargs: Any):
-        getattr(self, _SHARED).pending["text_len"] = attention_mask.shape[1]
+        call = _CALL.get(getattr(self, SHARED_ATTR))
+        if call is not None:
+            call.text_len = attention_mask.shape[1]
         return super().forward(input_ids, attention_mask, *args, **kwargs)
 
 
 def _key_mask(attention_mask: Tensor | None, hidden: Tensor) -> Tensor:
-    """(B, L) bool, True for real tokens, from ViLT's 4D additive mask (B, 1, L, L) or None."""
+    """(B, L) bool, True for real tokens, from ViLT's 4D mask (B, 1, L, L) (additive or bool) or None."""
     b, length = hidden.shape[:2]
     if attention_mask is None:
         return torch.ones(b, length, dtype=torch.bool, device=hidden.device)
-    # bidirectional: every query row carries the same key mask
-    return attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2
+    row = attention_mask[:, 0, 0, :]  # bidirectional: every query row carries the same key mask
+    return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+
+
+def _checkpointing(encoder: ViltEncoder) -> bool:
+    """Whether the model asked for gradient checkpointing (on the encoder before transformers 4.52, on the layers after)."""
+    asked = getattr(encoder, "gradient_checkpointing", False) or any(
+        getattr(layer, "gradient_checkpointing", False) for layer in encoder.layer
+    )
+    return bool(asked) and encoder.training and torch.is_grad_enabled()
 
 
 class PumerViltEncoder(ViltEncoder):
@@ -109,60 +157,55 @@ class PumerViltEncoder(ViltEncoder):
         output_hidden_states: bool = False,
         return_dict: bool = True,
     ):
-        state: PatchState = getattr(self, _SHARED)
-        pending, state.pending = state.pending, {}
-        plan = state.plan
-        sdpa = plan.options["attention"] == "sdpa" and not output_attentions
+        state: PatchState = getattr(self, SHARED_ATTR)
+        plan, options = state.plan, state.plan.options
+        sdpa = options.attention == "sdpa" and not output_attentions
         if not plan.schedule and not sdpa:
             state.last = Trace()
             return super().forward(hidden_states, attention_mask, output_attentions, output_hidden_states, return_dict)
-        if "text_len" not in pending:
-            raise RuntimeError("a patched ViltEncoder must be called through its ViltModel, which marks the text length")
-        reference = plan.mode == "reference"
-        track_source = plan.trace or plan.options["unmerge_text"]
-        b, length, _ = hidden_states.shape
-        n_text0 = pending["text_len"]
-        device = hidden_states.device
-
+        call = _CALL.get(state)
+        if call is None or call.text_len is None:
+            raise RuntimeError(
+                "a patched ViltEncoder must be called through its ViltModel, which tells it where the text ends; "
+                "call the model (or pumer_patch.remove it first to use the encoder alone)"
+            )
+        policy = Policy.of(plan.mode)
+        loop = Loop(plan, checkpointing=_checkpointing(self))
+        n_text0 = call.text_len
+        sources = plan.trace or options.unmerge_text
         real = _key_mask(attention_mask, hidden_states)
-        # reference: the research code keeps the text mask as floats (it becomes fractional on merging)
-        text = Tokens(hidden_states[:, :n_text0], mask=real[:, :n_text0].float() if reference else real[:, :n_text0])
-        image = Tokens(hidden_states[:, n_text0:], mask=real[:, n_text0:])
-        if not reference:
-            text.size = hidden_states.new_ones(b, n_text0, dtype=torch.float32)
-            image.size = hidden_states.new_ones(b, length - n_text0, dtype=torch.float32)
-        if track_source:
-            text.source = init_source(b, n_text0, device)
-            image.source = init_source(b, length - n_text0, device)
+        text = start(policy, hidden_states[:, :n_text0], real[:, :n_text0], text=True, source=sources)
+        image = start(policy, hidden_states[:, n_text0:], real[:, n_text0:], source=sources)
+        head = 0 if options.relevance == "first_head" else None
 
         bias = attention_mask
         all_hidden: tuple[Tensor, ...] = ()
         all_attn: tuple[Tensor, ...] = ()
-        counts: list[LayerCount] = []
         h = hidden_states
         for i, layer in enumerate(self.layer):
             if output_hidden_states:
                 all_hidden += (h,)
             ratios = plan.schedule.get(i)
+            attn = None
             if ratios is None and sdpa:
-                attn = None
-                if self.gradient_checkpointing and self.training:
-                    h = checkpoint(_sdpa_layer, layer, h, bias, use_reentrant=False)
-                else:
-                    h = _sdpa_layer(layer, h, bias)
+                h = loop.run(_sdpa_layer, layer, h, bias)
             elif ratios is None:
-                out = layer(h, bias, output_attentions)
-                h = out[0]
-                attn = out[1] if output_attentions else None
+                # transformers >= 4.52: a ViltLayer checkpoints itself when asked
+                run = layer if getattr(layer, "gradient_checkpointing", False) else partial(loop.run, layer)
+                out = run(h, bias, output_attentions)
+                h, attn = out[0], (out[1] if output_attentions else None)
             else:
-                h, attn, text, image = _reduce_layer(layer, h, bias, text, image, ratios, plan.mode, sdpa)
-                bias = _sequence_bias(text, image, reference, h.dtype)
-                counts.append(LayerCount(i, image.count, text.count))
+                h, attn, text, image = loop.run(_reduce_layer, layer, h, bias, text, image, ratios, policy, sdpa, head)
+                bias = key_bias(policy, [text, image], h.dtype)
+                loop.count(i, image, text)
             if output_attentions:
                 all_attn += (attn,)
 
-        state.last = _trace(plan.trace, counts, h, text, image, pending)
-        if plan.options["unmerge_text"] and text.count != n_text0:
+        n_image = image.count
+        state.last = loop.trace(
+            replace(image, x=h[:, -n_image:]), replace(text, x=h[:, :-n_image]), patch_index=call.patch_index, grid=call.grid
+        )
+        if options.unmerge_text and text.count != n_text0:
             # dense text outputs (masked LM, token classification) read every original text position
             h = torch.cat([unmerge(h[:, : text.count], text.source), h[:, text.count :]], dim=1)
         if output_hidden_states:
@@ -243,53 +286,35 @@ def _reduce_layer(
     text: Tokens,
     image: Tokens,
     ratios: Ratios,
-    mode: str,
+    policy: Policy,
     sdpa: bool,
+    head: int | None,
 ) -> tuple[Tensor, Tensor | None, Tokens, Tokens]:
     """``ViltLayer.forward`` with PuMer's reduction between the attention residual and the MLP.
 
-    h: (B, T + N, C). Returns the reduced (B, T' + N', C), the attention probs (B, H, T+N, T+N)
-    (None with SDPA), and the reduced text and image ``Tokens`` (their ``x`` are views of the new ``h``).
+    h: (B, T + N, C). head: the one head whose attention is the relevance, None for the head mean.
+    Returns the reduced (B, T' + N', C), the attention probs (B, H, T+N, T+N) (None with SDPA), and
+    the reduced text and image ``Tokens`` (their ``x`` are views of the new ``h``).
     """
     n_text = text.count
     h, keys, probs = _attention_half(layer, h, bias, sdpa, rows=n_text)
     b, length, _ = h.shape
     # (B, L, H * d) -> (B, L, d): keys averaged over heads (ToMe, PuMer)
     metric = keys.view(b, length, layer.attention.attention.num_attention_heads, -1).mean(dim=2)
-    relevance = text_to_image_relevance(probs[:, :, :n_text, n_text:], text.mask, mode)
+    to_image = probs[:, :, :n_text, n_text:] if head is None else probs[:, head : head + 1, :n_text, n_text:]
+    relevance = text_to_image_relevance(to_image, text.mask, policy.mode)
     reduced = reduce_tokens(
         relevance,
-        Tokens(h[:, n_text:], image.size, image.source, image.mask),
+        replace(image, x=h[:, n_text:]),
         ratios,
         img_metric=metric[:, n_text:],
-        text_tokens=Tokens(h[:, :n_text], text.size, text.source, text.mask),
+        text_tokens=replace(text, x=h[:, :n_text]),
         text_metric=metric[:, :n_text],
-        mode=mode,  # type: ignore[arg-type]
+        mode=policy.mode,
     )
     text, image = reduced.text, reduced.image
     h = _mlp_half(layer, torch.cat([text.x, image.x], dim=1))
     return h, None if sdpa else probs, text, image
-
-
-def _sequence_bias(text: Tokens, image: Tokens, reference: bool, dtype: torch.dtype) -> Tensor | None:
-    """The additive attention bias (B, 1, 1, T + N) after a reduction: padding, and log(size) by default."""
-    if reference:  # no sizes; the research code resets image masks to ones after reducing
-        image_mask = image.mask.float() if image.mask is not None else text.mask.new_ones(image.x.shape[:2])
-        return attention_bias(None, torch.cat([text.mask.float(), image_mask], dim=1), dtype)
-    return attention_bias(torch.cat([text.size, image.size], dim=1), torch.cat([text.mask, image.mask], dim=1), dtype)
-
-
-def _trace(full: bool, counts: list[LayerCount], h: Tensor, text: Tokens, image: Tokens, pending: dict) -> Trace:
-    if not full:
-        return Trace(counts=counts)
-    h = h.detach()
-    n_image = image.count
-    return Trace(
-        counts=counts,
-        text=Tokens(h[:, :-n_image], text.size, text.source, text.mask),
-        image=Tokens(h[:, -n_image:], image.size, image.source, image.mask),
-        extra={k: pending[k] for k in ("patch_index", "grid") if k in pending},
-    )
 
 
 def unmerge_hidden(hidden: Tensor, trace: Trace, fill: float = 0.0) -> Tensor:
@@ -308,10 +333,15 @@ def unmerge_hidden(hidden: Tensor, trace: Trace, fill: float = 0.0) -> Tensor:
     return torch.cat([text_part, unmerge(image_part, trace.image.source, fill)], dim=1)
 
 
+def _dense_text_head(model: nn.Module) -> bool:
+    """Whether a head reads every text position (masked LM, token classification)."""
+    return any(isinstance(m, (ViltForMaskedLM, ViltForTokenClassification)) for m in model.modules())
+
+
 class ViltAdapter(Adapter):
     name = "vilt"
     supports = "transformers ViltModel and every Vilt head (VQA, NLVR2, retrieval, masked LM, token classification)"
-    options: Mapping[str, Any] = {"fixed_patch_order": True, "unmerge_text": None, "attention": "eager"}
+    Options = ViltOptions
 
     def roots(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in model.modules() if isinstance(m, ViltModel)]
@@ -320,7 +350,8 @@ class ViltAdapter(Adapter):
         return root.encoder.layer
 
     def check(self, root: nn.Module) -> None:
-        ensure_class(root.embeddings, ViltEmbeddings, "ViltModel.embeddings")
+        ensure_class(root, ViltModel, "the ViltModel")
+        ensure_class(root.embeddings, ViltEmbeddings, "ViltModel.embeddings", ("forward", "visual_embed"))
         ensure_class(root.encoder, ViltEncoder, "ViltModel.encoder")
         for i, layer in enumerate(root.encoder.layer):
             ensure_class(layer, ViltLayer, f"ViltModel.encoder.layer[{i}]")
@@ -333,30 +364,27 @@ class ViltAdapter(Adapter):
             )
 
     def resolve_options(
-        self, model: nn.Module, root: nn.Module, options: Mapping[str, Any], mode: Mode = "default"
-    ) -> dict[str, Any]:
-        resolved = {**self.options, **options}
-        if resolved["unmerge_text"] is None:
-            dense_text = (ViltForMaskedLM, ViltForTokenClassification)
-            resolved["unmerge_text"] = any(isinstance(m, dense_text) for m in model.modules())
+        self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
+    ) -> ViltOptions:
+        resolved = ViltOptions(**options)
         for key in ("fixed_patch_order", "unmerge_text"):
-            if not isinstance(resolved[key], bool):
-                raise TypeError(f"{key} must be True or False, got {resolved[key]!r}")
-        if resolved["attention"] not in ("eager", "sdpa"):
-            raise ValueError(f"attention must be 'eager' (ViLT's own) or 'sdpa', got {resolved['attention']!r}")
+            value = getattr(resolved, key)
+            if not isinstance(value, bool) and not (key == "unmerge_text" and value is None):
+                raise TypeError(f"{key} must be True or False, got {value!r}")
+        if resolved.attention not in ("eager", "sdpa"):
+            raise ValueError(f"attention must be 'eager' (ViLT's own) or 'sdpa', got {resolved.attention!r}")
+        if resolved.relevance not in ("mean_head", "first_head"):
+            raise ValueError(f"relevance must be 'mean_head' or 'first_head' (head 0, sim_method in PuMer), got {resolved.relevance!r}")
+        dense = _dense_text_head(model)
+        if resolved.unmerge_text is None:
+            resolved = replace(resolved, unmerge_text=dense)
+        elif dense and not resolved.unmerge_text and any(r.text_merge > 0 for r in schedule.values()):
+            raise ValueError(
+                "this ViLT head reads every text position (masked LM / token classification), but text merging "
+                "with unmerge_text=False would hand it image tokens as text; leave unmerge_text at its default "
+                "(True for these heads) or set text_merge_ratio=0"
+            )
         return resolved
 
-    def patch(self, root: nn.Module, state: PatchState) -> None:
-        swap_class(root.embeddings, PumerViltEmbeddings)
-        swap_class(root.encoder, PumerViltEncoder)
-        setattr(root.embeddings, _SHARED, state)
-        setattr(root.encoder, _SHARED, state)
-        setattr(root, STATE_ATTR, state)
-
-    def unpatch(self, root: nn.Module) -> None:
-        for module in (root.embeddings, root.encoder):
-            restore_class(module)
-            if _SHARED in vars(module):
-                delattr(module, _SHARED)
-        if STATE_ATTR in vars(root):
-            delattr(root, STATE_ATTR)
+    def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
+        return [(root, PumerViltModel), (root.embeddings, PumerViltEmbeddings), (root.encoder, PumerViltEncoder)]

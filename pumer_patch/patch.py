@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from .adapters import REGISTRY, get_adapter, loaded_adapters
-from .adapters.base import STATE_ATTR, Adapter, PatchState, Plan, Trace
+from .adapters.base import STATE_ATTR, Adapter, PatchState, Plan, Trace, check_restorable
 from .core import _MODES, Mode
 from .ratios import Ratios, RatiosLike, parse_config
 
 __all__ = ["apply", "remove", "is_patched", "last_trace", "patched_roots"]
 
 LayerSchedule = Mapping[int, RatiosLike]
+
+
+def _index(value: Any, what: str) -> int:
+    """An int block index from any integer type (numpy's too), never from a bool or a float."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise TypeError(f"{what} must be an int block index, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int block index such as 2, got {type(value).__name__} {value!r}") from None
 
 
 def _resolve_schedule(
@@ -24,7 +35,12 @@ def _resolve_schedule(
     merge_ratio: float | None,
     text_merge_ratio: float | None,
     adapter_options: bool,
-) -> dict[int, Ratios]:
+) -> tuple[dict[int, Ratios], bool]:
+    """The block schedule ``{index: Ratios}`` and whether it came from a paper config string.
+
+    A paper string keeps the research code's layer numbering, which an adapter may translate
+    (METER counts two per fusion block); numeric ``layers`` are the adapter's own block indices.
+    """
     loose = {"prune": prune_ratio, "merge": merge_ratio, "text_merge": text_merge_ratio}
     loose = {k: v for k, v in loose.items() if v is not None}
     if layers is None and ratios is None and not loose and not adapter_options:
@@ -35,14 +51,24 @@ def _resolve_schedule(
     if isinstance(layers, str):
         if ratios is not None or loose:
             raise ValueError(f"layers={layers!r} is a paper config that names the ratios; do not pass ratios too")
+        if layers.strip().isdigit():
+            raise TypeError(
+                f"layers={layers!r} is a string, which apply reads as a paper config ('p0.1-r0.3-t0.2-258'); "
+                f"pass block indices as a list of ints, e.g. layers=[{', '.join(layers.strip())}]"
+            )
         parsed, layer_list = parse_config(layers)
-        schedule = {i: parsed for i in layer_list}
-    elif isinstance(ratios, Mapping) and ratios and all(isinstance(k, int) for k in ratios):
+        return {i: parsed for i in sorted(layer_list)}, True
+    if isinstance(ratios, Mapping) and not ratios:
+        raise ValueError("ratios={} names no layer; pass {layer: ratios, ...} or leave ratios out")
+    per_layer = isinstance(ratios, Mapping) and not set(ratios) <= {"prune", "merge", "text_merge"}
+    if per_layer:
         if loose:
             raise ValueError("pass either a per-layer ratios dict or prune_ratio/merge_ratio/text_merge_ratio, not both")
-        if layers is not None and sorted(layers) != sorted(ratios):
-            raise ValueError(f"layers={list(layers)} differs from the keys of the ratios dict {sorted(ratios)}")
-        schedule = {int(k): Ratios.parse(v) for k, v in ratios.items()}
+        schedule = {_index(k, "a key of the ratios dict"): Ratios.parse(v) for k, v in ratios.items()}
+        if len(schedule) != len(ratios):
+            raise ValueError(f"the ratios dict names a layer twice: {list(ratios)}")
+        if layers is not None and sorted(_index(i, "layers") for i in layers) != sorted(schedule):
+            raise ValueError(f"layers={list(layers)} differs from the keys of the ratios dict {sorted(schedule)}")
     else:
         if ratios is not None and loose:
             raise ValueError("pass either ratios=... or prune_ratio/merge_ratio/text_merge_ratio, not both")
@@ -50,30 +76,36 @@ def _resolve_schedule(
         if layers is None and not one.is_zero:
             raise ValueError("layers is required with ratios: the block indices to reduce at, e.g. layers=[2, 5, 8]")
         layers = [] if layers is None else layers
-        if isinstance(layers, int) or not isinstance(layers, Sequence):
+        if not isinstance(layers, Sequence):
             raise TypeError(f"layers must be a list of block indices such as [2, 5, 8], got {layers!r}")
         schedule = {}
-        for i in layers:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise TypeError(f"layers must hold ints, got {i!r} in {list(layers)}")
+        for value in layers:
+            i = _index(value, f"each entry of layers={list(layers)}")
             if i in schedule:
                 raise ValueError(f"layers={list(layers)} repeats layer {i}; name each layer once")
             schedule[i] = one
     for i in schedule:
         if i < 0:
             raise ValueError(f"layer {i} is negative; count blocks from 0 (layers=[2, 5, 8])")
-    return {i: r for i, r in sorted(schedule.items())}
+    return {i: r for i, r in sorted(schedule.items())}, False
 
 
 def _find_roots(model: nn.Module) -> list[tuple[Adapter, nn.Module]]:
+    """Every root of every loaded adapter, less those nested inside another root (its owner's business).
+
+    Where two adapters claim the same module, the first in registry order keeps it.
+    """
     found: list[tuple[Adapter, nn.Module]] = []
-    claimed: set[int] = set()
+    seen: set[int] = set()
     for adapter in loaded_adapters():
         for root in adapter.roots(model):
-            if id(root) not in claimed:
-                claimed.add(id(root))
+            if id(root) not in seen:
+                seen.add(id(root))
                 found.append((adapter, root))
-    return found
+    nested: set[int] = set()
+    for _, root in found:
+        nested.update(id(m) for m in root.modules() if m is not root)
+    return [(adapter, root) for adapter, root in found if id(root) not in nested]
 
 
 def apply(
@@ -114,7 +146,9 @@ def apply(
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    schedule = _resolve_schedule(layers, ratios, prune_ratio, merge_ratio, text_merge_ratio, bool(options))
+    if not isinstance(trace, bool):
+        raise TypeError(f"trace must be True or False, got {trace!r}")
+    schedule, from_paper = _resolve_schedule(layers, ratios, prune_ratio, merge_ratio, text_merge_ratio, bool(options))
     roots = _find_roots(model)
     if not roots:
         supported = "; ".join(get_adapter(name).supports for name in REGISTRY)
@@ -124,22 +158,23 @@ def apply(
         )
     planned: list[tuple[Adapter, nn.Module, Plan]] = []
     for adapter, root in roots:
-        unknown = set(options) - set(adapter.options)
+        unknown = set(options) - set(adapter.option_names())
         if unknown:
             raise ValueError(
                 f"unknown option(s) {sorted(unknown)} for a {adapter.name} model; "
-                f"accepted: {sorted(adapter.options) or 'none'}"
+                f"accepted: {adapter.option_names() or 'none'}"
             )
+        blocks = adapter.paper_layers(schedule) if from_paper else schedule
         n_blocks = len(adapter.blocks(root))
-        bad = [i for i in schedule if i >= n_blocks]
+        bad = [i for i in blocks if i >= n_blocks]
         if bad:
             raise ValueError(
                 f"layers {bad} out of range for {type(root).__name__} with {n_blocks} blocks; "
                 f"valid indices are 0..{n_blocks - 1}"
             )
         adapter.check(root)
-        resolved = adapter.resolve_options(model, root, options, mode)
-        kept = {i: r for i, r in schedule.items() if not r.is_zero}
+        kept = {i: r for i, r in blocks.items() if not r.is_zero}
+        resolved = adapter.resolve_options(model, root, dict(options), mode, kept)
         planned.append((adapter, root, Plan(schedule=kept, mode=mode, trace=trace, options=resolved)))
     for adapter, root, plan in planned:
         if hasattr(root, STATE_ATTR):
@@ -158,9 +193,16 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo ``apply``: original classes back, every attribute we added gone. No-op if not patched."""
-    for root in patched_roots(model):
-        get_adapter(getattr(root, STATE_ATTR).adapter).unpatch(root)
+    """Undo ``apply``: original classes back, every attribute we added gone. No-op if not patched.
+
+    Checks every root first, so a model that another tool patched on top of ours is an error that
+    changes nothing.
+    """
+    roots = [(get_adapter(getattr(root, STATE_ATTR).adapter), root) for root in patched_roots(model)]
+    for adapter, root in roots:
+        check_restorable(*(module for module, _ in adapter.swaps(root)))
+    for adapter, root in roots:
+        adapter.unpatch(root)
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ class Ratios:
     def __post_init__(self) -> None:
         for name in ("prune", "merge", "text_merge"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # any real number (numpy's too), but not a bool: True would read as 1
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
                 raise TypeError(f"Ratios.{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
+            value = float(value)
             if math.isnan(value) or not 0.0 <= value < 1.0:
                 raise ValueError(
                     f"Ratios.{name} must lie in [0, 1), got {value!r}; "
@@ -96,4 +99,11 @@ def parse_config(config: str) -> tuple[Ratios, list[int]]:
             f"config {config!r} is not a paper config name; write e.g. 'p0.1-r0.3-t0.2-258' "
             f"(ratios, a dash, then one digit per reduce layer)"
         )
-    return Ratios.parse(match["ratios"]), [int(d) for d in match["layers"]]
+    layers = [int(d) for d in match["layers"]]
+    repeated = sorted({d for d in layers if layers.count(d) > 1})
+    if repeated:
+        raise ValueError(
+            f"config {config!r} names layer(s) {repeated} more than once; each digit of the suffix is one "
+            f"reduce layer, named once (e.g. '-258')"
+        )
+    return Ratios.parse(match["ratios"]), layers

@@ -69,9 +69,14 @@ def test_parse_config_reads_the_paper_names(config, ratios, layers):
     assert parse_config(config) == (Ratios(*ratios), layers)
 
 
-@given(ratios=ratio_triples(), layers=st.lists(st.integers(0, 9), min_size=1, max_size=6))
+@given(ratios=ratio_triples(), layers=st.lists(st.integers(0, 9), min_size=1, max_size=6, unique=True))
 def test_parse_config_round_trips(ratios, layers):
     assert parse_config(f"{ratios}-{''.join(map(str, layers))}") == (ratios, layers)
+
+
+def test_parse_config_refuses_a_layer_named_twice():
+    with pytest.raises(ValueError, match=r"names layer\(s\) \[1\] more than once"):
+        parse_config("p0.1-r0.3-t0.2-11")
 
 
 @pytest.mark.parametrize(

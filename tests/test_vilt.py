@@ -218,7 +218,7 @@ def test_padded_pixels_are_pruned_first_and_never_merged_into_real_patches():
     trace = pumer_patch.last_trace(model)
     source = trace.image.source  # (B, 65) over [CLS ; patches], -1 where pruned
     real = torch.ones(2, 65, dtype=torch.bool)
-    real[1, 1:] = trace.extra["patch_index"][1, :, 1] < 5
+    real[1, 1:] = trace.patch_index[1, :, 1] < 5
     assert real[1].sum() == 41
     # sample 1 has 24 padded patches; 13 are pruned at layer 1 (round(0.2 * 64)): all of them padding
     assert (source[1][~real[1]] == -1).sum() >= 13
@@ -238,7 +238,7 @@ def test_fixed_patch_order_is_raster_and_seed_independent():
     pumer_patch.apply(model, layers=[1, 3], prune_ratio=0.2, merge_ratio=0.3, trace=True)
     batch = inputs(ViltForQuestionAnswering)
     a = run(model, batch, seed=1).logits
-    patch_index = pumer_patch.last_trace(model).extra["patch_index"]
+    patch_index = pumer_patch.last_trace(model).patch_index
     raster = patch_index[..., 0] * 8 + patch_index[..., 1]
     assert torch.equal(raster, torch.arange(64).expand(2, -1))
     torch.testing.assert_close(run(model, batch, seed=2).logits, a)
