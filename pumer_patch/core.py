@@ -329,8 +329,10 @@ def merge_plan(
     positions), as ToMe splits them (with one protected [CLS] this is ToMe's ``class_token=True``,
     which the research code used), each A token picks its most similar B token, and the ``r`` best
     such edges merge (``r`` capped at half of the mergeable tokens). Padding (``mask`` 0) matches
-    padding; it meets a real token only where the split leaves an A token no partner of its kind and
-    ``r`` needs that edge (counts are static), and then carries no weight in the mean.
+    padding, and those edges rank first, whatever the padding holds (merging padding costs nothing,
+    as pruning drops padding first), so the content of padding never decides which real tokens
+    merge. Padding meets a real token only where the split leaves an A token no partner of its kind
+    and ``r`` needs that edge (counts are static), and then carries no weight in the mean.
     ``keep_order`` puts survivors in their original order; else ToMe's layout [protected ; unmerged A ; B].
     """
     b, n, _ = metric.shape
@@ -345,8 +347,9 @@ def merge_plan(
         a, bb = m[:, a0::2], m[:, b0::2]
         scores = a @ bb.transpose(-1, -2)  # (B, Na, Nb)
         if mask is not None:
-            real = mask > 0
-            scores = scores.masked_fill(real[:, a0::2, None] != real[:, None, b0::2], -math.inf)
+            real_a, real_b = (mask > 0)[:, a0::2, None], (mask > 0)[:, None, b0::2]
+            scores = scores.masked_fill(real_a != real_b, -math.inf)
+            scores = scores.masked_fill(~real_a & ~real_b, 2.0)  # above any cosine: padding pairs go first
         node_max, node_idx = scores.max(dim=-1)  # best B for every A: (B, Na)
         edge_order = node_max.argsort(dim=-1, descending=True, stable=True)
         src = edge_order[:, :r]  # A indices merged away
@@ -486,7 +489,9 @@ def attention_bias(size: Tensor | None, mask: Tensor | None, dtype: torch.dtype)
     if mask is not None:
         # (1 - mask) * min, as transformers builds it, so fractional reference masks behave alike
         bias = bias + (1.0 - mask.float()) * torch.finfo(torch.float32).min
-    return bias.clamp_min(torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+    # the bias is built in float32: clamp it to what ``dtype`` holds (float16 / bfloat16), never below float32's range
+    floor = max(torch.finfo(dtype).min, torch.finfo(torch.float32).min)
+    return bias.clamp_min(floor).to(dtype)[:, None, None, :]
 
 
 def unmerge(x: Tensor, source: Tensor, fill: float = 0.0) -> Tensor:
