@@ -23,6 +23,12 @@ training; the relevance rows are taken before dropout. ``output_attentions=True`
 eagerly (SDPA returns no probabilities). With ``attention="sdpa"`` the loop runs even when nothing
 is reduced (``layers=[]``), so SDPA alone can be had.
 
+Reference mode computes every layer's attention as the research code does, a masked softmax over key
+weights (``core.masked_softmax``: a padded query row attends to the real keys and itself, every key
+gets an epsilon, a fractional text mask weights its keys), because the research relevance sums the
+padded text rows: with HF's additive mask a padded batch came out 1e-2 off in the logits.
+Option ``relevance="first_head"`` reads head 0 alone (the research code's ``sim_method="first_head"``).
+
 When the plan reduces nothing (and attention is eager), both fall through to the library's forward.
 """
 
@@ -51,7 +57,7 @@ from transformers.models.vilt.modeling_vilt import (
     ViltSelfAttention,
 )
 
-from pumer_patch.core import Mode, Tokens, reduce_tokens, take_rows, text_to_image_relevance, unmerge
+from pumer_patch.core import Mode, Tokens, masked_softmax, reduce_tokens, take_rows, text_to_image_relevance, unmerge
 from pumer_patch.ratios import Ratios
 
 from ._loop import CallScope, Loop, Policy, key_bias, start
@@ -160,7 +166,7 @@ class PumerViltEncoder(ViltEncoder):
         state: PatchState = getattr(self, SHARED_ATTR)
         plan, options = state.plan, state.plan.options
         sdpa = options.attention == "sdpa" and not output_attentions
-        if not plan.schedule and not sdpa:
+        if not plan.schedule and not sdpa:  # nothing to reduce (reference mode included: the library's own attention)
             state.last = Trace()
             return super().forward(hidden_states, attention_mask, output_attentions, output_hidden_states, return_dict)
         call = _CALL.get(state)
@@ -177,8 +183,10 @@ class PumerViltEncoder(ViltEncoder):
         text = start(policy, hidden_states[:, :n_text0], real[:, :n_text0], text=True, source=sources)
         image = start(policy, hidden_states[:, n_text0:], real[:, n_text0:], source=sources)
         head = 0 if options.relevance == "first_head" else None
+        # the research attention (reference) is a masked softmax over key weights (B, L), else an additive bias
+        kind: _Kind = "masked" if policy.reference else ("sdpa" if sdpa else "eager")
+        bias = real.float() if kind == "masked" else attention_mask
 
-        bias = attention_mask
         all_hidden: tuple[Tensor, ...] = ()
         all_attn: tuple[Tensor, ...] = ()
         h = hidden_states
@@ -187,16 +195,19 @@ class PumerViltEncoder(ViltEncoder):
                 all_hidden += (h,)
             ratios = plan.schedule.get(i)
             attn = None
-            if ratios is None and sdpa:
-                h = loop.run(_sdpa_layer, layer, h, bias)
-            elif ratios is None:
+            if ratios is None and kind == "eager":
                 # transformers >= 4.52: a ViltLayer checkpoints itself when asked
                 run = layer if getattr(layer, "gradient_checkpointing", False) else partial(loop.run, layer)
                 out = run(h, bias, output_attentions)
                 h, attn = out[0], (out[1] if output_attentions else None)
+            elif ratios is None:
+                h, attn = loop.run(_own_layer, layer, h, bias, kind)
             else:
-                h, attn, text, image = loop.run(_reduce_layer, layer, h, bias, text, image, ratios, policy, sdpa, head)
-                bias = key_bias(policy, [text, image], h.dtype)
+                h, attn, text, image = loop.run(_reduce_layer, layer, h, bias, text, image, ratios, policy, kind, head)
+                if kind == "masked":  # the research code resets the image mask to ones after reducing
+                    bias = torch.cat([text.mask.float(), text.mask.new_ones(h.shape[0], image.count)], dim=1)
+                else:
+                    bias = key_bias(policy, [text, image], h.dtype)
                 loop.count(i, image, text)
             if output_attentions:
                 all_attn += (attn,)
@@ -220,6 +231,20 @@ class PumerViltEncoder(ViltEncoder):
         )
 
 
+_Kind = Literal["eager", "sdpa", "masked"]
+
+
+def _heads(self_attn: ViltSelfAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v (B, H, L, d) from the layer's own projections, and the keys (B, L, H * d) for the metric."""
+    b, length, _ = x.shape
+    heads, d = self_attn.num_attention_heads, self_attn.attention_head_size
+    keys = self_attn.key(x)
+    q = self_attn.query(x).view(b, length, heads, d).transpose(1, 2)
+    k = keys.view(b, length, heads, d).transpose(1, 2)
+    v = self_attn.value(x).view(b, length, heads, d).transpose(1, 2)
+    return q, k, v, keys
+
+
 def _sdpa_attention(
     self_attn: ViltSelfAttention, x: Tensor, bias: Tensor | None, rows: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -229,35 +254,50 @@ def _sdpa_attention(
     the attention probabilities of the first ``rows`` queries (B, H, rows, L), without dropout.
     """
     b, length, _ = x.shape
-    heads, d = self_attn.num_attention_heads, self_attn.attention_head_size
-    q = self_attn.query(x).view(b, length, heads, d).transpose(1, 2)
-    keys = self_attn.key(x)
-    k = keys.view(b, length, heads, d).transpose(1, 2)
-    v = self_attn.value(x).view(b, length, heads, d).transpose(1, 2)
+    q, k, v, keys = _heads(self_attn, x)
     mask = None if bias is None else bias.to(q.dtype)  # SDPA wants the query's dtype (autocast)
     p = self_attn.dropout.p if self_attn.training else 0.0
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
     probs = None
     if rows:
         with torch.no_grad():  # indices only: relevance chooses which tokens to keep
-            logits = q[:, :, :rows] @ k.transpose(-1, -2) / math.sqrt(d)  # (B, H, rows, L)
+            logits = q[:, :, :rows] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, rows, L)
             if mask is not None:
                 logits = logits + mask[:, :, :rows]  # (B, 1, L, L) or (B, 1, 1, L)
             probs = logits.softmax(dim=-1)
-    return context.transpose(1, 2).reshape(b, length, heads * d), keys, probs
+    return context.transpose(1, 2).reshape(b, length, -1), keys, probs
+
+
+def _masked_attention(self_attn: ViltSelfAttention, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``ViltSelfAttention`` with the research code's masked softmax (``core.masked_softmax``) over key weights.
+
+    x: (B, L, C); weight: (B, L) float key weights (fractional after text merging). Padded query rows
+    attend to the real keys and themselves, as in the research code, whose relevance sums them.
+    Returns the context (B, L, H * d), the keys (B, L, H * d) and the probabilities (B, H, L, L)
+    after dropout (the research code's relevance reads them so in training).
+    """
+    b, length, _ = x.shape
+    q, k, v, keys = _heads(self_attn, x)
+    probs = self_attn.dropout(masked_softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), weight))
+    return (probs @ v).transpose(1, 2).reshape(b, length, -1), keys, probs
 
 
 def _attention_half(
-    layer: ViltLayer, h: Tensor, bias: Tensor | None, sdpa: bool, rows: int
+    layer: ViltLayer, h: Tensor, bias: Tensor | None, kind: _Kind, rows: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``ViltLayer.forward`` up to the first residual: h (B, L, C) -> (B, L, C).
 
-    Also returns the keys (B, L, H * d) and the attention probabilities: all of them (B, H, L, L)
-    eagerly, the first ``rows`` query rows (B, H, rows, L) with SDPA, None for SDPA with rows 0.
+    bias: the additive 4D mask (eager, SDPA) or the key weights (B, L) (masked). Also returns the
+    keys (B, L, H * d) and the attention probabilities: all of them (B, H, L, L) eagerly and masked,
+    the first ``rows`` query rows (B, H, rows, L) with SDPA, None for SDPA with rows 0.
     """
     self_attn = layer.attention.attention
-    if sdpa:
-        context, keys, probs = _sdpa_attention(self_attn, layer.layernorm_before(h), bias, rows)
+    if kind != "eager":
+        x = layer.layernorm_before(h)
+        if kind == "sdpa":
+            context, keys, probs = _sdpa_attention(self_attn, x, bias, rows)
+        else:
+            context, keys, probs = _masked_attention(self_attn, x, bias)
         return layer.attention.output(context, h) + h, keys, probs
     captured: dict[str, Tensor] = {}
     # the keys are the merge metric; a hook for this one call avoids computing them twice
@@ -274,9 +314,10 @@ def _mlp_half(layer: ViltLayer, h: Tensor) -> Tensor:
     return layer.output(layer.intermediate(layer.layernorm_after(h)), h)
 
 
-def _sdpa_layer(layer: ViltLayer, h: Tensor, bias: Tensor | None) -> Tensor:
-    """A whole ``ViltLayer`` with SDPA attention: (B, L, C) -> (B, L, C)."""
-    return _mlp_half(layer, _attention_half(layer, h, bias, sdpa=True, rows=0)[0])
+def _own_layer(layer: ViltLayer, h: Tensor, bias: Tensor | None, kind: _Kind) -> tuple[Tensor, Tensor | None]:
+    """A whole ``ViltLayer`` with SDPA or the masked softmax: (B, L, C) -> (B, L, C), and the probs (masked)."""
+    h, _, probs = _attention_half(layer, h, bias, kind, rows=0)
+    return _mlp_half(layer, h), probs
 
 
 def _reduce_layer(
@@ -287,7 +328,7 @@ def _reduce_layer(
     image: Tokens,
     ratios: Ratios,
     policy: Policy,
-    sdpa: bool,
+    kind: _Kind,
     head: int | None,
 ) -> tuple[Tensor, Tensor | None, Tokens, Tokens]:
     """``ViltLayer.forward`` with PuMer's reduction between the attention residual and the MLP.
@@ -297,7 +338,7 @@ def _reduce_layer(
     the reduced text and image ``Tokens`` (their ``x`` are views of the new ``h``).
     """
     n_text = text.count
-    h, keys, probs = _attention_half(layer, h, bias, sdpa, rows=n_text)
+    h, keys, probs = _attention_half(layer, h, bias, kind, rows=n_text)
     b, length, _ = h.shape
     # (B, L, H * d) -> (B, L, d): keys averaged over heads (ToMe, PuMer)
     metric = keys.view(b, length, layer.attention.attention.num_attention_heads, -1).mean(dim=2)
@@ -314,7 +355,7 @@ def _reduce_layer(
     )
     text, image = reduced.text, reduced.image
     h = _mlp_half(layer, torch.cat([text.x, image.x], dim=1))
-    return h, None if sdpa else probs, text, image
+    return h, None if kind == "sdpa" else probs, text, image
 
 
 def unmerge_hidden(hidden: Tensor, trace: Trace, fill: float = 0.0) -> Tensor:
@@ -373,6 +414,11 @@ class ViltAdapter(Adapter):
                 raise TypeError(f"{key} must be True or False, got {value!r}")
         if resolved.attention not in ("eager", "sdpa"):
             raise ValueError(f"attention must be 'eager' (ViLT's own) or 'sdpa', got {resolved.attention!r}")
+        if resolved.attention == "sdpa" and mode == "reference":
+            raise ValueError(
+                "mode='reference' computes the research code's masked softmax in every layer, which SDPA cannot; "
+                "use attention='eager' (the default) with it"
+            )
         if resolved.relevance not in ("mean_head", "first_head"):
             raise ValueError(f"relevance must be 'mean_head' or 'first_head' (head 0, sim_method in PuMer), got {resolved.relevance!r}")
         dense = _dense_text_head(model)

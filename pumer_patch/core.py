@@ -44,6 +44,7 @@ __all__ = [
     "reduce_tokens",
     "text_to_image_relevance",
     "attention_bias",
+    "masked_softmax",
     "unmerge",
     "init_source",
 ]
@@ -492,6 +493,23 @@ def attention_bias(size: Tensor | None, mask: Tensor | None, dtype: torch.dtype)
     # the bias is built in float32: clamp it to what ``dtype`` holds (float16 / bfloat16), never below float32's range
     floor = max(torch.finfo(dtype).min, torch.finfo(torch.float32).min)
     return bias.clamp_min(floor).to(dtype)[:, None, None, :]
+
+
+def masked_softmax(scores: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """The research code's masked softmax, which its ViLT and METER attention use instead of an additive mask.
+
+    scores: (B, H, Q, K) attention logits; weight: (B, K) key weights in [0, 1] (fractional where
+    text merging averaged a real token with a pad). Key j gets ``weight_j * exp(score)``, except that
+    query i always sees key i (the diagonal, for the first ``min(Q, K)`` queries, so a padded query
+    row is never empty), and every key gets ``eps / K`` on top: ``(w e + eps / K) / (sum(w e) + eps)``.
+    Computed in float32, returned in the dtype of ``scores``.
+    """
+    b, _, q, k = scores.shape
+    w = weight.reshape(b, 1, 1, k).float()
+    eye = torch.eye(q, k, dtype=torch.float32, device=scores.device).view(1, 1, q, k)
+    w = w + (1.0 - w) * eye
+    e = (scores - scores.amax(dim=-1, keepdim=True)).float().exp() * w
+    return ((e + eps / k) / (e.sum(dim=-1, keepdim=True) + eps)).to(scores.dtype)
 
 
 def unmerge(x: Tensor, source: Tensor, fill: float = 0.0) -> Tensor:
