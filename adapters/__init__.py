@@ -15,6 +15,7 @@ __all__ = ["Adapter", "LayerCount", "PatchState", "Plan", "Trace", "REGISTRY", "
 
 # name -> (library that must be imported, module, class), in the order roots are searched
 REGISTRY: dict[str, tuple[str, str, str]] = {
+    "meter": ("pumer_patch.models.meter", "pumer_patch.adapters.meter", "MeterAdapter"),
     "vilt": ("transformers", "pumer_patch.adapters.vilt", "ViltAdapter"),
     "open_clip": ("open_clip", "pumer_patch.adapters.open_clip", "OpenClipAdapter"),
     "timm": ("timm", "pumer_patch.adapters.timm", "TimmAdapter"),

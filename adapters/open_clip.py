@@ -102,7 +102,8 @@ def _finish(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-_OPS = BlockOps(_plain, _attend, _finish)
+#: the block ops of open_clip's ResidualAttentionBlock, for any loop over such blocks (METER's CLIP tower too)
+OPS = BlockOps(_plain, _attend, _finish)
 
 
 class PumerTransformer(Transformer):
@@ -119,7 +120,7 @@ class PumerTransformer(Transformer):
             raise ValueError("the image tower of a pumer_patch-reduced open_clip model takes no attn_mask")
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, state.last = run_blocks(
-            self.resblocks, x, state.plan, _OPS, protected=1, guide=_GUIDANCE.get(state), checkpointing=checkpointing
+            self.resblocks, x, state.plan, OPS, protected=1, guide=_GUIDANCE.get(state), checkpointing=checkpointing
         )
         call = _CALL.get(state)
         if call is not None:

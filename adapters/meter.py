@@ -1,0 +1,282 @@
+"""METER (``pumer_patch.models.meter``): PuMer inside the fusion blocks, ToMe inside the CLIP image tower.
+
+A METER fusion block is a text layer and an image layer, each self-attention, cross-attention and FFN.
+PuMer reduces inside the *text* layer of a planned block, after its cross-attention and before its
+FFN (DESIGN.md section 2):
+
+* relevance of image token j: the text-to-image cross-attention of that layer, mean over heads,
+  summed over the text rows, divided by the real text length;
+* image merge metric: the cross-attention keys of the image states (mean over heads); text metric:
+  the text self-attention keys;
+* the block's *input* image states are pruned and merged, so the same block's image layer already
+  runs on fewer tokens; the text states are merged before the text FFN.
+
+``layers=[...]`` index fusion blocks (0-5). A paper config string keeps the research code's
+numbering, which counts two per fusion block: ``apply(meter, "p0.3r0.5t0.2-0246")`` reduces blocks
+0-3 and ``"...-246"`` blocks 1-3 (an odd digit is an error). ``apply_from_config`` reads the
+reduction a PuMer checkpoint folder's config names.
+
+Modes: ``reference`` reproduces the research code (sizes not carried, survivors in relevance order,
+so the image pooler reads the most relevant survivor; the fractional text mask in both
+cross-attentions; a block prunes only when its merge count is > 0 too, and merges text or image only
+when its prune ratio is > 0). ``default`` carries sizes into proportional attention (``log(size)`` on
+the keys of self- and cross-attention), protects the image [CLS] and keeps spatial order.
+
+Option ``encoder_merge_schedule`` (default mode only): ToMe's r per block of the CLIP image tower
+(an int for every block, or one per block). The tower is most of METER's FLOPs at 384 pixels and the
+paper's configs leave it alone; merged image tokens enter the fusion blocks with their sizes, which
+travel with the features ``encode_image`` returns (a feature cache keeps them only in memory).
+
+NLVR2's two passes each reduce on their own. The fusion order (sequential / parallel) and masking
+(pumer / additive) are the model config's; the adapter calls each layer's own parts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pumer_patch.core import Mode, Tokens, apply_merge, merge_plan, reduce_tokens, text_merge_count, text_to_image_relevance
+from pumer_patch.models.meter import MeterModel, MeterVisionTower
+from pumer_patch.ratios import Ratios
+
+from ._loop import CallScope, Loop, Policy, start
+from ._vit import VitOptions, remember_sizes, run_blocks, sizes_of
+from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Plan, Trace, ensure_class
+from .open_clip import OPS as CLIP_BLOCK_OPS
+
+__all__ = ["MeterAdapter", "MeterOptions", "PumerMeterModel", "PumerMeterVisionTower", "apply_from_config"]
+
+
+@dataclass(frozen=True)
+class MeterOptions:
+    """METER's options: ``encoder_merge_schedule``, ToMe's r per CLIP tower block (int or one per block)."""
+
+    encoder_merge_schedule: int | Sequence[int] | None = None
+
+
+@dataclass
+class _ImageCall:
+    size: Tensor | None = None  # (B, N') sizes of the tower's output tokens
+
+
+_IMAGE_CALL: CallScope[_ImageCall] = CallScope("pumer_patch_meter_image_call")
+
+
+class PumerMeterVisionTower(MeterVisionTower):
+    """The CLIP tower with ToMe merging in its blocks (``encoder_merge_schedule``)."""
+
+    _pumer_patched = True
+
+    def run_blocks(self, x: Tensor) -> Tensor:
+        state: PatchState = getattr(self, SHARED_ATTR)
+        encoder = _encoder_plan(state.plan)
+        if encoder is None:
+            return super().run_blocks(x)
+        tokens, _ = run_blocks(self.transformer.resblocks, x, encoder, CLIP_BLOCK_OPS, protected=1)
+        call = _IMAGE_CALL.get(state)
+        if call is not None:
+            call.size = tokens.size
+        return tokens.x
+
+
+def _encoder_plan(plan: Plan) -> Plan | None:
+    """The tower's own plan (ToMe's schedule, no ratios), or None when the tower merges nothing."""
+    schedule = plan.options.encoder_merge_schedule
+    if schedule is None:
+        return None
+    return Plan(schedule={}, mode="default", options=VitOptions(merge_schedule=schedule, relevance="cls"))
+
+
+def _key_weight(tokens: Tokens) -> Tensor | None:
+    """The key mask a METER attention takes: (B, N) float, fractional in reference mode, None if no padding."""
+    return None if tokens.mask is None else tokens.mask.float()
+
+
+def _key_bias(policy: Policy, tokens: Tokens) -> Tensor | None:
+    """log(size) per key (B, N) for proportional attention (default mode), None while all sizes are one."""
+    if not policy.sizes or tokens.size is None:
+        return None
+    return tokens.size.log()
+
+
+def _text_layer(
+    layer: nn.Module,
+    text: Tokens,
+    image: Tokens,
+    ratios: Ratios | None,
+    policy: Policy,
+    sized: bool,
+) -> tuple[Tokens, Tokens]:
+    """One fusion text layer, reducing after its cross-attention when ``ratios`` is given.
+
+    text: (B, T, C) entering the block; image: (B, N, C), the block's input image states.
+    Returns the text layer's output tokens (B, T', C) and the image states (B, N', C) the block's
+    image layer will read (reduced, or ``image`` unchanged).
+    """
+    text_bias = _key_bias(policy, text) if sized else None
+    image_bias = _key_bias(policy, image) if sized else None
+    own = layer.attention(text.x, key_weight=_key_weight(text), key_bias=text_bias)
+    cross = layer.crossattention(
+        own.hidden, context=image.x, key_weight=_key_weight(image), key_bias=image_bias, output_probs=ratios is not None
+    )
+    text = replace(text, x=cross.hidden)
+    if ratios is not None:
+        text, image = _reduce(text, image, ratios, policy, cross.probs, cross.keys, own.keys)
+    return replace(text, x=layer.feed_forward(text.x)), image
+
+
+def _reduce(
+    text: Tokens, image: Tokens, ratios: Ratios, policy: Policy, probs: Tensor, image_keys: Tensor, text_keys: Tensor
+) -> tuple[Tokens, Tokens]:
+    """PuMer's step inside a text layer. probs: (B, H, T, N) text-to-image; keys: (B, N, d) / (B, T, d)."""
+    with torch.no_grad():
+        relevance = text_to_image_relevance(probs, text.mask, policy.mode)
+    if policy.coupled_prune_merge and round(ratios.merge * image.count) == 0:
+        # the research code drops its pruning when nothing merges, yet still merges the text
+        return _merge_text_reference(text, ratios, text_keys), image
+    reduced = reduce_tokens(
+        relevance, image, ratios, img_metric=image_keys, text_tokens=text, text_metric=text_keys, mode=policy.mode
+    )
+    return reduced.text, reduced.image
+
+
+def _merge_text_reference(text: Tokens, ratios: Ratios, text_keys: Tensor) -> Tokens:
+    """Text merging alone, as ``reduce_tokens`` does it in reference mode ([CLS] kept, plain means, ToMe layout)."""
+    r = text_merge_count(text.count, ratios.text_merge, 1)
+    return apply_merge(text, merge_plan(text_keys, r, 1, keep_order=False), weighted=False)
+
+
+def _image_layer(layer: nn.Module, image: Tokens, text: Tokens, policy: Policy, sized: bool) -> Tokens:
+    """One fusion image layer: image (B, N, C) attends to itself and to ``text`` (B, T, C)."""
+    own = layer.attention(image.x, key_weight=_key_weight(image), key_bias=_key_bias(policy, image) if sized else None)
+    cross = layer.crossattention(
+        own.hidden, context=text.x, key_weight=_key_weight(text), key_bias=_key_bias(policy, text) if sized else None
+    )
+    return replace(image, x=layer.feed_forward(cross.hidden))
+
+
+def _block_ratios(plan: Plan, k: int, policy: Policy) -> Ratios | None:
+    ratios = plan.schedule.get(k)
+    if ratios is None or (policy.coupled_prune_merge and ratios.prune == 0):
+        return None  # the research code reduces nothing in a block that prunes nothing
+    return ratios
+
+
+class PumerMeterModel(MeterModel):
+    """``MeterModel`` whose fusion reduces at the planned blocks and whose tower may merge (ToMe)."""
+
+    _pumer_patched = True
+
+    def encode_image(self, pixel_values: Tensor, image_token_type_idx: int = 1) -> Tensor:
+        with _IMAGE_CALL.open(getattr(self, STATE_ATTR), _ImageCall()) as call:
+            image = super().encode_image(pixel_values, image_token_type_idx)
+        return remember_sizes(image, call.size)
+
+    def fuse(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        state: PatchState = getattr(self, STATE_ATTR)
+        plan = state.plan
+        size = sizes_of(image)
+        if size is None and _encoder_plan(plan) is not None:
+            raise ValueError(
+                "these image features did not come straight from this model's encode_image (detached, copied or "
+                "cached elsewhere), so the sizes of the tokens the CLIP tower merged are unknown; pass encode_image's "
+                "output as it is, or apply without encoder_merge_schedule"
+            )
+        if not plan.schedule and size is None:
+            state.last = Trace()
+            return super().fuse(text, text_mask, image, image_mask)
+        policy = Policy.of(plan.mode)
+        loop = Loop(plan, checkpointing=bool(getattr(self, "gradient_checkpointing", False)) and self.training
+                    and torch.is_grad_enabled())
+        t = start(policy, text, text_mask, text=True, source=plan.trace)
+        v = start(policy, image, image_mask, source=plan.trace)
+        if size is not None:
+            v = replace(v, size=size)
+        sized = size is not None  # log(size) enters attention once some token stands for several
+        sequential = self.config.fusion_order == "sequential"
+        for k, (text_layer, image_layer) in enumerate(zip(self.cross_modal_text_layers, self.cross_modal_image_layers)):
+            ratios = _block_ratios(plan, k, policy)
+            t_out, v = loop.run(_text_layer, text_layer, t, v, ratios, policy, sized)
+            if ratios is not None:
+                sized = sized or policy.sizes
+                loop.count(k, v, t_out)
+            v = loop.run(_image_layer, image_layer, v, t_out if sequential else t, policy, sized)
+            t = t_out
+        state.last = loop.trace(v, t)
+        return t.x, v.x
+
+
+def _paper_block(layer: int) -> int:
+    if layer % 2:
+        raise ValueError(
+            f"METER paper configs count two layers per fusion block (reduce_layers [0, 2, 4, 6] = blocks 0-3); "
+            f"layer {layer} is odd. Pass numeric layers=[...] to index fusion blocks directly"
+        )
+    return layer // 2
+
+
+class MeterAdapter(Adapter):
+    name = "meter"
+    supports = "pumer_patch.models.meter.MeterModel and its heads (VQA, SNLI-VE, NLVR2, retrieval, pretraining)"
+    Options = MeterOptions
+
+    def roots(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, MeterModel)]
+
+    def blocks(self, root: nn.Module) -> Sequence[nn.Module]:
+        return root.cross_modal_text_layers
+
+    def paper_layers(self, schedule: Mapping[int, Ratios]) -> dict[int, Ratios]:
+        return {_paper_block(i): r for i, r in schedule.items()}
+
+    def check(self, root: nn.Module) -> None:
+        ensure_class(root, MeterModel, "the MeterModel", ("forward", "fuse", "encode_image"))
+        ensure_class(root.vit_model, MeterVisionTower, "MeterModel.vit_model", ("forward", "run_blocks"))
+
+    def resolve_options(
+        self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
+    ) -> MeterOptions:
+        given = MeterOptions(**options)
+        if given.encoder_merge_schedule is None:
+            return given
+        if mode == "reference":
+            raise ValueError(
+                "encoder_merge_schedule is ToMe's schedule, which the research code (mode='reference') has not; "
+                "use mode='default'"
+            )
+        from ._vit import resolve_vit_options
+
+        n_blocks = len(root.vit_model.transformer.resblocks)
+        resolved = resolve_vit_options({"merge_schedule": given.encoder_merge_schedule}, n_blocks, True, "cls", mode)
+        return MeterOptions(encoder_merge_schedule=resolved.merge_schedule)
+
+    def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
+        return [(root, PumerMeterModel), (root.vit_model, PumerMeterVisionTower)]
+
+
+def apply_from_config(model: nn.Module) -> nn.Module:
+    """Patch a PuMer METER checkpoint with exactly the reduction its config names, in reference mode.
+
+    Reads ``prune_r``, ``merge_r``, ``merge_text`` and ``reduce_layers`` (the research code's doubled
+    numbering) from the ``MeterModel``'s config, as ``from_pretrained`` loaded it from config.json.
+    """
+    from pumer_patch.patch import apply
+
+    roots = [m for m in model.modules() if isinstance(m, MeterModel)]
+    if not roots:
+        raise TypeError(f"apply_from_config needs a METER model, got {type(model).__name__}")
+    config = roots[0].config
+    layers = list(getattr(config, "reduce_layers", None) or [])
+    ratios = Ratios(float(config.prune_r or 0), float(config.merge_r or 0), float(config.merge_text or 0))
+    if not layers or ratios.is_zero:
+        raise ValueError("this METER config names no reduction (reduce_layers and prune_r / merge_r / merge_text)")
+    digits = "".join(str(i) for i in sorted(layers))
+    if any(i > 9 for i in layers):
+        raise ValueError(f"reduce_layers {layers} go past the paper numbering's single digits")
+    return apply(model, f"{ratios}-{digits}", mode="reference")
