@@ -28,6 +28,12 @@ weights (``core.masked_softmax``: a padded query row attends to the real keys an
 gets an epsilon, a fractional text mask weights its keys), because the research relevance sums the
 padded text rows: with HF's additive mask a padded batch came out 1e-2 off in the logits.
 Option ``relevance="first_head"`` reads head 0 alone (the research code's ``sim_method="first_head"``).
+Option ``merge_style`` (reference mode) picks the research code's image merge: ``"tome"`` (bipartite
+soft matching on the keys, plain means) or ``"tip"`` (its ViLT configs' default: the keys scaled by
+each survivor's relevance before matching, the [CLS]-position survivor never merged, ``r`` capped at
+``(kept - 1) // 2``, and each merged group *summed*, not averaged, into ``[unmerged A ; B]``).
+PuMer's own ViLT checkpoints state theirs in ``config.merge_style``; ``tests/test_vilt_reference.py``
+checks both, with either relevance, against an independent re-implementation of the research forward.
 
 When the plan reduces nothing (and attention is eager), both fall through to the library's forward.
 """
@@ -74,12 +80,17 @@ class ViltOptions:
 
     relevance: ``"mean_head"`` (the paper) or ``"first_head"`` (head 0 only, the research code's
     ``sim_method="first_head"``, which its ViLT VQA config used).
+    merge_style: ``"tome"`` (ToMe: a merged group is the mean of its members) or, with
+    ``mode="reference"`` only, ``"tip"`` (the research code's ViLT default ``merge_style``): image
+    tokens are matched on their keys scaled by their relevance and a merged group is the *sum* of
+    its members; the text merges ToMe's way either way.
     """
 
     fixed_patch_order: bool = True
     unmerge_text: bool | None = None
     attention: Literal["eager", "sdpa"] = "eager"
     relevance: Literal["mean_head", "first_head"] = "mean_head"
+    merge_style: Literal["tome", "tip"] = "tome"
 
 
 @dataclass
@@ -203,7 +214,9 @@ class PumerViltEncoder(ViltEncoder):
             elif ratios is None:
                 h, attn = loop.run(_own_layer, layer, h, bias, kind)
             else:
-                h, attn, text, image = loop.run(_reduce_layer, layer, h, bias, text, image, ratios, policy, kind, head)
+                h, attn, text, image = loop.run(
+                    _reduce_layer, layer, h, bias, text, image, ratios, policy, kind, head, options.merge_style
+                )
                 if kind == "masked":  # the research code resets the image mask to ones after reducing
                     bias = torch.cat([text.mask.float(), text.mask.new_ones(h.shape[0], image.count)], dim=1)
                 else:
@@ -330,10 +343,12 @@ def _reduce_layer(
     policy: Policy,
     kind: _Kind,
     head: int | None,
+    merge_style: Literal["tome", "tip"],
 ) -> tuple[Tensor, Tensor | None, Tokens, Tokens]:
     """``ViltLayer.forward`` with PuMer's reduction between the attention residual and the MLP.
 
     h: (B, T + N, C). head: the one head whose attention is the relevance, None for the head mean.
+    merge_style: the image merge (``core.reduce_tokens``; ``"tip"`` in reference mode only).
     Returns the reduced (B, T' + N', C), the attention probs (B, H, T+N, T+N) (None with SDPA), and
     the reduced text and image ``Tokens`` (their ``x`` are views of the new ``h``).
     """
@@ -352,6 +367,7 @@ def _reduce_layer(
         text_tokens=replace(text, x=h[:, :n_text]),
         text_metric=metric[:, :n_text],
         mode=policy.mode,
+        merge_style=merge_style,
     )
     text, image = reduced.text, reduced.image
     h = _mlp_half(layer, torch.cat([text.x, image.x], dim=1))
@@ -421,6 +437,13 @@ class ViltAdapter(Adapter):
             )
         if resolved.relevance not in ("mean_head", "first_head"):
             raise ValueError(f"relevance must be 'mean_head' or 'first_head' (head 0, sim_method in PuMer), got {resolved.relevance!r}")
+        if resolved.merge_style not in ("tome", "tip"):
+            raise ValueError(f"merge_style must be 'tome' (means) or 'tip' (sums, the research code's), got {resolved.merge_style!r}")
+        if resolved.merge_style == "tip" and mode != "reference":
+            raise ValueError(
+                "merge_style='tip' reproduces the research code (summed merges, fit only for checkpoints trained with "
+                "them): use it with mode='reference', or leave merge_style at 'tome'"
+            )
         dense = _dense_text_head(model)
         if resolved.unmerge_text is None:
             resolved = replace(resolved, unmerge_text=dense)

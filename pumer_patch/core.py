@@ -373,13 +373,20 @@ def merge_plan(
     return MergePlan(kept=kept, dest=dest, merged=merged)
 
 
-def apply_merge(tokens: Tokens, plan: MergePlan | None, weighted: bool = True) -> Tokens:
+def apply_merge(
+    tokens: Tokens, plan: MergePlan | None, weighted: bool = True, reduce: Literal["mean", "sum"] = "mean"
+) -> Tokens:
     """Apply a ``MergePlan``: each merged group becomes the (size-weighted) mean of its members.
 
-    Tokens that take no merge keep their exact values. With ``weighted=False`` every member counts
-    once (plain mean) and no sizes are produced (the research code). Padding carries no weight, so it
-    never shifts a real token. The mean is accumulated in float32. Differentiable in ``tokens.x``.
+    tokens.x: (B, N, C) -> (B, N - r, C). Tokens that take no merge keep their exact values. With
+    ``weighted=False`` every member counts once (plain mean) and no sizes are produced (the research
+    code). Padding carries no weight, so it never shifts a real token. ``reduce="sum"`` adds the
+    members up instead, whatever their weights (the research code's ViLT ``merge_style="tip"``);
+    sizes and masks follow the groups alike. Accumulated in float32 (float64 inputs in float64).
+    Differentiable in ``tokens.x``.
     """
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     if plan is None:
         return tokens
     x = tokens.x
@@ -387,20 +394,25 @@ def apply_merge(tokens: Tokens, plan: MergePlan | None, weighted: bool = True) -
     n_out = plan.kept.shape[1]
     dest = plan.dest
     size = tokens.size if (weighted and tokens.size is not None) else x.new_ones(b, n, dtype=torch.float32)
-    weight = size.float()
-    if weighted and tokens.mask is not None:
-        weight = weight * (tokens.mask > 0).float()
+    # float32 at least (half precision would round the sums), float64 stays float64
+    acc = torch.promote_types(x.dtype, torch.float32)
     # Only the r merged rows are touched: a destination d with weight w_d receiving tokens m moves
-    # by sum_m w_m (x_m - x_d) / (w_d + sum_m w_m), which lands on the weighted mean, while every
-    # other kept token is a plain gather (exact, and no full-size scatter or select).
+    # by sum_m w_m (x_m - x_d) / (w_d + sum_m w_m), which lands on the weighted mean (or by sum_m x_m
+    # for a sum), while every other kept token is a plain gather (exact, and no full-size scatter or select).
     to = dest.gather(1, plan.merged)  # (B, r) output row of each merged token
-    w_merged = weight.gather(1, plan.merged)
-    den = weight.gather(1, plan.kept).scatter_add(1, to, w_merged)  # (B, N - r) total weight per output
-    kept_x = take_rows(x, plan.kept).float()
-    # padding-only groups have no weight: their step is 0 / eps = 0 and they keep their value
-    step = (take_rows(x, plan.merged).float() - take_rows(kept_x, to)) * (
-        w_merged / den.gather(1, to).clamp_min(1e-12)
-    ).unsqueeze(-1)
+    kept_x = take_rows(x, plan.kept).to(acc)
+    if reduce == "sum":
+        step = take_rows(x, plan.merged).to(acc)
+    else:
+        weight = size.to(acc)
+        if weighted and tokens.mask is not None:
+            weight = weight * (tokens.mask > 0).to(acc)
+        w_merged = weight.gather(1, plan.merged)
+        den = weight.gather(1, plan.kept).scatter_add(1, to, w_merged)  # (B, N - r) total weight per output
+        # padding-only groups have no weight: their step is 0 / eps = 0 and they keep their value
+        step = (take_rows(x, plan.merged).to(acc) - take_rows(kept_x, to)) * (
+            w_merged / den.gather(1, to).clamp_min(1e-12)
+        ).unsqueeze(-1)
     flat = (to + n_out * torch.arange(b, device=x.device).unsqueeze(1)).reshape(-1)  # rows of (B * (N - r), C)
     out = kept_x.reshape(b * n_out, c).index_add_(0, flat, step.reshape(-1, c)).view(b, n_out, c).to(x.dtype)
 
@@ -562,6 +574,7 @@ def reduce_tokens(
     mode: Mode = "default",
     image_protected: int = 1,
     text_protected: int = 1,
+    merge_style: Literal["tome", "tip"] = "tome",
 ) -> Reduced:
     """One PuMer reduce step: text-informed pruning, then merging within each modality.
 
@@ -579,10 +592,18 @@ def reduce_tokens(
         merged within the text only when ``ratios.text_merge > 0``.
     image_protected / text_protected: leading tokens never pruned or merged (default mode only; the
         reference mode protects the most relevant image survivor and the text [CLS], as the paper).
+    merge_style: how image tokens merge; ``"tome"`` (ToMe: cosine of ``img_metric``, means) or, in
+        reference mode only, ``"tip"`` (the research code's ViLT option): the match compares
+        ``img_metric`` scaled by each survivor's relevance, and a merged group becomes the *sum* of its
+        members. Text always merges ToMe's way.
 
     Counts follow ``reduced_counts``. Returns ``Reduced(image, text, keep_idx)``.
     """
     _check_mode(mode)
+    if merge_style not in ("tome", "tip"):
+        raise ValueError(f"merge_style must be 'tome' or 'tip', got {merge_style!r}")
+    if merge_style == "tip" and mode != "reference":
+        raise ValueError("merge_style='tip' is the research code's arithmetic: use it with mode='reference'")
     ratios = Ratios.parse(ratios)
     image = _as_tokens("img_tokens", img_tokens)
     b, n, _ = image.x.shape
@@ -620,8 +641,11 @@ def reduce_tokens(
 
     # reference: ToMe with class_token=True on relevance-sorted survivors protects the most relevant one
     merge_protected = 1 if reference else protected_img
+    if merge_style == "tip":  # (B, K, D) keys scaled by the survivors' relevance, in relevance order
+        kept_relevance = relevance if keep_idx is None else relevance.gather(1, keep_idx)
+        metric = metric * kept_relevance.unsqueeze(-1)
     plan = merge_plan(metric, r_img, merge_protected, keep_order=not reference, mask=image.mask)
-    image = apply_merge(image, plan, weighted=not reference)
+    image = apply_merge(image, plan, weighted=not reference, reduce="sum" if merge_style == "tip" else "mean")
 
     if text is not None and ratios.text_merge > 0:
         t_protected = 1 if reference else text_protected

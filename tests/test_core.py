@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pumer_patch import Ratios
 from pumer_patch.core import (
     Tokens,
+    apply_merge,
     attention_bias,
     init_source,
     merge_count,
@@ -545,6 +546,25 @@ def test_both_merge_layouts_make_the_same_groups_and_values(case, r, protected):
     if plan is not None:
         assert bool((plan.kept.diff(dim=1) > 0).all())
         assert torch.equal(plan.dest.gather(1, plan.kept), torch.arange(plan.kept.shape[1]).expand_as(plan.kept))
+
+
+@given(case=cases(), r=st.integers(0, 300), protected=PROTECTED, keep_order=st.booleans())
+def test_summed_merges_are_the_means_times_the_group_sizes(case, r, protected, keep_order):
+    """``reduce="sum"`` (the research code's ViLT ``merge_style="tip"``) makes the same groups as the
+    mean; each output is its group's sum: the mean times the members, the total conserved."""
+    assume(protected <= case.tokens)
+    g = case.generator()
+    x, metric = case.image(g).float(), case.metric(g)
+    plan = merge_plan(metric, r, protected, keep_order)
+    summed = apply_merge(_tokens(x, sizes=True), plan, reduce="sum")
+    mean = apply_merge(_tokens(x, sizes=True), plan)
+    assert torch.equal(summed.source, mean.source) and torch.equal(summed.size, mean.size)
+    # float32 rounding grows with the members of a group: a tolerance per member and unit of scale
+    tol = 8 * case.tokens * _eps(torch.float32) * (1 + x.abs().amax())
+    assert bool(((summed.x - mean.x * mean.size[..., None]).abs() <= tol * mean.size[..., None]).all())
+    assert bool(((summed.x.double().sum(1) - x.double().sum(1)).abs() <= tol * case.tokens).all())
+    alone = mean.size == 1  # tokens that take no merge keep their exact values
+    assert torch.equal(summed.x[alone], mean.x[alone])
 
 
 @given(case=cases(), text_merge=ratios(), data=st.data())
