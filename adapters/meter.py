@@ -122,8 +122,9 @@ def _text_layer(
     text_bias = _key_bias(policy, text) if sized else None
     image_bias = _key_bias(policy, image) if sized else None
     own = layer.attention(text.x, key_weight=_key_weight(text), key_bias=text_bias)
+    prunes = ratios is not None and ratios.prune > 0  # only pruning reads the probabilities (SDPA otherwise)
     cross = layer.crossattention(
-        own.hidden, context=image.x, key_weight=_key_weight(image), key_bias=image_bias, output_probs=ratios is not None
+        own.hidden, context=image.x, key_weight=_key_weight(image), key_bias=image_bias, output_probs=prunes
     )
     text = replace(text, x=cross.hidden)
     if ratios is not None:
@@ -132,11 +133,13 @@ def _text_layer(
 
 
 def _reduce(
-    text: Tokens, image: Tokens, ratios: Ratios, policy: Policy, probs: Tensor, image_keys: Tensor, text_keys: Tensor
+    text: Tokens, image: Tokens, ratios: Ratios, policy: Policy, probs: Tensor | None, image_keys: Tensor, text_keys: Tensor
 ) -> tuple[Tokens, Tokens]:
-    """PuMer's step inside a text layer. probs: (B, H, T, N) text-to-image; keys: (B, N, d) / (B, T, d)."""
-    with torch.no_grad():
-        relevance = text_to_image_relevance(probs, text.mask, policy.mode)
+    """PuMer's step inside a text layer. probs: (B, H, T, N) text-to-image (None: no pruning); keys: (B, N, d) / (B, T, d)."""
+    relevance = None
+    if probs is not None:
+        with torch.no_grad():
+            relevance = text_to_image_relevance(probs, text.mask, policy.mode)
     if policy.coupled_prune_merge and round(ratios.merge * image.count) == 0:
         # the research code drops its pruning when nothing merges, yet still merges the text
         return _merge_text_reference(text, ratios, text_keys), image
