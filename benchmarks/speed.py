@@ -5,8 +5,9 @@
     python -m benchmarks.speed --models vit_large_patch16_224 open_clip:ViT-B-16 --dtype bf16
 
 Models (random weights: the compute is the same as a trained model's): ``vilt<T>`` is ViLT-B/32 at
-384x384 with T text tokens, ``open_clip:<name>`` an open_clip model's image tower, anything else a
-timm model name. Configs: unpatched, the paper's, prune-only, merge-only and ToMe-style baselines,
+384x384 with T text tokens, ``meter<S>_<T>`` full-size METER (CLIP ViT-B/16 with 11 blocks, RoBERTa-base,
+6 fusion blocks) at SxS with T text tokens (one pass; NLVR2 runs two), ``open_clip:<name>`` an
+open_clip model's image tower, anything else a timm model name. Configs: unpatched, the paper's, prune-only, merge-only and ToMe-style baselines,
 one of them with its merge ratio searched to meet a PuMer config's GFLOPs (``match_gflops``).
 Baseline and patched run interleaved (A B A B ...) in one process after a warm-up; each figure is
 the median of the repeats. Peak memory: CUDA ``max_memory_allocated`` or, on CPU with ``--memory``,
@@ -88,8 +89,45 @@ def vit_configs(depth: int) -> list[Config]:
     ]
 
 
+def meter_configs(paper: str, encoder_r: int) -> list[Config]:
+    """METER: the paper's config for the task (fusion blocks only), ToMe in the CLIP tower, and both.
+
+    encoder_r: ToMe's r per CLIP block; the tower is most of METER's FLOPs and the paper leaves it whole.
+    """
+    return [
+        Config("unpatched"),
+        Config(paper, {"layers": paper}),
+        Config(f"{paper} (reference)", {"layers": paper, "mode": "reference"}),
+        Config(f"encoder ToMe r={encoder_r}", {"layers": [], "encoder_merge_schedule": encoder_r}),
+        Config(f"{paper} + encoder ToMe r={encoder_r}", {"layers": paper, "encoder_merge_schedule": encoder_r}),
+    ]
+
+
+#: METER benchmark models -> (the paper's config for that task, ToMe's r in the tower)
+METER_MODELS = {
+    "meter384_32": ("p0.2r0.2t0.2-0246", 40),  # VQAv2
+    "meter384_40": ("p0.3r0.5t0.2-0246", 40),  # SNLI-VE
+    "meter288_40": ("p0.3r0.5t0.2-246", 24),  # NLVR2, one of its two passes
+}
+
+
 def build(model: str) -> tuple[torch.nn.Module, Callable[[int], dict], list[Config]]:
     """The model (eval mode), a batch maker and its configs."""
+    if model.startswith("meter"):
+        from pumer_patch.models.meter import MeterConfig, MeterModel
+
+        size, text = (int(v) for v in model[5:].split("_"))
+        net = MeterModel(MeterConfig(image_size=size))
+
+        def batch(b: int) -> dict:
+            return {
+                "input_ids": torch.randint(3, 1000, (b, text)),
+                "attention_mask": torch.ones(b, text, dtype=torch.long),
+                "pixel_values": torch.randn(b, 3, size, size),
+            }
+
+        paper, encoder_r = METER_MODELS.get(model, ("p0.2r0.2t0.2-0246", 40))
+        return net.eval(), batch, meter_configs(paper, encoder_r)
     if model.startswith("vilt"):
         from transformers import ViltConfig, ViltModel
 
