@@ -215,6 +215,11 @@ class PumerMeterModel(MeterModel):
         return t.x, v.x
 
 
+# ``save_pretrained`` writes the instance's class ``__name__`` into config.architectures: a saved patched
+# MeterModel must name the model's own class. Pickling resolves the class by ``__qualname__``.
+PumerMeterModel.__name__ = "MeterModel"
+
+
 def _paper_block(layer: int) -> int:
     if layer % 2:
         raise ValueError(
