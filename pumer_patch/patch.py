@@ -13,7 +13,7 @@ from .adapters.base import STATE_ATTR, Adapter, PatchState, Plan, Trace, check_r
 from .core import _MODES, Mode
 from .ratios import Ratios, RatiosLike, parse_config
 
-__all__ = ["apply", "remove", "is_patched", "last_trace", "patched_roots"]
+__all__ = ["apply", "apply_from_config", "remove", "is_patched", "last_trace", "patched_roots"]
 
 LayerSchedule = Mapping[int, RatiosLike]
 
@@ -49,13 +49,13 @@ def _resolve_schedule(
             "config (layers='p0.1-r0.3-t0.2-258'), or an adapter schedule (merge_schedule=16 for timm / open_clip)"
         )
     if isinstance(layers, str):
-        if ratios is not None or loose:
-            raise ValueError(f"layers={layers!r} is a paper config that names the ratios; do not pass ratios too")
-        if layers.strip().isdigit():
+        if layers.strip().isdigit():  # before the ratios check: with ratios, "3" is surely meant as [3]
             raise TypeError(
                 f"layers={layers!r} is a string, which apply reads as a paper config ('p0.1-r0.3-t0.2-258'); "
                 f"pass block indices as a list of ints, e.g. layers=[{', '.join(layers.strip())}]"
             )
+        if ratios is not None or loose:
+            raise ValueError(f"layers={layers!r} is a paper config that names the ratios; do not pass ratios too")
         parsed, layer_list = parse_config(layers)
         return {i: parsed for i in sorted(layer_list)}, True
     if isinstance(ratios, Mapping) and not ratios:
@@ -181,6 +181,26 @@ def apply(
             get_adapter(getattr(root, STATE_ATTR).adapter).unpatch(root)
         adapter.patch(root, PatchState(adapter=adapter.name, plan=plan))
     return model
+
+
+def apply_from_config(model: nn.Module, trace: bool = False) -> nn.Module:
+    """Patch a PuMer checkpoint with exactly the reduction its config names, in reference mode.
+
+    PuMer's finetuned folders record the reduction they were trained with (``prune_r``, ``merge_r``,
+    ``merge_text``, ``reduce_layers``; ViLT also ``sim_method`` and ``merge_style``): METER's
+    ``from_pretrained`` keeps them in its config, and the ViLT converters carry them into the
+    ``ViltConfig``. ``reduce_layers`` is read in the research numbering (METER: two per fusion block).
+    """
+    specs = [(adapter, adapter.config_reduction(root)) for adapter, root in _find_roots(model)]
+    specs = [(adapter, spec) for adapter, spec in specs if spec is not None]
+    if not specs:
+        raise ValueError(
+            "this model's config names no reduction (prune_r / merge_r / merge_text with reduce_layers, as PuMer's "
+            "checkpoint folders do); call pumer_patch.apply with the config you want instead"
+        )
+    if any(spec != specs[0][1] for _, spec in specs):
+        raise ValueError("the models inside this one name different reductions; patch each with pumer_patch.apply")
+    return apply(model, trace=trace, **specs[0][1])
 
 
 def patched_roots(model: nn.Module) -> list[nn.Module]:
