@@ -199,8 +199,11 @@ _PATCHED: dict[type[nn.Module], type[nn.Module]] = {
 
 
 def _library_class(module: nn.Module) -> type[nn.Module]:
-    cls = type(module)
-    return cls.__bases__[0] if getattr(cls, "_pumer_patched", False) else cls
+    """timm's class of ``module``, under our patch and under any class another tool put on top of it."""
+    for cls in type(module).__mro__:
+        if "_pumer_patched" in vars(cls):
+            return cls.__bases__[0]
+    return type(module)
 
 
 def _is_other_timm_vit(module: nn.Module) -> bool:
