@@ -115,6 +115,12 @@ class PumerViltModel(ViltModel):
             return super().forward(*args, **kwargs)
 
 
+# ``save_pretrained`` writes the instance's class ``__name__`` into config.architectures: a saved bare
+# ViltModel must name the library's class, which loads without pumer_patch. Pickling resolves the
+# class by its ``__qualname__``, PumerViltModel, so copies and ``torch.save`` still find this class.
+PumerViltModel.__name__ = "ViltModel"
+
+
 class PumerViltEmbeddings(ViltEmbeddings):
     """``ViltEmbeddings`` that hands the text length and patch grid positions to the encoder."""
 
@@ -457,3 +463,18 @@ class ViltAdapter(Adapter):
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         return [(root, PumerViltModel), (root.embeddings, PumerViltEmbeddings), (root.encoder, PumerViltEncoder)]
+
+    def config_reduction(self, root: nn.Module) -> dict[str, Any] | None:
+        """A PuMer ViLT config's ``prune_r``, ``merge_r``, ``merge_text``, ``reduce_layers`` (layer indices),
+        ``sim_method`` and ``merge_style`` -> ``apply`` arguments (the converters carry them into the config)."""
+        config = root.config
+        layers = sorted(int(i) for i in (getattr(config, "reduce_layers", None) or []))
+        ratios = Ratios(*(float(getattr(config, k, 0) or 0) for k in ("prune_r", "merge_r", "merge_text")))
+        if not layers or ratios.is_zero:
+            return None
+        sim = getattr(config, "sim_method", "mean_head")
+        relevance = {"mean_head": "mean_head", "mh": "mean_head", "first_head": "first_head", "fh": "first_head"}.get(sim)
+        if relevance is None:
+            raise ValueError(f"config.sim_method={sim!r} is not supported; pumer_patch reads 'mean_head' or 'first_head'")
+        merge_style = getattr(config, "merge_style", "tome")
+        return {"layers": layers, "ratios": ratios, "mode": "reference", "relevance": relevance, "merge_style": merge_style}
