@@ -129,6 +129,10 @@ class Adapter:
         """The modules of ``root`` whose instance class the patch switches, each with its patched class."""
         raise NotImplementedError
 
+    def config_reduction(self, root: nn.Module) -> dict[str, Any] | None:
+        """The ``apply`` arguments of the reduction ``root``'s config names (a PuMer checkpoint), or None."""
+        return None
+
     def patch(self, root: nn.Module, state: PatchState) -> None:
         """Switch the classes of ``swaps(root)``; each swapped module and the root get the shared ``state``."""
         for module, patched in self.swaps(root):

@@ -13,8 +13,8 @@ FFN (DESIGN.md section 2):
 
 ``layers=[...]`` index fusion blocks (0-5). A paper config string keeps the research code's
 numbering, which counts two per fusion block: ``apply(meter, "p0.3r0.5t0.2-0246")`` reduces blocks
-0-3 and ``"...-246"`` blocks 1-3 (an odd digit is an error). ``apply_from_config`` reads the
-reduction a PuMer checkpoint folder's config names.
+0-3 and ``"...-246"`` blocks 1-3 (an odd digit is an error). ``pumer_patch.apply_from_config`` reads
+the reduction a PuMer checkpoint folder's config names.
 
 Modes: ``reference`` reproduces the research code (sizes not carried, survivors in relevance order,
 so the image pooler reads the most relevant survivor; the fractional text mask in both
@@ -50,7 +50,7 @@ from ._vit import VitOptions, remember_sizes, run_blocks, sizes_of
 from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Plan, Trace, ensure_class
 from .open_clip import OPS as CLIP_BLOCK_OPS
 
-__all__ = ["MeterAdapter", "MeterOptions", "PumerMeterModel", "PumerMeterVisionTower", "apply_from_config"]
+__all__ = ["MeterAdapter", "MeterOptions", "PumerMeterModel", "PumerMeterVisionTower"]
 
 
 @dataclass(frozen=True)
@@ -267,24 +267,11 @@ class MeterAdapter(Adapter):
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         return [(root, PumerMeterModel), (root.vit_model, PumerMeterVisionTower)]
 
-
-def apply_from_config(model: nn.Module) -> nn.Module:
-    """Patch a PuMer METER checkpoint with exactly the reduction its config names, in reference mode.
-
-    Reads ``prune_r``, ``merge_r``, ``merge_text`` and ``reduce_layers`` (the research code's doubled
-    numbering) from the ``MeterModel``'s config, as ``from_pretrained`` loaded it from config.json.
-    """
-    from pumer_patch.patch import apply
-
-    roots = [m for m in model.modules() if isinstance(m, MeterModel)]
-    if not roots:
-        raise TypeError(f"apply_from_config needs a METER model, got {type(model).__name__}")
-    config = roots[0].config
-    layers = list(getattr(config, "reduce_layers", None) or [])
-    ratios = Ratios(float(config.prune_r or 0), float(config.merge_r or 0), float(config.merge_text or 0))
-    if not layers or ratios.is_zero:
-        raise ValueError("this METER config names no reduction (reduce_layers and prune_r / merge_r / merge_text)")
-    digits = "".join(str(i) for i in sorted(layers))
-    if any(i > 9 for i in layers):
-        raise ValueError(f"reduce_layers {layers} go past the paper numbering's single digits")
-    return apply(model, f"{ratios}-{digits}", mode="reference")
+    def config_reduction(self, root: nn.Module) -> dict[str, Any] | None:
+        """PuMer's ``prune_r``, ``merge_r``, ``merge_text``, ``reduce_layers`` (two per fusion block) -> ``apply`` arguments."""
+        config = root.config
+        layers = sorted(int(i) for i in (getattr(config, "reduce_layers", None) or []))
+        ratios = Ratios(*(float(getattr(config, k, 0) or 0) for k in ("prune_r", "merge_r", "merge_text")))
+        if not layers or ratios.is_zero:
+            return None
+        return {"layers": [_paper_block(i) for i in layers], "ratios": ratios, "mode": "reference"}

@@ -27,7 +27,7 @@ from .core import (
     text_to_image_relevance,
     unmerge,
 )
-from .patch import apply, is_patched, last_trace, patched_roots, remove
+from .patch import apply, apply_from_config, is_patched, last_trace, patched_roots, remove
 from .ratios import Ratios, RatiosLike, parse_config
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "Reduced",
     "Tokens",
     "apply",
+    "apply_from_config",
     "apply_merge",
     "attention_bias",
     "gather_tokens",

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import pumer_patch
-from pumer_patch.adapters.meter import apply_from_config
 from pumer_patch.models.meter import (
     MeterConfig,
     MeterForImageAndTextRetrieval,
@@ -229,12 +228,12 @@ def test_apply_from_config_patches_the_reduction_a_pumer_folder_names(tmp_path):
     model = make(prune_r=0.3, merge_r=0.5, merge_text=0.2, reduce_layers=[2, 4])
     model.save_pretrained(tmp_path)
     loaded = MeterForQuestionAnswering.from_pretrained(tmp_path).eval()
-    apply_from_config(loaded)
+    pumer_patch.apply_from_config(loaded)
     plan = loaded.meter._pumer.plan
     assert plan.mode == "reference" and sorted(plan.schedule) == [1, 2]
     assert str(plan.schedule[1]) == "p0.3-r0.5-t0.2"
     with pytest.raises(ValueError, match="names no reduction"):
-        apply_from_config(make())
+        pumer_patch.apply_from_config(make())
 
 
 def test_remove_restores_everything_and_state_dict_is_unchanged():
