@@ -10,6 +10,8 @@ hands the parts that are the same everywhere to this module:
   (proportional attention) in default mode.
 * ``Loop``: runs a plain block or a reduce block, checkpointing both kinds in training when the
   model asks for gradient checkpointing, and records the counts and the ``Trace``.
+* ``output_of``: what a sub-module returned for this call's input (the keys a block computes anyway),
+  read by a hook that ignores every other caller of the module (another thread's forward).
 * ``CallScope``: the per-call hand-over between the patched sub-modules of one root (ViLT's
   embeddings tell its encoder where text ends; open_clip's transformer tells its pooling the token
   sizes). It lives in a context variable for exactly one forward of the root, so one model served by
@@ -26,14 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pumer_patch.core import Mode, Tokens, attention_bias, init_source
 
 from .base import LayerCount, Plan, Trace
 
-__all__ = ["Policy", "start", "key_bias", "Loop", "CallScope"]
+__all__ = ["Policy", "start", "key_bias", "Loop", "CallScope", "output_of"]
 
 T = TypeVar("T")
 
@@ -173,3 +175,24 @@ class CallScope(Generic[T]):
 
     def get(self, key: object) -> T | None:
         return self._var.get().get(id(key))
+
+
+@contextmanager
+def output_of(module: nn.Module, given: Tensor) -> Iterator[dict[str, Tensor]]:
+    """Inside the ``with`` block, ``captured["out"]`` is what ``module`` returned when called on ``given`` itself.
+
+    While registered, a forward hook sees every caller of the module, another thread's forward of the
+    same model included; keeping only the call whose first input *is* ``given`` (by identity) reads
+    this call's output and never a concurrent one's.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def hook(_module: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> None:
+        if inputs and inputs[0] is given:
+            captured["out"] = out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from pumer_patch.core import Mode, attention_bias
 from pumer_patch.ratios import Ratios
 
+from ._loop import output_of
 from ._vit import (
     Attended,
     BlockOps,
@@ -70,14 +71,11 @@ def _attend(block: Block, x: Tensor, bias: Tensor | None, rows: slice | None) ->
     2 N C^2 per reduce block); the q/k norms are applied again to the keys and the rows asked for.
     """
     attn: Attention = block.attn
-    captured: dict[str, Tensor] = {}
-    handle = attn.qkv.register_forward_hook(lambda _m, _i, out: captured.__setitem__("qkv", out))
-    try:
-        x = x + block.drop_path1(block.ls1(attn(block.norm1(x), attn_mask=bias)))
-    finally:
-        handle.remove()
+    h = block.norm1(x)
+    with output_of(attn.qkv, h) as captured:
+        x = x + block.drop_path1(block.ls1(attn(h, attn_mask=bias)))
     b, n, _ = x.shape
-    qkv = captured["qkv"].reshape(b, n, 3, attn.num_heads, attn.head_dim)  # (B, N, 3, H, d)
+    qkv = captured["out"].reshape(b, n, 3, attn.num_heads, attn.head_dim)  # (B, N, 3, H, d)
     k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, H, N, d)
     q = None if rows is None else attn.q_norm(qkv[:, rows, 0].transpose(1, 2))  # (B, H, Q, d)
     return Attended(x, q, k, attn.scale)

@@ -66,7 +66,7 @@ from transformers.models.vilt.modeling_vilt import (
 from pumer_patch.core import Mode, Tokens, masked_softmax, reduce_tokens, take_rows, text_to_image_relevance, unmerge
 from pumer_patch.ratios import Ratios
 
-from ._loop import CallScope, Loop, Policy, key_bias, start
+from ._loop import CallScope, Loop, Policy, key_bias, output_of, start
 from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class
 
 __all__ = ["ViltAdapter", "ViltOptions", "PumerViltModel", "PumerViltEmbeddings", "PumerViltEncoder", "unmerge_hidden"]
@@ -318,14 +318,11 @@ def _attention_half(
         else:
             context, keys, probs = _masked_attention(self_attn, x, bias)
         return layer.attention.output(context, h) + h, keys, probs
-    captured: dict[str, Tensor] = {}
-    # the keys are the merge metric; a hook for this one call avoids computing them twice
-    handle = self_attn.key.register_forward_hook(lambda _m, _i, out: captured.__setitem__("key", out))
-    try:
-        attn_out, probs = layer.attention(layer.layernorm_before(h), bias, output_attentions=True)
-    finally:
-        handle.remove()
-    return attn_out + h, captured["key"], probs
+    x = layer.layernorm_before(h)
+    # the keys are the merge metric; read from this call's key projection, not computed twice
+    with output_of(self_attn.key, x) as captured:
+        attn_out, probs = layer.attention(x, bias, output_attentions=True)
+    return attn_out + h, captured["out"], probs
 
 
 def _mlp_half(layer: ViltLayer, h: Tensor) -> Tensor:
