@@ -91,6 +91,8 @@ VILT_CONFIG = dict(
     num_labels=3,
     num_images=2,
     modality_type_vocab_size=3,  # NLVR2 marks its second image with token type 2
+    hidden_dropout_prob=0.1,  # in training only: checkpointing must replay the same dropout
+    attention_probs_dropout_prob=0.1,
 )
 
 
@@ -142,17 +144,17 @@ _VILT_BAD = (
 )
 
 
-def _vilt(cls: type[nn.Module], **kwargs: Any) -> Entry:
+def _vilt(cls: type[nn.Module], suffix: str = "", options: dict[str, Any] | None = None, **kwargs: Any) -> Entry:
     nlvr2 = cls is ViltForImagesAndTextClassification
     return Entry(
-        name=f"vilt-{cls.__name__.removeprefix('Vilt')}",
+        name=f"vilt-{cls.__name__.removeprefix('Vilt')}{suffix}",
         family="vilt",
         build=_vilt_builder(cls),
         inputs=_vilt_inputs(2 if nlvr2 else 1),
         output=_vilt_output,
         mlp=lambda layer: layer.intermediate,
         checkpointing=_hf_checkpointing,
-        patch=dict(layers=[1, 3], prune_ratio=0.2, merge_ratio=0.3, text_merge_ratio=0.2),
+        patch=dict(layers=[1, 3], prune_ratio=0.2, merge_ratio=0.3, text_merge_ratio=0.2, **(options or {})),
         text=True,
         save_pretrained=True,
         exact_options={"fixed_patch_order": False},
@@ -260,18 +262,21 @@ def _open_clip(name: str, build: Callable[[], nn.Module], inputs: Callable[..., 
 ENTRIES: list[Entry] = [
     _vilt(ViltModel),
     _vilt(ViltForQuestionAnswering, loss=_vilt_vqa_loss, compile=True),
+    _vilt(ViltForQuestionAnswering, "-sdpa", {"attention": "sdpa"}, loss=_vilt_vqa_loss),
     _vilt(ViltForImagesAndTextClassification),
     _vilt(ViltForImageAndTextRetrieval),
     _vilt(ViltForMaskedLM, loss=_vilt_lm_loss),
     _vilt(ViltForTokenClassification),
     _timm("vit", "vit_tiny_patch16_224", compile=True),
     _timm("deit_distilled", "deit_tiny_distilled_patch16_224"),  # [CLS] + distillation token
-    _timm("registers", "vit_tiny_patch16_224", reg_tokens=4, qk_norm=True, init_values=0.1),
+    _timm("registers", "vit_tiny_patch16_224", reg_tokens=4, qk_norm=True, init_values=0.1,
+          drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.1),  # dropouts: training only
     _timm("siglip_map", "vit_base_patch16_siglip_224"),  # no [CLS], latent attention pool
     _timm("avg_no_cls", "test_vit2", init_values=0.1),  # no [CLS], 1 register, avg pool
     _timm("avgmax", "vit_tiny_patch16_224", global_pool="avgmax"),
     _timm("clip_pre_norm", "vit_base_patch32_clip_224"),
-    _open_clip("vit_b32", _clip_builder({}, {}), _clip_inputs, _clip_output, compile=True),
+    # ViT-B-32's layout, shrunk; training drops 4 of 16 patches before the blocks
+    _open_clip("vit_b32", _clip_builder(dict(patch_dropout=0.25), {}), _clip_inputs, _clip_output, compile=True),
     _open_clip(  # CLIPA: average pooling, final LayerNorm after pooling, no ln_pre
         "clipa_avg",
         _clip_builder(dict(pool_type="avg", final_ln_after_pool=True, no_ln_pre=True),

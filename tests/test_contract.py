@@ -239,11 +239,10 @@ def test_an_unsupported_model_lists_what_is_supported():
 @pytest.mark.parametrize("entry", ENTRIES, ids=ids)
 def test_numpy_indices_and_ratios_are_accepted(entry):
     inputs = entry.inputs()
-    ratios = {k: v for k, v in entry.patch.items() if k != "layers"}
+    as_numpy_kwargs = {k: np.float64(v) if k.endswith("_ratio") else v for k, v in entry.patch.items()}
+    as_numpy_kwargs["layers"] = [np.int64(i) for i in entry.patch["layers"]]
     plain = pumer_patch.apply(entry.build(), **entry.patch)
-    as_numpy = pumer_patch.apply(
-        entry.build(), layers=[np.int64(i) for i in entry.patch["layers"]], **{k: np.float64(v) for k, v in ratios.items()}
-    )
+    as_numpy = pumer_patch.apply(entry.build(), **as_numpy_kwargs)
     assert torch.equal(output(entry, as_numpy, inputs), output(entry, plain, inputs))
     pumer_patch.apply(as_numpy, layers=[np.int32(1)], prune_ratio=np.float32(0.25))  # any numpy int and float
     pumer_patch.apply(as_numpy, ratios={np.int64(1): "p0.25-r0-t0"})
@@ -541,6 +540,7 @@ def test_dense_text_heads_refuse_unmerge_text_false_with_text_merging(name):
     assert output(entry, model, entry.inputs()).shape[1] == 12
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torch_jit_script_of_a_patched_timm_model_names_the_patch():
     model = pumer_patch.apply(by_name("timm-vit").build(), **by_name("timm-vit").patch)
     with pytest.raises(TypeError, match="torch.jit.script cannot compile a pumer_patch-patched timm model"):
