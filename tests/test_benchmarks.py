@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+import pumer_patch
 from benchmarks import reduce_op
+from pumer_patch.flops import gflops_per_example
 
 
 def test_reduce_op_benchmark_writes_json_and_table(tmp_path):
@@ -34,9 +39,14 @@ def test_speed_benchmark_rows_flops_and_equal_flops_baseline(tmp_path):
     assert abs(matched["gflops"] - pm["gflops"]) <= 0.03 * pm["gflops"]  # the searched ratio meets the FLOPs
     assert matched["apply"]["layers"] == list(range(12)) and matched["apply"]["merge_ratio"] > 0
     assert [t["image"] for t in tome["tokens"]] == [197 - 16 * (i + 1) for i in range(11)] + [11]
+    # ToMe's GFLOPs from its token counts: each block's attention runs on the tokens it receives, its
+    # MLP (hidden 4C) on those it keeps; ToMe's matching adds well under 1 %
+    counts = [n] + [t["image"] for t in tome["tokens"]]
+    blocks = sum(2 * (4 * a * c * c + 2 * a * a * c) + 2 * 8 * b * c * c for a, b in zip(counts, counts[1:]))
+    assert abs(tome["gflops"] - (patch_and_head + blocks / 1e9)) <= 0.02 * tome["gflops"]
+    assert base["speedup_b2"] == base["efficiency"] == 1.0  # the unpatched row is the reference
     for row in rows.values():
-        assert row["throughput_b2"] > 0 and row["latency_ms"] > 0
-        assert row["speedup_b2"] > 0 and row["efficiency"] == row["speedup_b2"] * row["flops_ratio"]
+        assert row["throughput_b2"] > 0 and row["latency_ms"] > 0 and row["speedup_b2"] > 0
     assert result["machine"]["dtype"] == "fp32" and result["machine"]["torch"] == torch.__version__
     assert "| vit_tiny_patch16_224 | ToMe r=16 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "speedup.png").stat().st_size > 0
@@ -44,14 +54,25 @@ def test_speed_benchmark_rows_flops_and_equal_flops_baseline(tmp_path):
 
 def test_overhead_benchmark_separates_the_reduction_from_fewer_tokens(tmp_path):
     from benchmarks import overhead
+    from benchmarks.speed import build
 
     overhead.main(["--models", "vit_tiny_patch16_224", "--batch-size", "2", "--repeats", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "overhead.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["ToMe r=16", "prune+merge p0.2-r0.2-369"]
     for r in rows:
         assert 0.4 < r["flops_ratio"] < 0.6 and min(r["unpatched_ms"], r["patched_ms"], r["same_counts_ms"]) > 0
-        assert r["overhead"] == r["patched_ms"] / r["same_counts_ms"] - 1
     assert "| vit_tiny_patch16_224 | ToMe r=16 |" in (tmp_path / "overhead.md").read_text()
+    # what "overhead" divides by: the same-counts forward does the patched model's work less the
+    # reduction's own (ToMe's matching: under 2 % of the FLOPs here)
+    net, make_batch, _ = build("vit_tiny_patch16_224")
+    patched = pumer_patch.apply(copy.deepcopy(net), merge_schedule=16)
+    patched_gflops = gflops_per_example(patched, make_batch(1))
+    counts = {c.layer: c.image for c in pumer_patch.last_trace(patched).counts}
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        overhead.same_counts(net, "vit_tiny_patch16_224", make_batch(1), counts)()
+    same_gflops = counter.get_total_flops() / 1e9
+    assert 0.98 * patched_gflops < same_gflops < patched_gflops
 
 
 def test_same_counts_forward_is_the_model_when_nothing_is_dropped():
