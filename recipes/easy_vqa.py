@@ -704,9 +704,9 @@ def plot_kept_merged(
         pred = model(**batch).logits.argmax(-1)
         trace = pumer_patch.last_trace(model)
         source = trace.image.source[:, 1:].numpy()  # (K, P): the image [CLS] comes first
-        patch_index = trace.extra["patch_index"].numpy()  # (K, P, 2)
+        patch_index = trace.patch_index.numpy()  # (K, P, 2)
         for col in range(k):
-            n = _draw_tokens(axes[row, col], images[col], source[col], patch_index[col], trace.extra["grid"])
+            n = _draw_tokens(axes[row, col], images[col], source[col], patch_index[col], trace.grid)
             axes[row, col].set_title(f"{label}\n{n} patch tokens left, says {answers[pred[col]]}", fontsize=7)
     fig.suptitle("grey: pruned; colour + outline: patches merged into one token; plain: kept as is", fontsize=8)
     fig.tight_layout()
