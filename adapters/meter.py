@@ -33,16 +33,16 @@ NLVR2's two passes each reduce on their own. The fusion order (sequential / para
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from pumer_patch.core import Mode, Tokens, apply_merge, merge_plan, reduce_tokens, text_merge_count, text_to_image_relevance
-from pumer_patch.models.meter import MeterModel, MeterVisionTower
+from pumer_patch.models.meter import MeterAttention, MeterFusionLayer, MeterModel, MeterVisionTower
 from pumer_patch.ratios import Ratios
 
 from ._loop import CallScope, Loop, Policy, start
@@ -246,6 +246,15 @@ class MeterAdapter(Adapter):
     def check(self, root: nn.Module) -> None:
         ensure_class(root, MeterModel, "the MeterModel", ("forward", "fuse", "encode_image"))
         ensure_class(root.vit_model, MeterVisionTower, "MeterModel.vit_model", ("forward", "run_blocks"))
+        # the patched loop calls these parts itself: a change bound on one would be silently skipped
+        for stream in ("text", "image"):
+            for k, layer in enumerate(getattr(root, f"cross_modal_{stream}_layers")):
+                where = f"MeterModel.cross_modal_{stream}_layers[{k}]"
+                ensure_class(layer, MeterFusionLayer, where, ("forward", "feed_forward"))
+                for part in ("attention", "crossattention"):
+                    ensure_class(getattr(layer, part), MeterAttention, f"{where}.{part}")
+        for k, block in enumerate(root.vit_model.transformer.resblocks):
+            ensure_class(block, ResidualAttentionBlock, f"MeterModel.vit_model.transformer.resblocks[{k}]")
 
     def resolve_options(
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]

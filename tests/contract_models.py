@@ -28,6 +28,12 @@ from transformers import (
 )
 
 from pumer_patch.adapters import get_adapter
+from pumer_patch.models.meter import (
+    MeterConfig,
+    MeterForImageAndTextRetrieval,
+    MeterForQuestionAnswering,
+    MeterForVisualReasoning,
+)
 
 __all__ = ["ENTRIES", "Entry", "blocks", "by_name"]
 
@@ -259,6 +265,62 @@ def _open_clip(name: str, build: Callable[[], nn.Module], inputs: Callable[..., 
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# METER: 4 fusion blocks over a 3-block CLIP tower (16 patches + [CLS]) and a 2-layer RoBERTa
+# ---------------------------------------------------------------------------------------------
+
+METER_CONFIG = dict(
+    image_size=32, vit_patch_size=8, hidden_size=32, num_heads=2, num_layers=2, num_top_layer=4, vocab_size=50,
+    vision_width=24, vision_layers=3, vision_heads=2, text_hidden_size=16, text_intermediate_size=32,
+    max_position_embeddings=42, vqa_label_size=5, token_types=3,  # drop_rate 0.1: dropout in training
+)
+
+
+def _meter_builder(cls: type[nn.Module], **overrides: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return cls(MeterConfig(**{**METER_CONFIG, **overrides})).eval()
+
+    return build
+
+
+def _meter_inputs(images: int) -> Callable[..., dict[str, Any]]:
+    def inputs(batch: int = 2, seed: int = 0, text: int = 12) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 50, (batch, text), generator=g)
+        mask = torch.ones(batch, text, dtype=torch.long)
+        mask[-1, text // 2 :] = 0  # the last sample is padded
+        shape = (batch, 3, 32, 32) if images == 1 else (batch, images, 3, 32, 32)
+        return {"input_ids": ids.masked_fill(mask == 0, 1), "attention_mask": mask, "pixel_values": torch.randn(*shape, generator=g)}
+
+    return inputs
+
+
+_METER_BAD = (
+    ({"layers": [], "encoder_merge_schedule": 2, "mode": "reference"}, ValueError, "encoder_merge_schedule is ToMe's"),
+    ({"layers": [], "encoder_merge_schedule": [1, 2]}, ValueError, "merge_schedule has 2 entries"),
+    ({"layers": "p0.3r0.5t0.2-13"}, ValueError, "layer 1 is odd"),
+    ({"layers": [1], "prune_ratio": 0.1, "merge_schedule": 4}, ValueError, "unknown option"),
+)
+
+
+def _meter(cls: type[nn.Module], suffix: str = "", options: dict[str, Any] | None = None, **kwargs: Any) -> Entry:
+    return Entry(
+        name=f"meter-{cls.__name__.removeprefix('MeterFor')}{suffix}",
+        family="meter",
+        build=_meter_builder(cls, **kwargs.pop("config", {})),
+        inputs=_meter_inputs(2 if cls is MeterForVisualReasoning else 1),
+        output=lambda m, inputs: m(**inputs).logits,
+        mlp=lambda layer: layer.intermediate,
+        checkpointing=_hf_checkpointing,
+        patch=dict(layers=[1, 3], prune_ratio=0.2, merge_ratio=0.3, text_merge_ratio=0.2, **(options or {})),
+        text=True,
+        save_pretrained=True,
+        bad_options=_METER_BAD,
+        **kwargs,
+    )
+
+
 ENTRIES: list[Entry] = [
     _vilt(ViltModel),
     _vilt(ViltForQuestionAnswering, loss=_vilt_vqa_loss, compile=True),
@@ -285,6 +347,11 @@ ENTRIES: list[Entry] = [
         _clip_output,
     ),
     _open_clip("coca_tower", _coca_tower, _images, lambda m, inputs: m(inputs["x"])[0]),  # attentional pooler
+    _meter(MeterForQuestionAnswering, compile=True),
+    _meter(MeterForQuestionAnswering, "-additive-parallel", config={"fusion_masking": "additive", "fusion_order": "parallel"}),
+    _meter(MeterForQuestionAnswering, "-encoder_tome", {"encoder_merge_schedule": 2}),
+    _meter(MeterForVisualReasoning),
+    _meter(MeterForImageAndTextRetrieval),
 ]
 
 

@@ -158,7 +158,9 @@ def test_save_pretrained_round_trip(entry, tmp_path):
     assert not pumer_patch.is_patched(loaded)
     assert same(snapshot(loaded), snapshot(entry.build()))
     pumer_patch.apply(loaded, **entry.patch)
-    assert torch.equal(output(entry, loaded, inputs), expected)
+    # the weights are bit-equal (snapshot); safetensors maps them at addresses BLAS may align differently
+    # from the built model's, which moves a (64 -> 1) Linear by 2e-9 even unpatched: compare to rounding
+    torch.testing.assert_close(output(entry, loaded, inputs), expected, rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

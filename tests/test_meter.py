@@ -211,7 +211,7 @@ def test_every_head_runs_patched_and_trains(cls):
 
 def test_checkpointing_recomputes_every_fusion_block():
     model = make().train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()  # transformers 5's name for gradient_checkpointing_enable
     pumer_patch.apply(model, "p0.3r0.5t0.2-02")
     calls = []
     hooks = [

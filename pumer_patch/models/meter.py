@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import LayerNormFp32, QuickGELU, Transformer
+from open_clip.transformer import QuickGELU, Transformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig, PreTrainedModel, RobertaConfig, RobertaModel
@@ -181,6 +181,17 @@ class MeterConfig(PretrainedConfig):
 # ---------------------------------------------------------------------------------------------
 
 
+class ClipLayerNorm(nn.LayerNorm):
+    """CLIP's LayerNorm: computed in float32 at least (fp16 / bf16 inputs), float64 kept; eps 1e-5."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+
 class MeterVisionTower(nn.Module):
     """CLIP's visual tower as METER uses it: (B, 3, S, S) -> (B, 1 + (S / p)^2, width), ``ln_post`` on every token."""
 
@@ -192,11 +203,11 @@ class MeterVisionTower(nn.Module):
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((config.image_size // patch) ** 2 + 1, width))
-        self.ln_pre = LayerNormFp32(width)
+        self.ln_pre = ClipLayerNorm(width)
         self.transformer = Transformer(
-            width, config.vision_layers, config.vision_heads, act_layer=QuickGELU, norm_layer=LayerNormFp32
+            width, config.vision_layers, config.vision_heads, act_layer=QuickGELU, norm_layer=ClipLayerNorm
         )
-        self.ln_post = LayerNormFp32(width)
+        self.ln_post = ClipLayerNorm(width)
 
     def embed(self, pixel_values: Tensor) -> Tensor:
         """Patches, [CLS] first, positions, ``ln_pre``: (B, 3, S, S) -> (B, N, width)."""
