@@ -1,0 +1,96 @@
+"""``ImageTextDataset``: records + an image store + a transform + a tokenizer -> fixed-shape examples.
+
+Task-agnostic: the task says which image a record names, which text it asks and what its target
+tensors are. Text is tokenized once, up front, padded to one fixed length (static shapes).
+Bad images are never silent: a key missing from the store is found before any training starts and
+either dropped (a warning names every key count and the store) or an error; an image that fails to
+decode is either an error naming key and store, or (``on_bad_image="skip"``) an example marked
+``valid = False`` with zero pixels and a warning, which losses and metrics leave out, so batch shapes
+and the gathered evaluation count stay exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, Literal, TypeVar
+
+import torch
+from PIL import UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from .store import ImageStore
+from .transforms import to_pixels
+
+__all__ = ["ImageTextDataset", "BadImageError", "OnBadImage"]
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+OnBadImage = Literal["skip", "error"]
+
+
+class BadImageError(ValueError):
+    """An image that is missing from its store or does not decode; names the key and the LMDB file."""
+
+
+class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
+    """Example ``i``: ``{"index", "input_ids" (T,), "attention_mask" (T,), "pixel_values" (3, S, S), "valid", **target}``.
+
+    records: the annotations; image_key(record) -> the stem in ``store``; text(record) -> the string to
+    tokenize; target(record) -> the task's target tensors (e.g. soft scores (L,)).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[R],
+        store: ImageStore,
+        *,
+        image_key: Callable[[R], str],
+        text: Callable[[R], str],
+        target: Callable[[R], Mapping[str, Tensor]],
+        transform: Callable[[Any], Tensor],
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        image_size: int,
+        on_bad_image: OnBadImage = "error",
+    ) -> None:
+        if on_bad_image not in ("skip", "error"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        self.store, self.transform, self.image_size, self.on_bad_image = store, transform, image_size, on_bad_image
+        keys = {image_key(r) for r in records}
+        missing = sorted(k for k in keys if k not in store)
+        if missing:
+            message = (f"{len(missing)} of {len(keys)} images are missing from {store.path}, "
+                       f"e.g. {', '.join(missing[:5])}")
+            if on_bad_image == "error":
+                raise BadImageError(message + " (--on-bad-image skip drops their questions)")
+            gone = set(missing)
+            dropped = sum(image_key(r) in gone for r in records)
+            records = [r for r in records if image_key(r) not in gone]
+            logger.warning("%s: skipping their %d records", message, dropped)
+        self.records = list(records)
+        self.keys = [image_key(r) for r in self.records]
+        enc = tokenizer([text(r) for r in self.records], padding="max_length", max_length=max_length,
+                        truncation=True, return_tensors="pt")
+        self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]  # (Q, T) each
+        self.targets = [dict(target(r)) for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        key = self.keys[i]
+        valid = True
+        try:
+            pixels = to_pixels(self.transform, self.store[key])
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
+            message = f"image {key!r} in {self.store.path} does not decode: {err}"
+            if self.on_bad_image == "error":
+                raise BadImageError(message + " (--on-bad-image skip leaves it out)") from err
+            logger.warning("%s; example %d left out of loss and metrics", message, i)
+            pixels, valid = torch.zeros(3, self.image_size, self.image_size), False
+        return {"index": torch.tensor(i), "input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
+                "pixel_values": pixels, "valid": torch.tensor(valid), **self.targets[i]}

@@ -1,0 +1,88 @@
+"""Typed annotation records read from JSON Lines; a bad line names its file and line number.
+
+One record type per task. ``read_jsonl(path, VqaRecord.from_json)`` is how a task reads its split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["RecordError", "VqaRecord", "read_jsonl", "write_jsonl"]
+
+R = TypeVar("R")
+
+
+class RecordError(ValueError):
+    """A malformed annotation line: the message starts with ``file:line``."""
+
+
+def _field(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise ValueError(f"missing field {name!r} (fields present: {sorted(obj)})")
+    value = obj[name]
+    if isinstance(value, bool) or not isinstance(value, kind):  # bool is an int to isinstance; no field is one
+        raise ValueError(f"field {name!r} should be {getattr(kind, '__name__', kind)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class VqaRecord:
+    """One VQAv2 question: ``{qid, question, img_id, label: {answer: score}, answer_type}``.
+
+    ``label`` holds the soft score of every vocabulary answer the annotators gave (empty for test);
+    ``answer_type`` is "yes/no", "number" or "other" (None for test).
+    """
+
+    qid: int
+    question: str
+    img_id: str
+    label: dict[str, float] = field(default_factory=dict)
+    answer_type: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "VqaRecord":
+        label = obj.get("label", {})
+        if not isinstance(label, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in label.items()):
+            raise ValueError(f"field 'label' should map answer strings to scores, got {label!r}")
+        answer_type = obj.get("answer_type")
+        if answer_type is not None and not isinstance(answer_type, str):
+            raise ValueError(f"field 'answer_type' should be a string, got {answer_type!r}")
+        return cls(qid=_field(obj, "qid", int), question=_field(obj, "question", str), img_id=_field(obj, "img_id", str),
+                   label={k: float(v) for k, v in label.items()}, answer_type=answer_type)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"qid": self.qid, "question": self.question, "img_id": self.img_id, "label": self.label,
+                "answer_type": self.answer_type}
+
+
+def read_jsonl(path: str | os.PathLike[str], parse: Callable[[Mapping[str, Any]], R]) -> list[R]:
+    """Every non-blank line of ``path`` parsed by ``parse``; any error is a ``RecordError`` naming ``path:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                records.append(parse(obj))
+            except (ValueError, TypeError) as err:
+                raise RecordError(f"{path}:{number}: {err}") from err
+    return records
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: list[Mapping[str, Any]]) -> None:
+    """One JSON object per line, UTF-8."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with Path(path).open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,0 +1,148 @@
+"""Image stores: one single-file LMDB per image collection, key = image stem (UTF-8), value = raw bytes.
+
+The reader opens its environment lazily, read-only and once per process, so a ``DataLoader`` worker
+(forked or spawned) never shares a handle opened in its parent: LMDB handles are not fork-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+__all__ = ["ImageStore", "MissingImageError", "write_image_store", "write_image_folder", "IMAGE_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_MAP_SIZE = 1 << 40  # the largest the store may grow; LMDB maps it virtually, the file holds only the data
+# LMDB allows one environment per file per process: every ImageStore of a file in a process shares it
+_ENVIRONMENTS: dict[tuple[int, Path], lmdb.Environment] = {}
+
+
+def _environment(path: Path) -> lmdb.Environment:
+    key = (os.getpid(), path.resolve())
+    env = _ENVIRONMENTS.get(key)
+    if env is None:
+        # lock=False: read-only readers need no lock file; readahead=False: random access over a big file
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+                        max_readers=2048)
+        _ENVIRONMENTS[key] = env
+    return env
+
+
+class MissingImageError(KeyError):
+    """An image key absent from its store; the message names the key and the LMDB file."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; this one is a sentence
+        return str(self.args[0])
+
+
+class ImageStore:
+    """Read-only access to one single-file LMDB image store (``subdir=False``).
+
+    ``store[key]`` -> the raw JPEG/PNG bytes of the image whose file stem is ``key``.
+    Picklable: the environment is dropped when pickled and reopened on first use in the new process.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"image store {self.path} does not exist (expected one single-file LMDB per image collection; "
+                f"write one with recipes.convert_vqav2 or recipes.data.store.write_image_folder)"
+            )
+        self._env: lmdb.Environment | None = None
+        self._pid: int | None = None
+
+    def _open(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():  # first use, or first use in a forked worker
+            self._env = _environment(self.path)
+            self._pid = os.getpid()
+        return self._env
+
+    def __getitem__(self, key: str) -> bytes:
+        with self._open().begin(buffers=False) as txn:
+            value = txn.get(key.encode("utf-8"))
+        if value is None:
+            raise MissingImageError(f"image {key!r} is not in the image store {self.path}")
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        with self._open().begin() as txn:
+            return txn.get(key.encode("utf-8")) is not None
+
+    def keys(self) -> Iterator[str]:
+        """Every key, in LMDB's (byte) order."""
+        with self._open().begin() as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                yield bytes(key).decode("utf-8")
+
+    def __len__(self) -> int:
+        return self._open().stat()["entries"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_env": None, "_pid": None}
+
+    def __repr__(self) -> str:
+        return f"ImageStore({str(self.path)!r})"
+
+
+def write_image_store(path: str | os.PathLike[str], items: Iterable[tuple[str, bytes]], *, overwrite: bool = False) -> int:
+    """Write ``(key, raw bytes)`` pairs into a new single-file LMDB at ``path``; returns how many.
+
+    A key given twice is an error (two images with one stem would silently shadow each other).
+    Written to ``path + ".partial"`` and renamed last, so an interrupted write leaves no half store.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    partial = path.with_name(path.name + ".partial")
+    for leftover in (partial, Path(f"{partial}-lock")):
+        leftover.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(partial), subdir=False, map_size=_MAP_SIZE, lock=False, meminit=False)
+    count = 0
+    try:
+        txn = env.begin(write=True)
+        for key, value in items:
+            if not txn.put(key.encode("utf-8"), value, overwrite=False):
+                txn.abort()
+                raise ValueError(f"image key {key!r} given twice while writing {path}")
+            count += 1
+            if count % 1000 == 0:  # bounded transactions: memory stays flat on 100k-image collections
+                txn.commit()
+                txn = env.begin(write=True)
+        txn.commit()
+        env.sync()
+    finally:
+        env.close()
+    Path(f"{partial}-lock").unlink(missing_ok=True)
+    partial.replace(path)
+    logger.info("wrote %d images to %s (%.1f MB)", count, path, path.stat().st_size / 1e6)
+    return count
+
+
+def write_image_folder(path: str | os.PathLike[str], folder: str | os.PathLike[str], *,
+                       keys: Iterable[str] | None = None, overwrite: bool = False) -> int:
+    """Store the images of ``folder`` (``.jpg``/``.jpeg``/``.png``, keyed by stem) in an LMDB at ``path``.
+
+    ``keys``: only these stems (each must exist in ``folder``); None takes every image file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    if keys is not None:
+        wanted = sorted(set(keys))
+        missing = [k for k in wanted if k not in files]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images missing from {folder}, e.g. {missing[:5]}")
+        files = {k: files[k] for k in wanted}
+    return write_image_store(path, ((k, p.read_bytes()) for k, p in files.items()), overwrite=overwrite)

@@ -1,0 +1,52 @@
+"""Per-model image transforms: decode, square resize S x S, RandAugment(2, 9) in training, normalise.
+
+The resize ignores aspect (every image becomes S x S), so ViLT needs no pixel mask and every batch
+has one static shape.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+__all__ = ["ImageSpec", "build_image_transform", "decode_image", "to_pixels"]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a model family wants its pixels: interpolation and per-channel mean/std (size comes per run)."""
+
+    interpolation: InterpolationMode
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Raw JPEG/PNG bytes -> an RGB PIL image (fully loaded, so a truncated file fails here, not later)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def build_image_transform(spec: ImageSpec, size: int, *, train: bool) -> T.Compose:
+    """PIL RGB -> (3, size, size) float tensor.
+
+    Training adds RandAugment(2, 9) after the resize: its geometric ops are relative to the image
+    size, so the order changes little, and augmenting S x S instead of a 640 x 480 COCO image is
+    several times cheaper per example.
+    """
+    steps: list[object] = [T.Resize((size, size), interpolation=spec.interpolation, antialias=True)]
+    if train:
+        steps.append(T.RandAugment(num_ops=2, magnitude=9))
+    steps += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    return T.Compose(steps)
+
+
+def to_pixels(transform: T.Compose, data: bytes) -> Tensor:
+    """Decode ``data`` and apply ``transform``: (3, S, S)."""
+    return transform(decode_image(data))

