@@ -1,0 +1,403 @@
+"""The training and evaluation engine: one loop on ``accelerate`` that knows no dataset and no model family.
+
+A task hands it a model, loaders of tensor dicts and a ``Task`` (model inputs from a batch, the loss,
+the per-example outputs to gather, the metrics). The engine does the rest the same way for every
+task: AdamW (0.9, 0.98), eps 1e-8 with parameter groups (no decay on biases and norms, learning-rate
+multipliers by module-name pattern), linear warm-up then polynomial decay to an end learning rate,
+gradient accumulation, mixed precision, distillation from a frozen teacher, evaluation every K
+steps with ``gather_for_metrics`` (each example counted exactly once on any number of processes),
+the best checkpoint kept as safetensors, early stopping, and resume from saved state that ends
+where an uninterrupted run would (same steps, same batches: a digest of every example index seen
+is part of the state, so that promise is checked, not assumed).
+
+Runs on CPU, one GPU, or several GPUs and nodes under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pumer_patch.flops import gflops_per_example
+
+__all__ = [
+    "Task",
+    "TrainConfig",
+    "TrainState",
+    "EvalResult",
+    "param_groups",
+    "build_optimizer",
+    "build_scheduler",
+    "distill_loss",
+    "Engine",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What the engine needs from a task; batches are dicts of tensors with an ``index`` (B,) entry."""
+
+    def model_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The keyword arguments of ``model(...)``."""
+
+    def loss(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """The task loss of a batch (a scalar), leaving out examples whose ``valid`` is False."""
+
+    def eval_outputs(self, logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-example tensors (first dimension B) to gather across processes."""
+
+    def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """Metrics of the gathered outputs of a whole split; ``"score"`` is the one to maximise."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one run (a preset fills it; the CLI overrides it).
+
+    ``lr_multipliers``: fnmatch patterns on module names (``"*classifier*": 10``), first match wins.
+    ``epochs`` or ``max_steps`` (optimizer steps; wins when set) fix the schedule's length.
+    ``stop_after_steps``: end this job after so many steps of the schedule, saving the state, as a
+    cluster job limit would (``--resume`` goes on from there).
+    """
+
+    output_dir: Path
+    lr: float
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    lr_multipliers: Mapping[str, float] = field(default_factory=dict)
+    warmup: float = 0.1
+    end_lr: float = 1e-7
+    decay_power: float = 1.0
+    epochs: float = 10.0
+    max_steps: int | None = None
+    eval_every: int = 800
+    patience: int = 15
+    clip_grad: float | None = None
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    stop_after_steps: int | None = None
+    log_every: int = 50
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    """Everything beyond model, optimizer, scheduler and RNGs that a resumed run needs (saved with them)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already taken
+    examples: int = 0
+    best_score: float = -math.inf
+    best_step: int = -1
+    evals_without_gain: int = 0
+    data_digest: str = ""  # running sha1 over every example index taken, in order
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation, its speed (examples/s over the whole loop) and GFLOPs per example."""
+
+    metrics: dict[str, float]
+    examples: int
+    seconds: float
+    gflops: float
+    outputs: dict[str, Tensor]
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds
+
+    def summary(self) -> dict[str, float]:
+        return {**self.metrics, "examples": self.examples, "examples_per_s": self.examples_per_second,
+                "gflops_per_example": self.gflops}
+
+
+def _is_no_decay(param_name: str, module: nn.Module) -> bool:
+    # biases, and every parameter of a normalisation layer (LayerNorm, CLIP's LayerNorm, RMSNorm, ...)
+    return param_name.endswith("bias") or "norm" in type(module).__name__.lower()
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 multipliers: Mapping[str, float]) -> list[dict[str, Any]]:
+    """AdamW groups: (decay or not) x (learning-rate multiplier of the first pattern matching the module)."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    matched: set[str] = set()
+    for module_name, module in model.named_modules():
+        mult = 1.0
+        for pattern, value in multipliers.items():
+            if fnmatch.fnmatch(module_name, pattern):
+                mult = value
+                matched.add(pattern)
+                break
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                groups.setdefault((_is_no_decay(name, module), mult), []).append(p)
+    unmatched = set(multipliers) - matched
+    if unmatched:
+        raise ValueError(f"learning-rate multiplier patterns {sorted(unmatched)} match no module of "
+                         f"{type(model).__name__}; module names look like {[n for n, _ in model.named_modules()][1:6]}")
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * mult}
+            for (no_decay, mult), params in sorted(groups.items())]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with ``param_groups``."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_multipliers),
+                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float, end_lr: float, base_lr: float,
+                    power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup * total_steps`` (the first step already at 1/warm), then
+    ``end + (1 - end) * (1 - progress) ** power`` of each group's lr, ``end = end_lr / base_lr``."""
+    warm = max(1, round(warmup * total_steps))
+    end = end_lr / base_lr
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return end + (1.0 - end) * (1.0 - progress) ** power
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) on softmax at ``temperature``, batch mean, times T^2 (gradients keep their
+    scale across temperatures; at PuMer's T = 1 this is the plain KL). student, teacher: (B, L)."""
+    t = temperature
+    return F.kl_div((student / t).log_softmax(-1), (teacher / t).log_softmax(-1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+class Engine:
+    """Trains and evaluates one model for one task under an ``Accelerator``.
+
+    The model must already be patched (``pumer_patch.apply``) when wanted: patching happens before
+    ``accelerator.prepare`` so that DDP and mixed precision wrap the patched modules.
+    ``teacher``: a frozen unreduced model; ``teacher_index`` (L,) reorders its logits into the
+    student's label order when the two were trained with different label orders.
+    """
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, task: Task, cfg: TrainConfig, *,
+                 teacher: nn.Module | None = None, teacher_index: Tensor | None = None) -> None:
+        self.accelerator, self.task, self.cfg = accelerator, task, cfg
+        self.model = model
+        self.teacher = teacher
+        self.teacher_index = teacher_index
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            self.teacher = teacher.to(accelerator.device)
+            if teacher_index is not None:
+                self.teacher_index = teacher_index.to(accelerator.device)
+        self._gflops: float | None = None
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        with self.accelerator.autocast():
+            return model(**self.task.model_inputs(batch)).logits
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, *, desc: str = "eval") -> EvalResult:
+        """Metrics of ``model`` on the (prepared) ``loader``, every example exactly once, and its speed."""
+        acc = self.accelerator
+        model = self.model
+        model.eval()
+        parts: list[dict[str, Tensor]] = []
+        first = True
+        start = time.perf_counter()
+        for batch in tqdm(loader, desc=desc, disable=not (self.cfg.progress and acc.is_local_main_process),
+                          unit="batch", dynamic_ncols=True):
+            if first and self._gflops is None:
+                # FLOPs are counted outside the timing: one batch tells, they depend on shapes only
+                flop_start = time.perf_counter()
+                self._gflops = gflops_per_example(acc.unwrap_model(model), self.task.model_inputs(batch))
+                start += time.perf_counter() - flop_start
+            first = False
+            outputs = self.task.eval_outputs(self._forward(model, batch), batch)
+            parts.append({k: v.detach() for k, v in acc.gather_for_metrics(outputs).items()})
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        gathered = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]} if parts else {}
+        examples = len(gathered["index"]) if gathered else 0
+        metrics = self.task.metrics(gathered)
+        # examples/s of this process's share, times the processes: the job's rate
+        return EvalResult(metrics, examples, seconds, self._gflops or 0.0, gathered)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, train_loader: DataLoader, eval_loader: DataLoader | None, *, resume: bool = False,
+            save_extra: Callable[[Path], None] | None = None) -> TrainState:
+        """Train with the schedule of ``cfg``; evaluate every ``eval_every`` steps, keep the best in
+        ``output_dir/best`` (safetensors), save the resumable state in ``output_dir/state``.
+
+        ``train_loader`` and ``eval_loader`` must come from ``accelerator.prepare`` together with
+        ``model`` and the optimizer and scheduler that ``prepare_training`` built.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        steps_per_epoch = math.ceil(len(train_loader) / acc.gradient_accumulation_steps)
+        total = self.total_steps
+        state = TrainState()
+        acc.register_for_checkpointing(state)
+        state_dir = Path(cfg.output_dir) / "state"
+        if resume:
+            if not (state_dir / "train_state.json").is_file():
+                raise FileNotFoundError(f"--resume: no saved state in {state_dir} (a run saves it at every evaluation)")
+            acc.load_state(str(state_dir))
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, state.step, state.epoch,
+                        state.batch_in_epoch)
+        logger.info("training: %d steps (%d per epoch), %d processes x %d examples x %d accumulation, lr %g%s",
+                    total, steps_per_epoch, acc.num_processes, train_loader.total_batch_size // acc.num_processes,
+                    acc.gradient_accumulation_steps, cfg.lr,
+                    f", distilled (weight {cfg.distill_weight:g}, T {cfg.distill_temperature:g})" if self.teacher else "")
+        stop_at = total if cfg.stop_after_steps is None else min(total, cfg.stop_after_steps)
+        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and acc.is_local_main_process))
+        running: float | None = None
+        stopped_early = False
+        while state.step < stop_at and not stopped_early:
+            train_loader.set_epoch(state.epoch)
+            batches: Iterable[dict[str, Tensor]] = (
+                acc.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader)
+            self.model.train()
+            for batch in batches:
+                loss = self._train_micro_step(batch, state)
+                running = loss if running is None else 0.98 * running + 0.02 * loss
+                if not acc.sync_gradients:
+                    continue
+                state.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+                if state.step % cfg.log_every == 0:
+                    logger.info("step %d/%d: loss %.4f, lr %.3g", state.step, total, running,
+                                self._scheduler.get_last_lr()[0])
+                at_end = state.step == total
+                if state.step % cfg.eval_every == 0 or at_end:
+                    stopped_early = self._evaluate_and_keep(eval_loader, state, save_extra)
+                    self.model.train()
+                if state.step % cfg.eval_every == 0 or at_end or state.step == stop_at or stopped_early:
+                    self._save_state(state)
+                if state.step >= stop_at or stopped_early:
+                    break
+            else:  # the epoch is used up (a state saved on its last batch resumes here, skipping all of it)
+                state.epoch += 1
+                state.batch_in_epoch = 0
+        bar.close()
+        if stopped_early:
+            logger.info("early stop at step %d: %d evaluations without gain", state.step, state.evals_without_gain)
+        return state
+
+    def prepare_training(self, train_loader: DataLoader, eval_loader: DataLoader | None,
+                         ) -> tuple[DataLoader, DataLoader | None]:
+        """Build the optimizer, ``prepare`` model, optimizer and loaders, then the scheduler for the
+        run's length in this process's optimizer steps; returns the prepared loaders.
+
+        The scheduler is registered for checkpointing rather than prepared: accelerate's wrapper steps
+        it once per process per step, for schedules written in single-process steps; ours is
+        written in the steps each process actually takes.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        optimizer = build_optimizer(self.model, cfg)
+        if eval_loader is None:
+            self.model, self._optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
+        else:
+            self.model, self._optimizer, train_loader, eval_loader = acc.prepare(
+                self.model, optimizer, train_loader, eval_loader)
+        self.total_steps = self._total_steps(train_loader)
+        self._scheduler = build_scheduler(self._optimizer.optimizer, self.total_steps, cfg.warmup, cfg.end_lr, cfg.lr,
+                                          cfg.decay_power)
+        acc.register_for_checkpointing(self._scheduler)
+        return train_loader, eval_loader
+
+    def _total_steps(self, train_loader: DataLoader) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        steps_per_epoch = math.ceil(len(train_loader) / self.accelerator.gradient_accumulation_steps)
+        return max(1, math.ceil(self.cfg.epochs * steps_per_epoch))
+
+    def _train_micro_step(self, batch: Mapping[str, Tensor], state: TrainState) -> float:
+        acc, cfg = self.accelerator, self.cfg
+        indices = acc.gather(batch["index"]).tolist()
+        state.data_digest = hashlib.sha1((state.data_digest + json.dumps(indices)).encode()).hexdigest()
+        state.examples += len(indices)
+        state.batch_in_epoch += 1
+        with acc.accumulate(self.model):
+            logits = self._forward(self.model, batch)
+            loss = self.task.loss(logits, batch)
+            if self.teacher is not None and cfg.distill_weight > 0:
+                with torch.no_grad():
+                    t_logits = self._forward(self.teacher, batch)
+                    if self.teacher_index is not None:
+                        t_logits = t_logits[:, self.teacher_index]  # (B, L_teacher) -> (B, L) in the student's order
+                loss = loss + cfg.distill_weight * distill_loss(logits.float(), t_logits.float(), cfg.distill_temperature)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.clip_grad is not None:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self._optimizer.step()
+            if acc.sync_gradients:
+                self._scheduler.step()
+            self._optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def _evaluate_and_keep(self, eval_loader: DataLoader | None, state: TrainState,
+                           save_extra: Callable[[Path], None] | None) -> bool:
+        """Evaluate, save the model to ``best/`` if it gained; True when early stopping triggers."""
+        if eval_loader is None:
+            self._save_model(Path(self.cfg.output_dir) / "best", save_extra)
+            return False
+        result = self.evaluate(eval_loader)
+        score = result.metrics["score"]
+        state.history.append({"step": state.step, **result.summary()})
+        logger.info("step %d: %s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in result.summary().items()))
+        if score > state.best_score:
+            state.best_score, state.best_step, state.evals_without_gain = score, state.step, 0
+            self._save_model(Path(self.cfg.output_dir) / "best", save_extra)
+        else:
+            state.evals_without_gain += 1
+        return state.evals_without_gain >= self.cfg.patience
+
+    def _save_model(self, directory: Path, save_extra: Callable[[Path], None] | None) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        # the patch never touches the state_dict: a patched model saves plain weights
+        # transformers >= 5 writes safetensors only
+        acc.unwrap_model(self.model).save_pretrained(directory, is_main_process=acc.is_main_process)
+        if acc.is_main_process and save_extra is not None:
+            save_extra(directory)
+        acc.wait_for_everyone()
+
+    def _save_state(self, state: TrainState) -> None:
+        acc = self.accelerator
+        directory = Path(self.cfg.output_dir) / "state"
+        acc.save_state(str(directory), safe_serialization=True)
+        if acc.is_main_process:
+            (directory / "train_state.json").write_text(json.dumps(state.state_dict(), indent=2, default=float))
+        acc.wait_for_everyone()

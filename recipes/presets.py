@@ -1,0 +1,70 @@
+"""Named training presets: the paper's hyperparameters per model and task (DESIGN.md section 5).
+
+``--preset vilt-vqa`` picks one; any field can be overridden on the command line. PuMer presets
+start from the pretrained checkpoint, reduce while training, and distil from the finetuned,
+unreduced model (``--teacher``, required because it is the output of the non-PuMer preset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["Preset", "PRESETS", "get_preset"]
+
+LossScale = Literal["label_count", "mean"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One run's recipe. ``total_batch`` is examples per optimizer step over all processes (the CLI
+    derives gradient accumulation from it); ``loss_scale`` is the VQA loss scale (see ``recipes.vqa``)."""
+
+    family: str
+    task: str
+    model: str | None
+    lr: float
+    total_batch: int
+    epochs: float
+    eval_every: int
+    image_size: int
+    text_length: int
+    lr_multipliers: Mapping[str, float] = field(default_factory=dict)
+    loss_scale: LossScale = "label_count"
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    end_lr: float = 1e-7
+    patience: int = 15
+    pumer: str | None = None
+    pumer_mode: Literal["reference", "default"] = "reference"
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+
+
+_VILT_VQA = Preset(family="vilt", task="vqa", model="dandelin/vilt-b32-mlm", lr=1e-4, total_batch=512, epochs=10,
+                   eval_every=800, image_size=384, text_length=32, lr_multipliers={"*classifier*": 10.0},
+                   loss_scale="label_count")
+# METER's checkpoint is PuMer's pretrained folder (no hub id): --model is required
+_METER_VQA = Preset(family="meter", task="vqa", model=None, lr=5e-6, total_batch=256, epochs=10, eval_every=2000,
+                    image_size=384, text_length=32, lr_multipliers={"*classifier*": 50.0, "*cross_modal*": 5.0},
+                    loss_scale="mean")
+
+PRESETS: dict[str, Preset] = {
+    "vilt-vqa": _VILT_VQA,
+    "vilt-vqa-pumer": dataclasses.replace(_VILT_VQA, epochs=20, pumer="p0.1-r0.3-t0.2-258", distill_weight=1.0),
+    "meter-vqa": _METER_VQA,
+    "meter-vqa-pumer": dataclasses.replace(_METER_VQA, epochs=20, pumer="p0.2r0.2t0.2-0246", distill_weight=1.0),
+}
+
+
+def get_preset(name: str, **overrides: object) -> Preset:
+    """``PRESETS[name]`` with the fields in ``overrides`` that are not None replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"presets have no fields {sorted(unknown)}; fields: {sorted(fields)}")
+    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

