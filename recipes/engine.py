@@ -248,6 +248,9 @@ class Engine:
         seconds = time.perf_counter() - start
         gathered = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]} if parts else {}
         examples = len(gathered["index"]) if gathered else 0
+        if examples != len(set(gathered["index"].tolist()) if gathered else ()):
+            raise RuntimeError("an evaluation example was gathered twice: build the evaluation loader with "
+                               "recipes.data.loader.make_loader and pass it through accelerator.prepare")
         metrics = self.task.metrics(gathered)
         # examples/s of this process's share, times the processes: the job's rate
         return EvalResult(metrics, examples, seconds, self._gflops or 0.0, gathered)

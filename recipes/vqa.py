@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -175,8 +176,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if preset.distill_weight > 0:
         _check_model_path(args.teacher, "teacher")
     family = _family(preset.family, preset.model)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=_accumulation(preset.total_batch, args.per_device_batch))
+    accelerator = _accelerator(args)
+    accelerator.gradient_accumulation_steps = _accumulation(preset.total_batch, args.per_device_batch,
+                                                            accelerator.num_processes)
     set_seed(args.seed)
     model = load_model(family, preset.task, preset.model, data.vocabulary)
     labels = model_labels(model)
@@ -212,15 +214,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
-def _accumulation(total_batch: int, per_device: int) -> int:
-    import accelerate
-
-    processes = accelerate.PartialState().num_processes
+def _accumulation(total_batch: int, per_device: int, processes: int) -> int:
     per_step = per_device * processes
     if total_batch % per_step:
         raise ValueError(f"--total-batch {total_batch} is not a multiple of --per-device-batch {per_device} x "
                          f"{processes} processes; change one of them")
     return total_batch // per_step
+
+
+def _accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's ``Accelerator``; refuses a multi-process launch that would silently run N separate jobs."""
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise RuntimeError(f"launched as {world} processes but accelerate runs {accelerator.num_processes}: "
+                           f"without GPUs pass --cpu (gloo), with GPUs launch with accelerate launch --multi_gpu")
+    return accelerator
 
 
 # ---------------------------------------------------------------------------------------- eval / predict
@@ -238,7 +247,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Score the model on a split, unpatched and (``--pumer``) patched, side by side: JSON + markdown."""
     data = VqaData(args.data)
     data.check([args.split])
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = _accelerator(args)
     family, model, labels, tokenizer = _load_for_eval(args, data)
     dataset = data.dataset(args.split, family, labels, tokenizer, image_size=args.image_size,
                            text_length=args.text_length, train=False, limit=args.limit, on_bad_image=args.on_bad_image)
@@ -279,7 +288,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Answers for a split (default test) in the official format ``[{question_id, answer}]``."""
     data = VqaData(args.data)
     data.check([args.split])
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = _accelerator(args)
     family, model, labels, tokenizer = _load_for_eval(args, data)
     dataset = data.dataset(args.split, family, labels, tokenizer, image_size=args.image_size,
                            text_length=args.text_length, train=False, limit=args.limit, on_bad_image=args.on_bad_image)
@@ -310,6 +319,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         q.add_argument("--pumer", help="PuMer config, e.g. p0.1-r0.3-t0.2-258 [none / the preset's]")
         q.add_argument("--pumer-mode", choices=["reference", "default"], default=None)
         q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+        q.add_argument("--cpu", action="store_true", help="run on CPU even with GPUs (several processes: gloo)")
         q.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per process")
         q.add_argument("--eval-batch", type=int, default=None, help="evaluation batch per process")
         q.add_argument("--limit", type=int, help="first N questions of each split only (smoke runs)")

@@ -184,3 +184,27 @@ def test_bad_input_fails_before_training(data: Path, vilt: Path, tokenizer_dir: 
     with pytest.raises(ValueError, match="not a multiple"):
         vqa.main(train_args(data, vilt, tmp_path / "o", tokenizer_dir, "--total-batch", "6"))
     assert not (tmp_path / "o" / "state").exists()
+
+
+def test_two_processes_on_cpu_train_and_count_every_example_once(data: Path, vilt: Path, tokenizer_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """torchrun (what ``accelerate launch`` runs) with 2 gloo processes; 6 val examples in batches of 4
+    per process leave padding in the last round, which ``gather_for_metrics`` must drop."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = train_args(data, vilt, tmp_path, tokenizer_dir, "--cpu", "--total-batch", "8", "--eval-batch", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "recipes.vqa", *args, "--log-level", "WARNING"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = _info(tmp_path)
+    assert info["processes"] == 2 and info["step"] == 3
+    assert info["examples"] == 3 * 8  # 2 processes x 4 per step, gathered
+    assert [h["examples"] for h in info["history"]] == [6, 6]
