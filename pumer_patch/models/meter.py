@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -63,6 +64,8 @@ __all__ = [
     "MeterForPreTraining",
     "CLIP_MEAN",
     "CLIP_STD",
+    "FusionOrder",
+    "FusionMasking",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,11 @@ class MeterConfig(PretrainedConfig):
     """METER's configuration: the fields PuMer's config.json carries, unknown ones accepted and ignored.
 
     Full size by default (CLIP ViT-B/16 at 384 with 11 blocks, RoBERTa-base, 6 fusion blocks of 768).
-    ``vision_*`` and ``text_*`` shrink the towers for tests and laptop studies. ``prune_r``,
+    ``vision_*`` and ``text_*`` shrink the towers for tests and laptop studies; ``num_layers`` (PuMer's
+    field, 12) counts the RoBERTa layers and ``text_heads`` (None: ``num_heads``) its heads.
+    ``fusion_order`` and ``fusion_masking`` name how the fusion blocks compute (see the module
+    docstring); the defaults are the arithmetic PuMer's checkpoints were trained with, original
+    METER checkpoints need ``"parallel"`` and ``"additive"`` (``convert_meter`` writes those). ``prune_r``,
     ``merge_r``, ``merge_text`` and ``reduce_layers`` (the research code's numbering, two per fusion
     block) are the reduction a PuMer folder was trained with: data for
     ``pumer_patch.adapters.meter.apply_from_config``, ignored by the model.
@@ -107,6 +114,7 @@ class MeterConfig(PretrainedConfig):
         vision_heads: int = 12,
         text_hidden_size: int = 768,
         text_intermediate_size: int = 3072,
+        text_heads: int | None = None,
         max_position_embeddings: int = 514,
         fusion_order: FusionOrder = "sequential",
         fusion_masking: FusionMasking = "pumer",
@@ -130,6 +138,11 @@ class MeterConfig(PretrainedConfig):
                 f"fusion_masking must be 'pumer' (the research masked softmax) or 'additive' (original METER), "
                 f"got {fusion_masking!r}"
             )
+        heads = text_heads or num_heads
+        for name, width, n in (("hidden_size", hidden_size, num_heads), ("text_hidden_size", text_hidden_size, heads),
+                               ("vision_width", vision_width, vision_heads)):
+            if width % n:
+                raise ValueError(f"{name}={width} must be a multiple of its number of heads ({n})")
         if image_size % vit_patch_size:
             raise ValueError(f"image_size {image_size} must be a multiple of vit_patch_size {vit_patch_size}")
         self.image_size = image_size
@@ -150,6 +163,7 @@ class MeterConfig(PretrainedConfig):
         self.vision_heads = vision_heads
         self.text_hidden_size = text_hidden_size
         self.text_intermediate_size = text_intermediate_size
+        self.text_heads = text_heads
         self.max_position_embeddings = max_position_embeddings
         self.fusion_order = fusion_order
         self.fusion_masking = fusion_masking
@@ -165,7 +179,7 @@ class MeterConfig(PretrainedConfig):
             vocab_size=self.vocab_size,
             hidden_size=self.text_hidden_size,
             num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
+            num_attention_heads=self.text_heads or self.num_heads,
             intermediate_size=self.text_intermediate_size,
             max_position_embeddings=self.max_position_embeddings,
             type_vocab_size=1,
@@ -182,7 +196,11 @@ class MeterConfig(PretrainedConfig):
 
 
 class ClipLayerNorm(nn.LayerNorm):
-    """CLIP's LayerNorm: computed in float32 at least (fp16 / bf16 inputs), float64 kept; eps 1e-5."""
+    """CLIP's LayerNorm: computed in float32 at least (fp16 / bf16 inputs), float64 kept; eps 1e-5.
+
+    Not open_clip's ``LayerNormFp32``: it casts the input to float32 but not its float64 weights, so a
+    float64 METER fails in ``F.layer_norm``. Same keys, same float32 arithmetic otherwise.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -297,8 +315,12 @@ class MeterAttention(nn.Module):
         """hidden: (B, Nq, C) queries; context: (B, Nk, C) keys and values (None: self-attention).
 
         key_weight: (B, Nk) key mask, 1 real, 0 padding, fractional where text merging averaged a token
-        with a pad; None is all ones. key_bias: (B, Nk) added to every query's logits for that key
-        (e.g. log(token size), proportional attention). output_probs: also return the probabilities.
+        with a pad; None is all ones. In the ``"pumer"`` masking it multiplies exp(score) (with the
+        diagonal exception and the epsilon, ``masked_softmax``); in the ``"additive"`` one log(weight)
+        is added to the logits, the same factor for a fractional weight and -inf-like for a zero one.
+        key_bias: (B, Nk) added to every query's logits for that key in both maskings and on the SDPA
+        path (e.g. log(token size), proportional attention: a bias of log 2 counts a key twice); None
+        adds nothing. output_probs: also return the probabilities (eager attention then, never SDPA).
         """
         attn = self.self
         source = hidden if context is None else context
@@ -384,6 +406,8 @@ class MeterFusionLayer(nn.Module):
 
 
 class MeterPooler(nn.Module):
+    """``tanh(dense(h[:, 0]))``: a stream's first token, (B, N, C) -> (B, C)."""
+
     def __init__(self, config: MeterConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
@@ -444,12 +468,12 @@ class MeterPreTrainedModel(PreTrainedModel):
 
 def _report_dropped_buffers(source: Any) -> None:
     """Log the ``position_ids`` buffers a PuMer ``pytorch_model.bin`` carries and the load dropped."""
-    from pathlib import Path
-
     path = Path(str(source)) / "pytorch_model.bin"
     if not path.is_file():
         return
-    keys = [k for k in torch.load(path, map_location="meta", weights_only=True) if k.endswith("embeddings.position_ids")]
+    # mmap + meta: only the key names are read, not the 1.3 GB of weights
+    state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    keys = [k for k in state if k.endswith("embeddings.position_ids")]
     if keys:
         logger.info("dropped %d buffer(s) that transformers >= 4.31 rebuilds: %s", len(keys), ", ".join(keys))
 
@@ -621,6 +645,8 @@ class MeterForVisualReasoning(MeterPreTrainedModel):
 
 
 class MeterITMHead(nn.Module):
+    """``itm_score``: image-text matching logits (B, 2C) -> (B, 2), column 1 = "match"."""
+
     def __init__(self, c_in: int) -> None:
         super().__init__()
         self.fc = nn.Linear(c_in, 2)
