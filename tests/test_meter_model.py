@@ -228,7 +228,8 @@ def test_command_writes_a_loadable_folder_and_logs_the_report(tmp_path, caplog):
     base = MeterConfig(**TINY | {"hidden_size": 64, "vision_layers": 5, "vocab_size": 7})
     base.to_json_file(tmp_path / "base.json")
     out = tmp_path / "out"
-    command = [str(path), str(out), "--head", "ve", "--config", str(tmp_path / "base.json"), "--fusion-order", "sequential"]
+    command = [str(path), str(out), "--head", "ve", "--config", str(tmp_path / "base.json")]
+    command += ["--fusion-order", "sequential"]
     with caplog.at_level(logging.INFO, logger="pumer_patch.models.convert_meter"):
         assert main(command) == 0
     assert "CLIP text stub" in caplog.text and "0 missing, 0 unexpected" in caplog.text
@@ -344,7 +345,8 @@ def test_fusion_is_bidirectional_and_orders_differ(masking):
         text, image = sequential.encode_text(inputs["input_ids"], mask), sequential.encode_image(inputs["pixel_values"])
         changed = text.clone()
         changed[0, -1] += 1.0
-        assert not torch.allclose(sequential.fuse(text, mask, image)[0][0, 0], sequential.fuse(changed, mask, image)[0][0, 0])
+        first, first_changed = sequential.fuse(text, mask, image)[0][0, 0], sequential.fuse(changed, mask, image)[0][0, 0]
+        assert not torch.allclose(first, first_changed)  # the last text token reaches the first
         x, y = text, image
         for text_layer, image_layer in zip(parallel.cross_modal_text_layers, parallel.cross_modal_image_layers):
             x, y = text_layer(x, y, mask, None), image_layer(y, x, None, mask)  # both read the previous states

@@ -216,7 +216,8 @@ def _config_from_weights(state: Mapping[str, Tensor], base: MeterConfig) -> Mete
     sizes["mlp_ratio"] = fusion_ffn // sizes["hidden_size"]
     if "vqa_classifier.3.weight" in state:
         sizes["vqa_label_size"] = state["vqa_classifier.3.weight"].shape[0]
-    fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
+    skip = ("model_type", "transformers_version", "architectures")
+    fields = {k: v for k, v in base.to_dict().items() if k not in skip}
     return MeterConfig(**{**fields, **sizes})
 
 
@@ -267,7 +268,9 @@ def convert_original_meter(
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
         state[_POSITIONS] = resize_position_embedding(state[_POSITIONS], image_size // patch)
-        report.changed.append(f"positional_embedding: {old_size} -> {image_size} ([CLS] kept, grid resized bicubically)")
+        report.changed.append(
+            f"positional_embedding: {old_size} -> {image_size} ([CLS] kept, grid resized bicubically)"
+        )
 
     base = config if config is not None else MeterConfig()
     new_config = _config_from_weights(state, base)
