@@ -95,6 +95,9 @@ class TrainConfig:
     stop_after_steps: int | None = None
     log_every: int = 50
     progress: bool = True
+    checkpoint: bool = True  # False: no best/ and state/ on disk (a caller that keeps the final weights itself)
+    fused: bool | None = None  # fused AdamW (one kernel over all parameters; on CPU since torch 2.4)
+    name: str = "train"  # progress bar and log prefix
 
 
 @dataclass
@@ -109,6 +112,7 @@ class TrainState:
     best_step: int = -1
     evals_without_gain: int = 0
     data_digest: str = ""  # running sha1 over every example index taken, in order
+    loss: float | None = None  # running mean of the training loss (0.95 decay), for logs
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -169,21 +173,23 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float,
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with ``param_groups``."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_multipliers),
-                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=cfg.fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float, end_lr: float, base_lr: float,
                     power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup * total_steps`` (the first step already at 1/warm), then
-    ``end + (1 - end) * (1 - progress) ** power`` of each group's lr, ``end = end_lr / base_lr``."""
+    ``end + (1 - end) * remaining ** power`` of each group's lr, ``end = end_lr / base_lr`` and
+    ``remaining`` going linearly from 1 to 0."""
     warm = max(1, round(warmup * total_steps))
     end = end_lr / base_lr
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return end + (1.0 - end) * (1.0 - progress) ** power
+        # (total - step) / (total - warm), not 1 - progress: exact at end = 0, power = 1 (the laptop study's)
+        remaining = max(0.0, (total_steps - step) / max(1, total_steps - warm))
+        return end + (1.0 - end) * remaining**power
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -211,9 +217,8 @@ class Engine:
         self.model = model
         self.teacher = teacher
         self.teacher_index = teacher_index
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
-            self.teacher = teacher.to(accelerator.device)
+        if teacher is not None:  # frozen: evaluation mode, run under no_grad
+            self.teacher = teacher.eval().to(accelerator.device)
             if teacher_index is not None:
                 self.teacher_index = teacher_index.to(accelerator.device)
         self._gflops: float | None = None
@@ -236,9 +241,11 @@ class Engine:
         for batch in tqdm(loader, desc=desc, disable=not (self.cfg.progress and acc.is_local_main_process),
                           unit="batch", dynamic_ncols=True):
             if first and self._gflops is None:
-                # FLOPs are counted outside the timing: one batch tells, they depend on shapes only
+                # FLOPs are counted outside the timing: one batch tells, they depend on shapes only; the
+                # extra forward runs on a forked RNG so that measuring never changes a run's random draws
                 flop_start = time.perf_counter()
-                self._gflops = gflops_per_example(acc.unwrap_model(model), self.task.model_inputs(batch))
+                with torch.random.fork_rng(devices=[]):
+                    self._gflops = gflops_per_example(acc.unwrap_model(model), self.task.model_inputs(batch))
                 start += time.perf_counter() - flop_start
             first = False
             outputs = self.task.eval_outputs(self._forward(model, batch), batch)
@@ -277,14 +284,13 @@ class Engine:
             acc.load_state(str(state_dir))
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, state.step, state.epoch,
                         state.batch_in_epoch)
-        logger.info("training: %d steps (%d per epoch), %d processes x %d examples x %d accumulation, lr %g%s",
-                    total, steps_per_epoch, acc.num_processes, train_loader.total_batch_size // acc.num_processes,
+        logger.info("%s: %d steps (%d per epoch), %d processes x %d examples x %d accumulation, lr %g%s",
+                    cfg.name, total, steps_per_epoch, acc.num_processes, train_loader.total_batch_size // acc.num_processes,
                     acc.gradient_accumulation_steps, cfg.lr,
                     f", distilled (weight {cfg.distill_weight:g}, T {cfg.distill_temperature:g})" if self.teacher else "")
         stop_at = total if cfg.stop_after_steps is None else min(total, cfg.stop_after_steps)
-        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=total, initial=state.step, desc=cfg.name, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_local_main_process))
-        running: float | None = None
         stopped_early = False
         while state.step < stop_at and not stopped_early:
             train_loader.set_epoch(state.epoch)
@@ -293,20 +299,21 @@ class Engine:
             self.model.train()
             for batch in batches:
                 loss = self._train_micro_step(batch, state)
-                running = loss if running is None else 0.98 * running + 0.02 * loss
+                state.loss = loss if state.loss is None else 0.95 * state.loss + 0.05 * loss
                 if not acc.sync_gradients:
                     continue
                 state.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{state.loss:.4f}", refresh=False)
                 if state.step % cfg.log_every == 0:
-                    logger.info("step %d/%d: loss %.4f, lr %.3g", state.step, total, running,
+                    logger.info("%s: step %d/%d: loss %.4f, lr %.3g", cfg.name, state.step, total, state.loss,
                                 self._scheduler.get_last_lr()[0])
                 at_end = state.step == total
                 if state.step % cfg.eval_every == 0 or at_end:
                     stopped_early = self._evaluate_and_keep(eval_loader, state, save_extra)
                     self.model.train()
-                if state.step % cfg.eval_every == 0 or at_end or state.step == stop_at or stopped_early:
+                if cfg.checkpoint and (state.step % cfg.eval_every == 0 or at_end or state.step == stop_at
+                                       or stopped_early):
                     self._save_state(state)
                 if state.step >= stop_at or stopped_early:
                     break
@@ -374,15 +381,17 @@ class Engine:
                            save_extra: Callable[[Path], None] | None) -> bool:
         """Evaluate, save the model to ``best/`` if it gained; True when early stopping triggers."""
         if eval_loader is None:
-            self._save_model(Path(self.cfg.output_dir) / "best", save_extra)
+            if self.cfg.checkpoint:
+                self._save_model(Path(self.cfg.output_dir) / "best", save_extra)
             return False
         result = self.evaluate(eval_loader)
         score = result.metrics["score"]
         state.history.append({"step": state.step, **result.summary()})
-        logger.info("step %d: %s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in result.summary().items()))
+        logger.info("%s: step %d: %s", self.cfg.name, state.step, ", ".join(f"{k} {v:.4g}" for k, v in result.summary().items()))
         if score > state.best_score:
             state.best_score, state.best_step, state.evals_without_gain = score, state.step, 0
-            self._save_model(Path(self.cfg.output_dir) / "best", save_extra)
+            if self.cfg.checkpoint:
+                self._save_model(Path(self.cfg.output_dir) / "best", save_extra)
         else:
             state.evals_without_gain += 1
         return state.evals_without_gain >= self.cfg.patience

@@ -1,0 +1,208 @@
+"""The laptop study end to end: train (or load) the models, measure every variant, write results and figures."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, ViltForQuestionAnswering
+
+import pumer_patch
+from pumer_patch.flops import gflops_per_example
+from recipes.laptop.config import StudyConfig
+from recipes.laptop.data import build_tokenizer, load_splits
+from recipes.laptop.figures import figure_examples, plot_kept_merged, plot_tradeoff
+from recipes.laptop.measure import measure_throughput, tokens_per_layer
+from recipes.laptop.model import build_model
+from recipes.laptop.train import accuracy, predict, train
+from recipes.laptop.variants import build_variants, patch_args
+
+__all__ = ["markdown_table", "run_study"]
+
+logger = logging.getLogger(__name__)
+
+def _cached(
+    directory: Path,
+    retrain: bool,
+    fit: Any,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[ViltForQuestionAnswering, dict[str, Any], bool]:
+    """Load the model saved in ``directory``, or call ``fit() -> (model, info)`` and save it there.
+
+    Saved with ``save_pretrained`` (plus ``train_info.json``) into a temporary folder that is renamed
+    into place last, so an interrupted run never leaves a half-written cache behind.
+    """
+    info_path = directory / "train_info.json"
+    if not retrain and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        logger.info("loading cached weights from %s (trained in %.0f s; --retrain to train again)",
+                    directory, info["seconds"])
+        return ViltForQuestionAnswering.from_pretrained(directory).eval(), info, True
+    model, info = fit()
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    (partial / "train_info.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)  # also drops models finetuned from stale weights
+    partial.rename(directory)
+    logger.info("saved weights to %s", directory)
+    return model, info, False
+
+
+def _environment() -> dict[str, Any]:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pumer_patch": pumer_patch.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _arrow(counts: Sequence[int]) -> str:
+    """``[65, 17, 5, 5, 5]`` -> ``"65→17→5→5→5"``."""
+    return "→".join(map(str, counts))
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    """The study's results as a markdown table, one row per variant."""
+    lines = [
+        "| variant | test acc | Δ acc (pt) | examples/s | speedup | GFLOPs/ex | image tokens by layer | text tokens by layer |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in results["variants"]:
+        lines.append(
+            f"| {row['name']} | {100 * row['accuracy']:.2f} | {row['accuracy_drop_points']:+.2f} | "
+            f"{row['throughput']:.0f} | {row['speedup']:.2f}x | {row['gflops']:.4f} | "
+            f"{_arrow(row['tokens']['image'])} | {_arrow(row['tokens']['text'])} |"
+        )
+    return "\n".join(lines)
+
+
+def run_study(
+    cfg: StudyConfig,
+    out_dir: Path,
+    cache_dir: Path,
+    *,
+    retrain: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or load) the models, measure every variant, write ``results.json``, ``results.md`` and the figures."""
+    import easy_vqa
+
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(easy_vqa.get_train_questions()[0], cache_dir / "word_tokenizer")
+    train_split, val, test, answers = load_splits(tokenizer, cfg)
+    r = cfg.reduce
+    pumer = patch_args(r.layers, r.prune, r.merge, r.text_merge)
+
+    def fit_base() -> tuple[nn.Module, dict[str, Any]]:
+        model = build_model(cfg.model, len(tokenizer), answers, cfg.seed)
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        logger.info("training a ViLT from scratch: %s, %.2fM parameters (%.2fM of them the word embedding)",
+                    cfg.model, n_params, model.vilt.embeddings.text_embeddings.word_embeddings.weight.numel() / 1e6)
+        info = train(model, train_split, cfg.train, seed=cfg.seed, val=val,
+                     eval_batch_size=cfg.eval_batch_size, desc="train", progress=progress)
+        return model, info
+
+    base_dir = cache_dir / cfg.base_key(tokenizer.get_vocab())
+    base, base_info, base_cached = _cached(base_dir, retrain, fit_base, tokenizer)
+
+    def fit_finetuned() -> tuple[nn.Module, dict[str, Any]]:
+        model = pumer_patch.apply(copy.deepcopy(base), **pumer)
+        logger.info("finetuning with PuMer %s on", r.name)
+        info = train(model, train_split, cfg.finetune, seed=cfg.seed, val=val,
+                     teacher=base if cfg.distill_weight > 0 else None, distill_weight=cfg.distill_weight,
+                     eval_batch_size=cfg.eval_batch_size, desc="finetune", progress=progress)
+        return pumer_patch.remove(model), info  # the patch leaves the state_dict alone: save plain weights
+
+    ft_dir = base_dir / f"finetuned-{cfg.finetune_key()}"
+    finetuned, ft_info, ft_cached = _cached(ft_dir, retrain, fit_finetuned)
+    weights = {"base": base, "finetuned": finetuned}
+
+    variants = build_variants(cfg, base, test.inputs(torch.arange(1)))
+    models = {v.name: v.build(weights) for v in variants}
+    probe = test.inputs(torch.arange(min(len(test), cfg.eval_batch_size)))  # shapes only: FLOPs and counts
+    rows: list[dict[str, Any]] = []
+    for v in variants:
+        logger.info("evaluating %s: %s", v.name, v.description)
+        acc = accuracy(predict(models[v.name], test, cfg.eval_batch_size, desc=v.name, progress=progress), test.label)
+        row = {
+            "name": v.name,
+            "description": v.description,
+            "weights": v.weights,
+            "patch": None if v.patch is None else dict(v.patch),
+            "accuracy": acc,
+            "gflops": gflops_per_example(models[v.name], probe),
+            "tokens": tokens_per_layer(models[v.name], probe),
+        }
+        logger.info("%s: test accuracy %.4f, %.4f GFLOPs/example, image tokens %s",
+                    v.name, acc, row["gflops"], _arrow(row["tokens"]["image"]))
+        rows.append(row)
+
+    timing = [test.inputs(idx) for idx in test.batches(cfg.eval_batch_size)[: cfg.timing_batches]]
+    per_pass = sum(b["input_ids"].shape[0] for b in timing)
+    logger.info("timing %d variants: %d rounds of %d batches of %d, interleaved, %d threads",
+                len(models), cfg.timing_rounds, len(timing), cfg.eval_batch_size, torch.get_num_threads())
+    times = measure_throughput(models, timing, rounds=cfg.timing_rounds, warmup=cfg.timing_warmup, progress=progress)
+    for row in rows:
+        row["seconds_per_pass"] = times[row["name"]]
+        row["throughput"] = per_pass / statistics.median(times[row["name"]])
+    base_row = rows[0]
+    for row in rows:
+        row["speedup"] = row["throughput"] / base_row["throughput"]
+        row["accuracy_drop_points"] = 100 * (row["accuracy"] - base_row["accuracy"])
+        row["gflops_ratio"] = row["gflops"] / base_row["gflops"]
+
+    plot_tradeoff(rows, per_pass, torch.get_num_threads(), out_dir / "tradeoff.png")
+    shown = figure_examples(test, cfg.figure_examples)
+    traced = [(v.name, v.build(weights, trace=True)) for v in variants if v.name in ("pumer", "pumer-finetuned")]
+    plot_kept_merged(traced, test, shown, answers, out_dir / "kept_merged.png")
+
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "environment": _environment(),
+        "data": {"train": len(train_split), "val": len(val), "test": len(test), "answers": answers,
+                 "text_tokens": int(test.input_ids.shape[1])},
+        "base": {**base_info, "cached": base_cached, "cache_dir": str(base_dir)},
+        "finetune": {**ft_info, "cached": ft_cached, "cache_dir": str(ft_dir)},
+        "timing": {"batch_size": cfg.eval_batch_size, "batches": len(timing), "rounds": cfg.timing_rounds,
+                   "warmup_batches": cfg.timing_warmup, "statistic": "median seconds per pass"},
+        "variants": rows,
+        "figures": {"tradeoff": "tradeoff.png", "kept_merged": "kept_merged.png"},
+        "runtime_seconds": time.perf_counter() - start,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    descriptions = "\n".join(f"- **{row['name']}**: {row['description']}" for row in rows)
+    (out_dir / "results.md").write_text(
+        f"# easy-vqa: PuMer on a small ViLT\n\n{markdown_table(results)}\n\n{descriptions}\n\n"
+        f"Throughput: examples/s on {results['environment']['cpu']}, {torch.get_num_threads()} threads, "
+        f"batch {cfg.eval_batch_size}, median of {cfg.timing_rounds} interleaved rounds.\n"
+    )
+    logger.info("wrote %s (results.json, results.md, tradeoff.png, kept_merged.png) in %.0f s",
+                out_dir, results["runtime_seconds"])
+    return results

@@ -1,0 +1,65 @@
+"""The study's rows: which weights and which ``pumer_patch.apply`` call each variant uses."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+import pumer_patch
+from pumer_patch.flops import gflops_per_example, match_gflops
+from recipes.laptop.config import StudyConfig
+
+__all__ = ["Variant", "patch_args", "build_variants"]
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the study: which weights, and which ``pumer_patch.apply`` call (None: unpatched)."""
+
+    name: str
+    description: str
+    weights: str = "base"  # "base" (trained unpatched) or "finetuned" (finetuned with the reduction on)
+    patch: Mapping[str, Any] | None = None
+
+    def build(self, weights: Mapping[str, nn.Module], trace: bool = False) -> nn.Module:
+        """A fresh copy of the weights, patched as this variant says."""
+        model = copy.deepcopy(weights[self.weights]).eval()
+        if self.patch is not None:
+            pumer_patch.apply(model, **self.patch, trace=trace)
+        return model
+
+
+def patch_args(layers: Sequence[int], prune: float, merge: float, text_merge: float, mode: str = "default") -> dict[str, Any]:
+    return {"layers": list(layers), "prune_ratio": prune, "merge_ratio": merge, "text_merge_ratio": text_merge, "mode": mode}
+
+
+def build_variants(cfg: StudyConfig, base: nn.Module, example: Mapping[str, Tensor]) -> list[Variant]:
+    """The study's rows; the ToMe baseline's ratio is chosen here to match PuMer's FLOPs."""
+    r = cfg.reduce
+    pumer = patch_args(r.layers, r.prune, r.merge, r.text_merge)
+    pumer_gflops = gflops_per_example(pumer_patch.apply(copy.deepcopy(base), **pumer), example)
+    # ToMe merges in every layer: here from PuMer's first reduce layer on, one ratio for image and
+    # text (each within its modality), nothing pruned, nothing guided by text
+    tome_layers = list(range(min(r.layers), base.config.num_hidden_layers))
+    ratio, _ = match_gflops(base, example, pumer_gflops, lambda q: patch_args(tome_layers, 0.0, q, q))
+    tome = patch_args(tome_layers, 0.0, ratio, ratio)
+    layer_names = ",".join(map(str, r.layers))
+    return [
+        Variant("unpatched", "the trained ViLT, no reduction"),
+        Variant("pumer", f"PuMer {r.name}, default mode, off the shelf", patch=pumer),
+        Variant("pumer-reference", f"PuMer {r.name}, reference mode (research code arithmetic), off the shelf",
+                patch={**pumer, "mode": "reference"}),
+        Variant("prune-only", f"text-informed pruning {r.prune:g} at layers {layer_names}, no merging",
+                patch=patch_args(r.layers, r.prune, 0.0, 0.0)),
+        Variant("merge-only", f"merging {r.merge:g} image / {r.text_merge:g} text at layers {layer_names}, no pruning",
+                patch=patch_args(r.layers, 0.0, r.merge, r.text_merge)),
+        Variant("tome-equal-flops",
+                f"ToMe-style: merge {tome['merge_ratio']:g} of image and text tokens at layers {tome_layers[0]}-{tome_layers[-1]}, "
+                f"no text guidance, ratio searched to match PuMer's GFLOPs", patch=tome),
+        Variant("pumer-finetuned", f"PuMer {r.name}, default mode, finetuned with the reduction on"
+                + (f", distilled from the unpatched model (KL weight {cfg.distill_weight:g})" if cfg.distill_weight > 0 else ""),
+                weights="finetuned", patch=pumer),
+    ]
