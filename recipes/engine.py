@@ -18,7 +18,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +28,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -47,7 +47,7 @@ __all__ = [
     "Engine",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # logs from the main process only (no N copies under accelerate launch)
 
 
 class Task(Protocol):

@@ -10,7 +10,6 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import lmdb
 
@@ -20,12 +19,14 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _MAP_SIZE = 1 << 40  # the largest the store may grow; LMDB maps it virtually, the file holds only the data
-# LMDB allows one environment per file per process: every ImageStore of a file in a process shares it
-_ENVIRONMENTS: dict[tuple[int, Path], lmdb.Environment] = {}
+# LMDB allows one environment per file per process, and a forked child must not use (nor reopen
+# over) its parent's: every ImageStore of a file shares one per process, and all are closed before a
+# fork (a DataLoader starting its workers), then reopened lazily on either side.
+_ENVIRONMENTS: dict[Path, lmdb.Environment] = {}
 
 
 def _environment(path: Path) -> lmdb.Environment:
-    key = (os.getpid(), path.resolve())
+    key = path.resolve()
     env = _ENVIRONMENTS.get(key)
     if env is None:
         # lock=False: read-only readers need no lock file; readahead=False: random access over a big file
@@ -33,6 +34,14 @@ def _environment(path: Path) -> lmdb.Environment:
                         max_readers=2048)
         _ENVIRONMENTS[key] = env
     return env
+
+
+def _close_all() -> None:
+    while _ENVIRONMENTS:
+        _ENVIRONMENTS.popitem()[1].close()
+
+
+os.register_at_fork(before=_close_all)
 
 
 class MissingImageError(KeyError):
@@ -46,7 +55,7 @@ class ImageStore:
     """Read-only access to one single-file LMDB image store (``subdir=False``).
 
     ``store[key]`` -> the raw JPEG/PNG bytes of the image whose file stem is ``key``.
-    Picklable: the environment is dropped when pickled and reopened on first use in the new process.
+    Picklable (it holds only the path): the environment opens on first use in each process.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -56,14 +65,9 @@ class ImageStore:
                 f"image store {self.path} does not exist (expected one single-file LMDB per image collection; "
                 f"write one with recipes.convert_vqav2 or recipes.data.store.write_image_folder)"
             )
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
 
     def _open(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():  # first use, or first use in a forked worker
-            self._env = _environment(self.path)
-            self._pid = os.getpid()
-        return self._env
+        return _environment(self.path)
 
     def __getitem__(self, key: str) -> bytes:
         with self._open().begin(buffers=False) as txn:
@@ -86,9 +90,6 @@ class ImageStore:
 
     def __len__(self) -> int:
         return self._open().stat()["entries"]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_env": None, "_pid": None}
 
     def __repr__(self) -> str:
         return f"ImageStore({str(self.path)!r})"
