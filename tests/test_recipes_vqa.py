@@ -208,3 +208,18 @@ def test_two_processes_on_cpu_train_and_count_every_example_once(data: Path, vil
     assert info["processes"] == 2 and info["step"] == 3
     assert info["examples"] == 3 * 8  # 2 processes x 4 per step, gathered
     assert [h["examples"] for h in info["history"]] == [6, 6]
+
+
+def test_pumer_preset_distils_from_a_teacher_with_its_own_label_order(data: Path, vilt: Path, tokenizer_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    teacher_labels = ["yes", "red", "no", "blue", "green"]  # another order, and one answer more
+    teacher = ViltForQuestionAnswering.from_pretrained(vilt, num_labels=5, id2label=dict(enumerate(teacher_labels)),
+                                                       label2id={a: i for i, a in enumerate(teacher_labels)},
+                                                       ignore_mismatched_sizes=True)
+    teacher.save_pretrained(tmp_path / "teacher")
+    args = train_args(data, vilt, tmp_path / "run", tokenizer_dir, "--teacher", str(tmp_path / "teacher"),
+                      "--pumer", "p0.2-r0.2-t0.2-1", preset="vilt-vqa-pumer")
+    assert vqa.main(args) == 0
+    info = _info(tmp_path / "run")
+    assert info["step"] == 3 and info["settings"]["distill_weight"] == 1.0
+    assert info["settings"]["pumer"] == "p0.2-r0.2-t0.2-1" and info["settings"]["pumer_mode"] == "reference"
