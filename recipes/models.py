@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, ViltForQuestionAnswering
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, ViltForQuestionAnswering
 
 from pumer_patch.models.meter import CLIP_MEAN, CLIP_STD, MeterForQuestionAnswering
 from recipes.data.transforms import ImageSpec
@@ -63,11 +63,15 @@ def get_family(name: str) -> Family:
 
 
 def family_of(path: str | os.PathLike[str]) -> str | None:
-    """The family a local checkpoint folder belongs to (its config's ``model_type``), None if not local."""
+    """The family of a checkpoint (its config's ``model_type``); None when its config cannot be read."""
     config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    model_type = json.loads(config.read_text()).get("model_type")
+    if config.is_file():
+        model_type = json.loads(config.read_text()).get("model_type")
+    else:  # a hub id: its config from the cache or the hub
+        try:
+            model_type = AutoConfig.from_pretrained(str(path)).model_type
+        except (OSError, ValueError):
+            return None
     if model_type not in FAMILIES:
         raise ValueError(f"{path} holds a {model_type!r} model; the recipes support {sorted(FAMILIES)}")
     return model_type
