@@ -13,7 +13,9 @@ from .base import Adapter, LayerCount, PatchState, Plan, Trace
 
 __all__ = ["Adapter", "LayerCount", "PatchState", "Plan", "Trace", "REGISTRY", "get_adapter", "loaded_adapters"]
 
-# name -> (library that must be imported, module, class), in the order roots are searched
+# name -> (library that must be imported, module, class), in the order roots are searched; a root nested
+# inside another family's root is left to that owner (see base.py), so the order only settles a module
+# that two adapters both claim
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "meter": ("pumer_patch.models.meter", "pumer_patch.adapters.meter", "MeterAdapter"),
     "vilt": ("transformers", "pumer_patch.adapters.vilt", "ViltAdapter"),

@@ -1,7 +1,7 @@
 """pumer-patch: prune and merge tokens in vision-language and vision transformers (PuMer, ACL 2023).
 
 ``pumer_patch.apply(model, layers=[2, 5, 8], prune_ratio=0.1, merge_ratio=0.3, text_merge_ratio=0.2)``
-patches a ViLT, timm or open_clip model in place, per instance; ``pumer_patch.remove(model)`` undoes it.
+patches a ViLT, METER (``pumer_patch.models.meter``), timm or open_clip model in place, per instance; ``pumer_patch.remove(model)`` undoes it.
 The maths lives in ``pumer_patch.core`` and knows no model.
 """
 
