@@ -19,7 +19,9 @@ the reduction a PuMer checkpoint folder's config names.
 Modes: ``reference`` reproduces the research code (sizes not carried, survivors in relevance order,
 so the image pooler reads the most relevant survivor; the fractional text mask in both
 cross-attentions; a block prunes only when its merge count is > 0 too, and merges text or image only
-when its prune ratio is > 0). ``default`` carries sizes into proportional attention (``log(size)`` on
+when its prune ratio is > 0). One edge differs: where 0 < p but round(p * N) == 0 (only N < 1 / (2p),
+tiny models) the research code still sorts the image by relevance and merges; here the block
+reduces nothing, ViLT's rule in the shared core. ``default`` carries sizes into proportional attention (``log(size)`` on
 the keys of self- and cross-attention), protects the image [CLS] and keeps spatial order.
 
 Option ``encoder_merge_schedule`` (default mode only): ToMe's r per block of the CLIP image tower
