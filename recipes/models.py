@@ -20,9 +20,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, ViltForQuestionAnswering
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ViltForImagesAndTextClassification,
+    ViltForQuestionAnswering,
+)
 
-from pumer_patch.models.meter import CLIP_MEAN, CLIP_STD, MeterForQuestionAnswering
+from pumer_patch.models.convert_meter import resize_position_embedding
+from pumer_patch.models.meter import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MeterForQuestionAnswering,
+    MeterForVisualEntailment,
+    MeterForVisualReasoning,
+)
 from recipes.data.transforms import ImageSpec
 
 __all__ = ["Family", "FAMILIES", "get_family", "family_of", "load_model", "load_tokenizer", "model_labels",
@@ -39,7 +53,7 @@ class Family:
     heads: Mapping[str, type[PreTrainedModel]]
     image: ImageSpec
     tokenizer: str
-    label_count_field: str  # the config field that sizes the VQA head
+    label_count_field: str  # the config field that sizes a label head (VQA's answers)
 
     def head(self, task: str) -> type[PreTrainedModel]:
         if task not in self.heads:
@@ -48,10 +62,13 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "vilt": Family("vilt", {"vqa": ViltForQuestionAnswering},
+    # ViLT has no VE class in transformers: a 3-label classification head has the right shapes (CE loss)
+    "vilt": Family("vilt", {"vqa": ViltForQuestionAnswering, "snli_ve": ViltForQuestionAnswering,
+                            "nlvr2": ViltForImagesAndTextClassification},
                    ImageSpec(InterpolationMode.BILINEAR, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "bert-base-uncased",
                    "num_labels"),
-    "meter": Family("meter", {"vqa": MeterForQuestionAnswering},
+    "meter": Family("meter", {"vqa": MeterForQuestionAnswering, "snli_ve": MeterForVisualEntailment,
+                              "nlvr2": MeterForVisualReasoning},
                     ImageSpec(InterpolationMode.BICUBIC, CLIP_MEAN, CLIP_STD), "roberta-base", "vqa_label_size"),
 }
 
@@ -89,8 +106,13 @@ def model_labels(model: PreTrainedModel) -> list[str] | None:
     return labels
 
 
-def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: Sequence[str]) -> PreTrainedModel:
-    """Load ``path`` with ``family``'s ``task`` head; a head without real labels is rebuilt over ``labels``."""
+def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: Sequence[str], *,
+               image_size: int | None = None) -> PreTrainedModel:
+    """Load ``path`` with ``family``'s ``task`` head; a head without real labels is rebuilt over ``labels``.
+
+    image_size: METER's position table is resized to it when the checkpoint has another size (ViLT
+    interpolates its positions at run time and needs nothing).
+    """
     cls = family.head(task)
     model = cls.from_pretrained(str(path))
     own = model_labels(model)
@@ -98,13 +120,29 @@ def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: 
         if list(own) != list(labels):
             logger.info("%s has its own %d labels (the data has %d): targets and predictions use its id2label",
                         path, len(own), len(labels))
-        return model
+        return _resize_meter_positions(model, image_size)
     logger.info("%s has no answer labels: a new %d-way head over the data's vocabulary", path, len(labels))
     head = {family.label_count_field: len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {a: i for i, a in enumerate(labels)}}
     if family.label_count_field != "num_labels":
         head["num_labels"] = len(labels)
-    return cls.from_pretrained(str(path), ignore_mismatched_sizes=True, **head)
+    return _resize_meter_positions(cls.from_pretrained(str(path), ignore_mismatched_sizes=True, **head), image_size)
+
+
+def _resize_meter_positions(model: PreTrainedModel, image_size: int | None) -> PreTrainedModel:
+    """METER at another input size: [CLS] position kept, the grid resized bicubically (DESIGN.md, checkpoints)."""
+    tower = getattr(getattr(model, "meter", None), "vit_model", None)
+    if tower is None or image_size is None or image_size == tower.image_size:
+        return model
+    patch = model.config.vit_patch_size
+    if image_size % patch:
+        raise ValueError(f"--image-size {image_size} is not a multiple of METER's patch size {patch}")
+    logger.info("METER positions resized from %d to %d pixels ([CLS] kept, grid bicubic)", tower.image_size, image_size)
+    with torch.no_grad():
+        resized = resize_position_embedding(tower.positional_embedding.detach(), image_size // patch)
+    tower.positional_embedding = torch.nn.Parameter(resized)
+    tower.image_size = model.config.image_size = image_size
+    return model
 
 
 def label_index(source: Sequence[str], target: Sequence[str]) -> Tensor:

@@ -23,36 +23,41 @@ scored correctly, and answers outside its labels can never be predicted, as with
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-import pumer_patch
+from recipes.common import (
+    TaskSpec,
+    add_common_args,
+    add_eval_args,
+    add_train_args,
+    eval_loader,
+    evaluate,
+    finish_args,
+    load_for_eval,
+    make_accelerator,
+    markdown_table,
+    patch,
+    train,
+)
 from recipes.data.dataset import ImageTextDataset
-from recipes.data.loader import loader_throughput, make_loader
 from recipes.data.records import VqaRecord, read_jsonl
 from recipes.data.store import ImageStore
 from recipes.data.transforms import build_image_transform
 from recipes.engine import Engine, EvalResult, TrainConfig
-from recipes.models import Family, get_family, family_of, label_index, load_model, load_tokenizer, model_labels
-from recipes.presets import PRESETS, get_preset
+from recipes.models import Family
 from recipes.vqa_answers import vqa_score
 
-__all__ = ["SPLITS", "VqaTask", "VqaData", "main", "parse_args"]
+__all__ = ["SPLITS", "VQA", "VqaTask", "VqaData", "main", "parse_args", "predict"]
 
 logger = logging.getLogger("recipes.vqa")
 
@@ -60,7 +65,6 @@ logger = logging.getLogger("recipes.vqa")
 SPLITS = {"train": ("vqav2_train.jsonl", "coco-trainval2014.lmdb"),
           "val": ("vqav2_val.jsonl", "coco-trainval2014.lmdb"),
           "test": ("vqav2_test.jsonl", "coco-test2015.lmdb")}
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class VqaTask:
@@ -107,7 +111,7 @@ class VqaData:
         answers = self.root / "answers.json"
         if not answers.is_file():
             raise FileNotFoundError(f"{answers} does not exist; write the data folder with python -m recipes.convert_vqav2")
-        self.vocabulary: list[str] = json.loads(answers.read_text())
+        self.labels: list[str] = json.loads(answers.read_text())  # the answer vocabulary
 
     def check(self, splits: Sequence[str]) -> None:
         """Fail now, before any model loads, if a split's annotations or image store is missing."""
@@ -136,165 +140,21 @@ class VqaData:
                                 on_bad_image=on_bad_image)
 
 
-def _check_model_path(path: str | None, what: str) -> None:
-    if path is None:
-        raise ValueError(f"no {what}: pass --{what.replace(' ', '-')} PATH")
-    if not Path(path).exists() and (path.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(path)):
-        raise FileNotFoundError(f"--{what.replace(' ', '-')} {path} names no folder and is no hub id (org/name)")
-
-
-def _family(preset_family: str | None, model: str) -> Family:
-    found = family_of(model)
-    if found is not None and preset_family is not None and found != preset_family:
-        raise ValueError(f"{model} is a {found} model but the preset is for {preset_family}")
-    name = found or preset_family
-    if name is None:
-        raise ValueError(f"cannot tell the family of {model}; pass --family {{{','.join(['vilt', 'meter'])}}}")
-    return get_family(name)
-
-
-def _patch(model: torch.nn.Module, pumer: str | None, mode: str) -> torch.nn.Module:
-    if pumer is None:
-        return model
-    logger.info("PuMer %s, %s mode", pumer, mode)
-    return pumer_patch.apply(model, pumer, mode=mode)
-
-
-# ---------------------------------------------------------------------------------------- train
-
-
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Finetune with a preset; returns ``train_info`` (also written to ``OUTPUT/train_info.json``)."""
-    preset = get_preset(args.preset, model=args.model, lr=args.lr, epochs=args.epochs, eval_every=args.eval_every,
-                        total_batch=args.total_batch, image_size=args.image_size, text_length=args.text_length,
-                        patience=args.patience, pumer=args.pumer, pumer_mode=args.pumer_mode,
-                        distill_weight=args.distill_weight, loss_scale=args.loss_scale)
-    # everything that can be checked without loading a model is checked first
-    data = VqaData(args.data)
-    data.check(["train", "val"])
-    _check_model_path(preset.model, "model")
-    if preset.distill_weight > 0:
-        _check_model_path(args.teacher, "teacher")
-    family = _family(preset.family, preset.model)
-    accelerator = _accelerator(args)
-    accelerator.gradient_accumulation_steps = _accumulation(preset.total_batch, args.per_device_batch,
-                                                            accelerator.num_processes)
-    set_seed(args.seed)
-    model = load_model(family, preset.task, preset.model, data.vocabulary)
-    labels = model_labels(model)
-    tokenizer = load_tokenizer(family, preset.model, args.tokenizer)
-    teacher, teacher_index = None, None
-    if preset.distill_weight > 0:
-        teacher = load_model(family, preset.task, args.teacher, data.vocabulary)
-        teacher_labels = model_labels(teacher)
-        teacher_index = None if teacher_labels == labels else label_index(teacher_labels, labels)
-    _patch(model, preset.pumer, preset.pumer_mode)  # before prepare: DDP and autocast wrap the patched model
-
-    common = dict(family=family, labels=labels, tokenizer=tokenizer, image_size=preset.image_size,
-                  text_length=preset.text_length, limit=args.limit, on_bad_image=args.on_bad_image)
-    train_set = data.dataset("train", train=True, **common)
-    val_set = data.dataset("val", train=False, **common)
-    train_loader = make_loader(train_set, args.per_device_batch, shuffle=True, workers=args.workers, seed=args.seed,
-                               drop_last=True)
-    val_loader = make_loader(val_set, args.eval_batch or args.per_device_batch, shuffle=False, workers=args.workers)
-    cfg = TrainConfig(output_dir=Path(args.output), lr=preset.lr, weight_decay=preset.weight_decay,
-                      lr_multipliers=preset.lr_multipliers, warmup=preset.warmup, end_lr=preset.end_lr,
-                      epochs=preset.epochs, max_steps=args.max_steps, eval_every=preset.eval_every,
-                      patience=preset.patience, distill_weight=preset.distill_weight,
-                      distill_temperature=preset.distill_temperature, stop_after_steps=args.stop_after_steps,
-                      progress=not args.no_progress)
-    engine = Engine(accelerator, model, VqaTask(labels, preset.loss_scale, val_set.records), cfg,
-                    teacher=teacher, teacher_index=teacher_index)
-    train_loader, val_loader = engine.prepare_training(train_loader, val_loader)
-    state = engine.fit(train_loader, val_loader, resume=args.resume, save_extra=tokenizer.save_pretrained)
-    info = {"preset": args.preset, "settings": {k: v for k, v in asdict(preset).items()},
-            "processes": accelerator.num_processes, "total_steps": engine.total_steps, **state.state_dict()}
-    if accelerator.is_main_process:
-        Path(args.output, "train_info.json").write_text(json.dumps(info, indent=2, default=str))
-    return info
-
-
-def _accumulation(total_batch: int, per_device: int, processes: int) -> int:
-    per_step = per_device * processes
-    if total_batch % per_step:
-        raise ValueError(f"--total-batch {total_batch} is not a multiple of --per-device-batch {per_device} x "
-                         f"{processes} processes; change one of them")
-    return total_batch // per_step
-
-
-def _accelerator(args: argparse.Namespace) -> Accelerator:
-    """The run's ``Accelerator``; refuses a multi-process launch that would silently run N separate jobs."""
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != accelerator.num_processes:
-        raise RuntimeError(f"launched as {world} processes but accelerate runs {accelerator.num_processes}: "
-                           f"without GPUs pass --cpu (gloo), with GPUs launch with accelerate launch --multi_gpu")
-    return accelerator
-
-
-# ---------------------------------------------------------------------------------------- eval / predict
-
-
-def _load_for_eval(args: argparse.Namespace, data: VqaData) -> tuple[Family, torch.nn.Module, list[str], Any]:
-    _check_model_path(args.model, "model")
-    family = _family(args.family, args.model)
-    model = load_model(family, "vqa", args.model, data.vocabulary)
-    labels = model_labels(model)
-    return family, model, labels, load_tokenizer(family, args.model, args.tokenizer)
-
-
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Score the model on a split, unpatched and (``--pumer``) patched, side by side: JSON + markdown."""
-    data = VqaData(args.data)
-    data.check([args.split])
-    accelerator = _accelerator(args)
-    family, model, labels, tokenizer = _load_for_eval(args, data)
-    dataset = data.dataset(args.split, family, labels, tokenizer, image_size=args.image_size,
-                           text_length=args.text_length, train=False, limit=args.limit, on_bad_image=args.on_bad_image)
-    loader = accelerator.prepare(make_loader(dataset, args.eval_batch, shuffle=False, workers=args.workers))
-    task = VqaTask(labels, "label_count", dataset.records)
-    rows: list[dict[str, Any]] = []
-    variants = [("unpatched", None)] + ([(f"PuMer {args.pumer} ({args.pumer_mode})", args.pumer)] if args.pumer else [])
-    for name, pumer in variants:
-        variant = accelerator.prepare(_patch(copy.deepcopy(model), pumer, args.pumer_mode))
-        engine = Engine(accelerator, variant, task, TrainConfig(output_dir=Path(args.output), lr=0.0,
-                                                                 progress=not args.no_progress))
-        result = engine.evaluate(loader, desc=name)
-        rows.append({"variant": name, "pumer": pumer, **result.summary()})
-        logger.info("%s: VQA score %.4f, %.1f examples/s, %.3f GFLOPs/example", name, result.metrics["score"],
-                    result.examples_per_second, result.gflops)
-    report: dict[str, Any] = {"model": args.model, "split": args.split, "rows": rows}
-    if args.loader_speed:
-        report["loader_examples_per_s"] = loader_throughput(loader, batches=args.loader_speed)
-        logger.info("loader alone: %.1f examples/s (%d workers)", report["loader_examples_per_s"], args.workers)
-    if accelerator.is_main_process:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
-        (out / "eval.md").write_text(markdown_table(report) + "\n")
-    return report
-
-
-def markdown_table(report: Mapping[str, Any]) -> str:
-    """One row per variant: VQA score, examples/s, GFLOPs per example."""
-    lines = ["| variant | VQA score | examples/s | GFLOPs/ex | examples |", "|---|---:|---:|---:|---:|"]
-    for r in report["rows"]:
-        lines.append(f"| {r['variant']} | {100 * r['score']:.2f} | {r['examples_per_s']:.1f} | "
-                     f"{r['gflops_per_example']:.3f} | {r['examples']} |")
-    return "\n".join(lines)
+VQA = TaskSpec(name="vqa", title="VQAv2", metric="VQA score", data=VqaData,
+               make_task=lambda labels, loss_scale, records: VqaTask(labels, loss_scale, records),
+               splits=tuple(SPLITS), train_split="train", eval_split="val", text_length=32,
+               converter="recipes.convert_vqav2")
 
 
 def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Answers for a split (default test) in the official format ``[{question_id, answer}]``."""
     data = VqaData(args.data)
     data.check([args.split])
-    accelerator = _accelerator(args)
-    family, model, labels, tokenizer = _load_for_eval(args, data)
-    dataset = data.dataset(args.split, family, labels, tokenizer, image_size=args.image_size,
-                           text_length=args.text_length, train=False, limit=args.limit, on_bad_image=args.on_bad_image)
-    loader = accelerator.prepare(make_loader(dataset, args.eval_batch, shuffle=False, workers=args.workers))
+    accelerator = make_accelerator(args)
+    family, model, labels, tokenizer = load_for_eval(VQA, args, data)
+    loader, dataset = eval_loader(VQA, args, accelerator, data, family, labels, tokenizer)
     task = VqaTask(labels, "label_count", dataset.records)
-    model = accelerator.prepare(_patch(model, args.pumer, args.pumer_mode))
+    model = accelerator.prepare(patch(model, args.pumer, args.pumer_mode))
     engine = Engine(accelerator, model, task, TrainConfig(output_dir=Path(args.output).parent, lr=0.0,
                                                            progress=not args.no_progress))
     result: EvalResult = engine.evaluate(loader, desc="predict")
@@ -312,58 +172,20 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recipes.vqa", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--data", type=Path, required=True, help="data folder written by recipes.convert_vqav2")
-        q.add_argument("--tokenizer", help="tokenizer folder or hub id [the model's, else the family's]")
-        q.add_argument("--pumer", help="PuMer config, e.g. p0.1-r0.3-t0.2-258 [none / the preset's]")
-        q.add_argument("--pumer-mode", choices=["reference", "default"], default=None)
-        q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-        q.add_argument("--cpu", action="store_true", help="run on CPU even with GPUs (several processes: gloo)")
-        q.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per process")
-        q.add_argument("--eval-batch", type=int, default=None, help="evaluation batch per process")
-        q.add_argument("--limit", type=int, help="first N questions of each split only (smoke runs)")
-        q.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
-                       help="a missing or undecodable image: stop, or leave its question out (logged)")
-        q.add_argument("--no-progress", action="store_true")
-        q.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
     t = sub.add_parser("train", help="finetune with a preset")
-    common(t)
-    t.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    t.add_argument("--output", type=Path, required=True, help="run folder: best/, state/, train_info.json")
-    t.add_argument("--model", help="checkpoint to start from [the preset's]")
-    t.add_argument("--teacher", help="finetuned unreduced model to distil from (PuMer presets)")
-    t.add_argument("--per-device-batch", type=int, default=32)
-    t.add_argument("--resume", action="store_true", help="go on from OUTPUT/state")
-    t.add_argument("--stop-after-steps", type=int, help="end this job after N steps of the schedule (state saved)")
-    t.add_argument("--max-steps", type=int, help="schedule length in optimizer steps [from the epochs]")
-    t.add_argument("--seed", type=int, default=0)
-    for name, kind in (("lr", float), ("epochs", float), ("eval-every", int), ("total-batch", int),
-                       ("image-size", int), ("text-length", int), ("patience", int), ("distill-weight", float)):
-        t.add_argument(f"--{name}", type=kind, help="override the preset")
+    add_common_args(t, VQA)
+    add_train_args(t, VQA)
     t.add_argument("--loss-scale", choices=["label_count", "mean"], help="override the preset")
-
     for name, helptext in (("eval", "score a model on a split, with and without --pumer"),
                            ("predict", "answers in the official format")):
         e = sub.add_parser(name, help=helptext)
-        common(e)
-        e.add_argument("--model", required=True)
-        e.add_argument("--family", choices=["vilt", "meter"], help="needed for hub ids only")
-        e.add_argument("--split", default="val" if name == "eval" else "test", choices=list(SPLITS))
-        e.add_argument("--output", type=Path, required=True,
-                       help="folder for eval.json / eval.md" if name == "eval" else "predictions json file")
-        e.add_argument("--image-size", type=int, default=384)
-        e.add_argument("--text-length", type=int, default=32)
+        add_common_args(e, VQA)
+        add_eval_args(e, VQA, default_split="val" if name == "eval" else "test",
+                      output_help="folder for eval.json / eval.md" if name == "eval" else "predictions json file")
         if name == "eval":
             e.add_argument("--loader-speed", type=int, default=0, metavar="BATCHES",
                            help="also time the loader alone over this many batches")
-    args = p.parse_args(argv)
-    if args.eval_batch is None and args.command != "train":
-        args.eval_batch = 64
-    if args.pumer_mode is None and args.command != "train":
-        args.pumer_mode = "reference"
-    return args
+    return finish_args(p.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     with logging_redirect_tqdm():
         if args.command == "train":
-            train(args)
+            train(VQA, args, override={"loss_scale": args.loss_scale})
         elif args.command == "eval":
-            print(markdown_table(evaluate(args)))
+            print(markdown_table(evaluate(VQA, args)))
         else:
             predict(args)
     return 0
