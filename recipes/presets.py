@@ -51,11 +51,31 @@ _METER_VQA = Preset(family="meter", task="vqa", model=None, lr=5e-6, total_batch
                     image_size=384, text_length=32, lr_multipliers={"*classifier*": 50.0, "*cross_modal*": 5.0},
                     loss_scale="mean")
 
+# SNLI-VE and NLVR2: cross-entropy, so ``loss_scale`` plays no part. ViLT's NLVR2 starts from the hub's
+# MLM checkpoint with its token types grown to 3 (the second image's row copies the first's)
+_VILT_VE = Preset(family="vilt", task="snli_ve", model="dandelin/vilt-b32-mlm", lr=1e-4, total_batch=512, epochs=20,
+                  eval_every=800, image_size=384, text_length=40, lr_multipliers={"*classifier*": 10.0})
+_VILT_NLVR2 = Preset(family="vilt", task="nlvr2", model="dandelin/vilt-b32-mlm", lr=1e-4, total_batch=256, epochs=10,
+                     eval_every=300, image_size=384, text_length=40, lr_multipliers={"*classifier*": 10.0})
+_METER_VE = Preset(family="meter", task="snli_ve", model=None, lr=2e-6, total_batch=192, epochs=10, eval_every=2500,
+                   image_size=384, text_length=40, lr_multipliers={"*classifier*": 10.0, "*cross_modal*": 5.0})
+_METER_NLVR2 = Preset(family="meter", task="nlvr2", model=None, lr=5e-6, total_batch=96, epochs=10, eval_every=800,
+                      image_size=288, text_length=40, lr_multipliers={"*classifier*": 50.0, "*cross_modal*": 5.0})
+
+# the PuMer configs of the research code's released checkpoints (its README), one per model and task
 PRESETS: dict[str, Preset] = {
     "vilt-vqa": _VILT_VQA,
     "vilt-vqa-pumer": dataclasses.replace(_VILT_VQA, epochs=20, pumer="p0.1-r0.3-t0.2-258", distill_weight=1.0),
     "meter-vqa": _METER_VQA,
     "meter-vqa-pumer": dataclasses.replace(_METER_VQA, epochs=20, pumer="p0.2r0.2t0.2-0246", distill_weight=1.0),
+    "vilt-ve": _VILT_VE,
+    "vilt-ve-pumer": dataclasses.replace(_VILT_VE, pumer="p0.1r0.3t0.2-2468", distill_weight=1.0),
+    "meter-ve": _METER_VE,
+    "meter-ve-pumer": dataclasses.replace(_METER_VE, epochs=20, pumer="p0.3r0.5t0.2-0246", distill_weight=1.0),
+    "vilt-nlvr2": _VILT_NLVR2,
+    "vilt-nlvr2-pumer": dataclasses.replace(_VILT_NLVR2, pumer="p0.1r0.3t0.2-258", distill_weight=1.0),
+    "meter-nlvr2": _METER_NLVR2,
+    "meter-nlvr2-pumer": dataclasses.replace(_METER_NLVR2, epochs=20, pumer="p0.3r0.5t0.2-246", distill_weight=1.0),
 }
 
 
