@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["RecordError", "VqaRecord", "read_jsonl", "write_jsonl"]
+__all__ = ["RecordError", "VqaRecord", "SnliVeRecord", "SNLI_VE_LABELS", "read_jsonl", "write_jsonl"]
 
 R = TypeVar("R")
 
@@ -58,6 +58,43 @@ class VqaRecord:
     def to_json(self) -> dict[str, Any]:
         return {"qid": self.qid, "question": self.question, "img_id": self.img_id, "label": self.label,
                 "answer_type": self.answer_type}
+
+
+# SNLI-VE's classes in logit order (the research code's and METER's): contradiction 0, neutral 1, entailment 2
+SNLI_VE_LABELS = ("contradiction", "neutral", "entailment")
+
+
+@dataclass(frozen=True)
+class SnliVeRecord:
+    """One SNLI-VE pair: ``{pairID, Flickr30K_ID, sentence2, gold_label}`` (the public files' field names).
+
+    The premise is the Flickr30k image ``Flickr30K_ID`` (the image's file stem); ``sentence2`` is the
+    hypothesis, the only text the model reads; ``gold_label`` one of ``SNLI_VE_LABELS``.
+    """
+
+    pair_id: str
+    image_id: str
+    hypothesis: str
+    gold_label: str
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "SnliVeRecord":
+        gold = _field(obj, "gold_label", str)
+        if gold not in SNLI_VE_LABELS:
+            raise ValueError(f"field 'gold_label' should be one of {SNLI_VE_LABELS}, got {gold!r}")
+        image = obj.get("Flickr30K_ID")
+        if isinstance(image, int) and not isinstance(image, bool):  # some copies store the id as a number
+            image = str(image)
+        return cls(pair_id=str(_field(obj, "pairID", (str, int))), image_id=_field({"Flickr30K_ID": image}, "Flickr30K_ID", str),
+                   hypothesis=_field(obj, "sentence2", str), gold_label=gold)
+
+    @property
+    def label(self) -> int:
+        return SNLI_VE_LABELS.index(self.gold_label)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pairID": self.pair_id, "Flickr30K_ID": self.image_id, "sentence2": self.hypothesis,
+                "gold_label": self.gold_label}
 
 
 def read_jsonl(path: str | os.PathLike[str], parse: Callable[[Mapping[str, Any]], R]) -> list[R]:
