@@ -82,10 +82,8 @@ class SnliVeRecord:
         gold = _field(obj, "gold_label", str)
         if gold not in SNLI_VE_LABELS:
             raise ValueError(f"field 'gold_label' should be one of {SNLI_VE_LABELS}, got {gold!r}")
-        image = obj.get("Flickr30K_ID")
-        if isinstance(image, int) and not isinstance(image, bool):  # some copies store the id as a number
-            image = str(image)
-        return cls(pair_id=str(_field(obj, "pairID", (str, int))), image_id=_field({"Flickr30K_ID": image}, "Flickr30K_ID", str),
+        image = _field(obj, "Flickr30K_ID", (str, int))  # some copies store the id as a number
+        return cls(pair_id=str(_field(obj, "pairID", (str, int))), image_id=str(image),
                    hypothesis=_field(obj, "sentence2", str), gold_label=gold)
 
     @property
