@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import Tensor
 
 import pumer_patch
 from recipes.data.dataset import ImageTextDataset
@@ -33,7 +35,7 @@ from recipes.engine import Engine, Task, TrainConfig
 from recipes.models import FAMILIES, Family, family_of, get_family, label_index, load_model, load_tokenizer, model_labels
 from recipes.presets import PRESETS, get_preset
 
-__all__ = ["TaskData", "TaskSpec", "check_model_path", "resolve_family", "patch", "make_accelerator", "accumulation",
+__all__ = ["ClassificationTask", "TaskData", "TaskSpec", "check_model_path", "resolve_family", "patch", "make_accelerator", "accumulation",
            "add_common_args", "add_train_args", "add_eval_args", "train", "evaluate", "load_for_eval",
            "eval_loader", "finish_args", "write_report", "markdown_table", "model_image_size", "PUMER_MODES"]
 
@@ -76,6 +78,34 @@ class TaskSpec:
     eval_split: str
     text_length: int
     converter: str  # the module that writes the data folder, named in --data's help
+
+
+class ClassificationTask:
+    """The engine's ``Task`` for single-label classification: cross-entropy and accuracy.
+
+    Targets are class indices in the model's label order (``batch["target"]``, (B,) long); examples
+    whose image failed to decode (``valid`` False) count in neither loss nor accuracy.
+    """
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = list(labels)
+
+    def model_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+    def loss(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        per_example = F.cross_entropy(logits.float(), batch["target"], reduction="none")
+        valid = batch["valid"].float()
+        return (per_example * valid).sum() / valid.sum().clamp_min(1.0)
+
+    def eval_outputs(self, logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"index": batch["index"], "prediction": logits.argmax(-1), "target": batch["target"],
+                "valid": batch["valid"]}
+
+    def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        keep = outputs["valid"].bool()
+        correct = (outputs["prediction"][keep] == outputs["target"][keep]).float()
+        return {"score": correct.mean().item() if len(correct) else 0.0, "skipped_images": float((~keep).sum())}
 
 
 # ---------------------------------------------------------------------------------------- checks and setup
