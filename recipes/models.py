@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from pumer_patch.models.convert_meter import resize_position_embedding
+from pumer_patch.models.convert_vilt import restore_text_layer_norm_eps
 from pumer_patch.models.meter import (
     CLIP_MEAN,
     CLIP_STD,
@@ -114,19 +115,27 @@ def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: 
     interpolates its positions at run time and needs nothing).
     """
     cls = family.head(task)
-    model = cls.from_pretrained(str(path))
+    model = _loaded(cls, path, image_size)
     own = model_labels(model)
     if own is not None:
         if list(own) != list(labels):
             logger.info("%s has its own %d labels (the data has %d): targets and predictions use its id2label",
                         path, len(own), len(labels))
-        return _resize_meter_positions(model, image_size)
+        return model
     logger.info("%s has no answer labels: a new %d-way head over the data's vocabulary", path, len(labels))
     head = {family.label_count_field: len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {a: i for i, a in enumerate(labels)}}
     if family.label_count_field != "num_labels":
         head["num_labels"] = len(labels)
-    return _resize_meter_positions(cls.from_pretrained(str(path), ignore_mismatched_sizes=True, **head), image_size)
+    return _loaded(cls, path, image_size, ignore_mismatched_sizes=True, **head)
+
+
+def _loaded(cls: type[PreTrainedModel], path: str | os.PathLike[str], image_size: int | None,
+            **kwargs: object) -> PreTrainedModel:
+    """``cls.from_pretrained`` plus what a config cannot make it do: ViLT's research text-LayerNorm eps
+    (``convert_vilt.restore_text_layer_norm_eps``) and METER's positions at ``image_size``."""
+    model = restore_text_layer_norm_eps(cls.from_pretrained(str(path), **kwargs))
+    return _resize_meter_positions(model, image_size)
 
 
 def _resize_meter_positions(model: PreTrainedModel, image_size: int | None) -> PreTrainedModel:

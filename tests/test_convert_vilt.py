@@ -34,6 +34,7 @@ from pumer_patch.models.convert_vilt import (
     load_vilt_checkpoint,
     main,
     read_vilt_checkpoint,
+    restore_text_layer_norm_eps,
     vilt_config_for,
 )
 
@@ -80,6 +81,10 @@ def tiny_model(head: str, seed: int = 0) -> PreTrainedModel:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    # the research model: BertEmbeddings and the MLM transform are built with BertConfig's eps
+    model.vilt.embeddings.text_embeddings.LayerNorm.eps = 1e-12
+    if head == "pretrain":
+        model.mlm_score.transform.LayerNorm.eps = 1e-12
     return model.eval()
 
 
@@ -261,7 +266,7 @@ def test_cli_writes_a_folder_that_from_pretrained_loads(tmp_path, head):
     out = tmp_path / "hf"
     main([str(write_checkpoint(tmp_path, research, "pumer")), str(out), "--head", head])
     assert {"config.json", "model.safetensors", "itm_head.safetensors"} <= {p.name for p in out.iterdir()}
-    loaded = HF_CLASS[head].from_pretrained(out).eval()
+    loaded = restore_text_layer_norm_eps(HF_CLASS[head].from_pretrained(out).eval())
     want = source.state_dict()
     assert loaded.state_dict().keys() == want.keys()
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
@@ -272,6 +277,32 @@ def test_cli_writes_a_folder_that_from_pretrained_loads(tmp_path, head):
     assert torch.equal(itm["bias"], research["itm_score.fc.bias"])
     head_module = torch.nn.Linear(HIDDEN, 2)
     head_module.load_state_dict(itm)  # the file is an nn.Linear(hidden, 2) state_dict
+
+
+def test_text_layer_norms_keep_the_research_eps(tmp_path):
+    """1e-12 on the text embeddings' and MLM transform's LayerNorm (BertConfig's), 1e-6 on the rest.
+
+    With embeddings of the real scale (std 0.02) eps 1e-6 there moves the logits visibly, so the
+    converted model, and a written folder after ``restore_text_layer_norm_eps``, must carry 1e-12.
+    """
+    source = tiny_model("pretrain")
+    with torch.no_grad():
+        for emb in (source.vilt.embeddings.text_embeddings.word_embeddings,
+                    source.vilt.embeddings.text_embeddings.position_embeddings,
+                    source.vilt.embeddings.text_embeddings.token_type_embeddings):
+            emb.weight.mul_(0.1)  # std 0.02, as trained BERT embeddings
+    path = write_checkpoint(tmp_path, research_state_dict(source, "pretrain", "pumer"), "pumer")
+    model, _ = load(path, "pretrain", "pumer")
+    assert model.vilt.embeddings.text_embeddings.LayerNorm.eps == model.mlm_score.transform.LayerNorm.eps == 1e-12
+    assert model.vilt.layernorm.eps == model.vilt.encoder.layer[0].layernorm_before.eps == 1e-6
+    assert torch.equal(logits(model, "pretrain"), logits(source, "pretrain"))
+
+    out = tmp_path / "hf"
+    main([str(path), str(out), "--head", "pretrain"])
+    plain = ViltForMaskedLM.from_pretrained(out).eval()  # one layer_norm_eps for every LayerNorm: 1e-6
+    assert (logits(plain, "pretrain") - logits(source, "pretrain")).abs().max() > 1e-5
+    restored = restore_text_layer_norm_eps(plain)
+    torch.testing.assert_close(logits(restored, "pretrain"), logits(source, "pretrain"), rtol=0, atol=1e-6)
 
 
 def test_a_pumer_config_reduction_survives_into_the_transformers_config(tmp_path):

@@ -64,14 +64,14 @@ Config facts (checked in the research code; where transformers cannot say it exa
 
 * LayerNorm eps 1e-6: timm's ``partial(nn.LayerNorm, eps=1e-6)`` in ``VisionTransformer.__init__``
   (both repositories' ``vision_transformer.py`` / ``vit_vilt.py``). transformers' ViLT has one
-  ``layer_norm_eps`` for every LayerNorm of the backbone, so the text embeddings' LayerNorm and the
-  MLM transform's (``BertEmbeddings`` / ``BertPredictionHeadTransform`` with BertConfig's 1e-12 in the
-  research code) get 1e-6 too. That shrinks the normalised text embeddings by about 5e-7 / var, var
-  the per-token variance of word + position + type embedding (about 2e-4 relative for entries of std
-  0.03): measured 5.6e-4 max logit change on a ViLT-B/32 VQA model with transformers' initialisation
-  (embedding std 0.02, logits up to 1.9). Exact would need eps 1e-12 on
-  those two LayerNorms, which one ``ViltConfig`` cannot say. The classifiers' LayerNorm keeps torch's
-  default 1e-5 on both sides.
+  ``layer_norm_eps`` for every LayerNorm of the backbone, but the research text embeddings and MLM
+  transform are ``BertEmbeddings`` / ``BertPredictionHeadTransform`` with BertConfig's 1e-12. With 1e-6
+  there, the normalised text embeddings shrink by about 5e-7 / var (var: the per-token variance of
+  word + position + type embedding): 5.6e-4 max logit change measured on a ViLT-B/32 VQA model. So
+  the converted config records ``text_layer_norm_eps = 1e-12`` and ``restore_text_layer_norm_eps``
+  sets it on those two LayerNorms: the converter's model has it, and ``recipes.models.load_model``
+  applies it after ``from_pretrained`` (a plain ``from_pretrained`` cannot: call the function
+  yourself). The classifiers' LayerNorm keeps torch's default 1e-5 on both sides.
 * Dropout: PuMer's ViLT (``ViltModel.__init__`` in ``src/pumer/model/vilt/modeling_vilt.py``) drops out
   only in ``BertEmbeddings`` (0.1); its timm transformer is built without a config, so 0 inside. The
   original ViLT passes ``drop_rate`` 0.1 into the transformer too (block projections, MLP, ``pos_drop``).
@@ -126,6 +126,8 @@ from transformers import (
 
 __all__ = [
     "HEADS",
+    "TEXT_LAYER_NORM_EPS",
+    "restore_text_layer_norm_eps",
     "REDUCTION_FIELDS",
     "ViltConversionReport",
     "convert_vilt_state_dict",
@@ -147,6 +149,8 @@ HEADS: tuple[str, ...] = ("vqa", "ve", "nlvr2", "irtr", "pretrain")
 REDUCTION_FIELDS: tuple[str, ...] = ("prune_r", "merge_r", "merge_text", "reduce_layers", "sim_method", "merge_style")
 #: file written beside the converted model when the source has ITM weights
 ITM_HEAD_FILE = "itm_head.safetensors"
+#: BertConfig's LayerNorm eps, which the research text embeddings and MLM transform use (the rest: 1e-6)
+TEXT_LAYER_NORM_EPS = 1e-12
 
 _TARGET_CLASS: dict[str, type[PreTrainedModel]] = {
     "vqa": ViltForQuestionAnswering,
@@ -400,6 +404,7 @@ def vilt_config_for(
         "hidden_dropout_prob": 0.0 if source == "pumer" else 0.1,
         "attention_probs_dropout_prob": 0.0,
         "layer_norm_eps": 1e-6,
+        "text_layer_norm_eps": TEXT_LAYER_NORM_EPS,
         "image_size": grid * proj[-1],
         "patch_size": proj[-1],
         "num_channels": proj[1],
@@ -597,8 +602,29 @@ def load_vilt_checkpoint(
     fresh = model.state_dict()
     converted.update({k: fresh[k] for k in report.initialized})
     model.load_state_dict(converted, strict=True)
+    restore_text_layer_norm_eps(model)
     logger.info("%s\n%s", path, report.summary())
     return model.eval(), report
+
+
+def restore_text_layer_norm_eps(model: PreTrainedModel) -> PreTrainedModel:
+    """Give the text embeddings' (and the MLM transform's) LayerNorm the eps the config records.
+
+    A converted config carries ``text_layer_norm_eps`` (1e-12, the research BERT modules'), which one
+    ``ViltConfig.layer_norm_eps`` cannot express; ``from_pretrained`` builds those LayerNorms with
+    1e-6, so loaders call this after it. A model whose config has no such field is left as it is.
+    """
+    eps = getattr(model.config, "text_layer_norm_eps", None)
+    if eps is None:
+        return model
+    vilt = getattr(model, "vilt", model)
+    norms = [vilt.embeddings.text_embeddings.LayerNorm]
+    mlm = getattr(model, "mlm_score", None)
+    if mlm is not None:
+        norms.append(mlm.transform.LayerNorm)
+    for norm in norms:
+        norm.eps = float(eps)
+    return model
 
 
 def save_vilt_conversion(model: PreTrainedModel, report: ViltConversionReport, out_dir: str | Path) -> Path:
