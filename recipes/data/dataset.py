@@ -1,12 +1,13 @@
 """``ImageTextDataset``: records + an image store + a transform + a tokenizer -> fixed-shape examples.
 
-Task-agnostic: the task says which image a record names, which text it asks and what its target
+Task-agnostic: the task says which image a record names (or which images: NLVR2 names two, and
+its examples then hold ``pixel_values`` (2, 3, S, S)), which text it asks and what its target
 tensors are. Text is tokenized once, up front, padded to one fixed length (static shapes).
 Bad images are never silent: a key missing from the store is found before any training starts and
 either dropped (a warning names every key count and the store) or an error; an image that fails to
 decode is either an error naming key and store, or (``on_bad_image="skip"``) an example marked
-``valid = False`` with zero pixels and a warning, which losses and metrics leave out, so batch shapes
-and the gathered evaluation count stay exact.
+``valid = False`` with zero pixels (all its images) and a warning, which losses and metrics leave
+out, so batch shapes and the gathered evaluation count stay exact.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from transformers import PreTrainedTokenizerBase
 from .store import ImageStore
 from .transforms import to_pixels
 
-__all__ = ["ImageTextDataset", "BadImageError", "OnBadImage"]
+__all__ = ["ImageTextDataset", "BadImageError", "ImageKey", "OnBadImage"]
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
+ImageKey = str | tuple[str, ...]  # one image's stem, or the stems of an example's images in order
 OnBadImage = Literal["skip", "error"]
 
 
@@ -39,8 +41,9 @@ class BadImageError(ValueError):
 class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
     """Example ``i``: ``{"index", "input_ids" (T,), "attention_mask" (T,), "pixel_values" (3, S, S), "valid", **target}``.
 
-    records: the annotations; image_key(record) -> the stem in ``store``; text(record) -> the string to
-    tokenize; target(record) -> the task's target tensors (e.g. soft scores (L,)).
+    records: the annotations; image_key(record) -> the stem in ``store``, or a tuple of K stems, which
+    makes ``pixel_values`` (K, 3, S, S) in that order; text(record) -> the string to tokenize;
+    target(record) -> the task's target tensors (e.g. soft scores (L,)).
     """
 
     def __init__(
@@ -48,7 +51,7 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
         records: Sequence[R],
         store: ImageStore,
         *,
-        image_key: Callable[[R], str],
+        image_key: Callable[[R], ImageKey],
         text: Callable[[R], str],
         target: Callable[[R], Mapping[str, Tensor]],
         transform: Callable[[Any], Tensor],
@@ -60,7 +63,7 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         self.store, self.transform, self.image_size, self.on_bad_image = store, transform, image_size, on_bad_image
-        keys = {image_key(r) for r in records}
+        keys = {k for r in records for k in _stems(image_key(r))}
         missing = sorted(k for k in keys if k not in store)
         if missing:
             message = (f"{len(missing)} of {len(keys)} images are missing from {store.path}, "
@@ -68,8 +71,8 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
             if on_bad_image == "error":
                 raise BadImageError(message + " (--on-bad-image skip drops their questions)")
             gone = set(missing)
-            dropped = sum(image_key(r) in gone for r in records)
-            records = [r for r in records if image_key(r) not in gone]
+            kept = [r for r in records if gone.isdisjoint(_stems(image_key(r)))]
+            dropped, records = len(records) - len(kept), kept
             logger.warning("%s: skipping their %d records", message, dropped)
         self.records = list(records)
         self.keys = [image_key(r) for r in self.records]
@@ -83,14 +86,25 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         key = self.keys[i]
-        valid = True
-        try:
-            pixels = to_pixels(self.transform, self.store[key])
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
-            message = f"image {key!r} in {self.store.path} does not decode: {err}"
-            if self.on_bad_image == "error":
-                raise BadImageError(message + " (--on-bad-image skip leaves it out)") from err
-            logger.warning("%s; example %d left out of loss and metrics", message, i)
-            pixels, valid = torch.zeros(3, self.image_size, self.image_size), False
+        valid, images = True, []
+        for stem in _stems(key):
+            try:
+                images.append(to_pixels(self.transform, self.store[stem]))
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
+                message = f"image {stem!r} in {self.store.path} does not decode: {err}"
+                if self.on_bad_image == "error":
+                    raise BadImageError(message + " (--on-bad-image skip leaves it out)") from err
+                logger.warning("%s; example %d left out of loss and metrics", message, i)
+                valid = False
+                break
+        if valid:
+            pixels = images[0] if isinstance(key, str) else torch.stack(images)  # (3, S, S) or (K, 3, S, S)
+        else:
+            size = (self.image_size, self.image_size)
+            pixels = torch.zeros(3, *size) if isinstance(key, str) else torch.zeros(len(key), 3, *size)
         return {"index": torch.tensor(i), "input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
                 "pixel_values": pixels, "valid": torch.tensor(valid), **self.targets[i]}
+
+
+def _stems(key: ImageKey) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else tuple(key)
