@@ -20,7 +20,7 @@ LayerSchedule = Mapping[int, RatiosLike]
 
 def _index(value: Any, what: str) -> int:
     """An int block index from any integer type (numpy's too), never from a bool or a float."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):  # numpy 1 and 2 names
         raise TypeError(f"{what} must be an int block index, got the bool {value!r}")
     try:
         return operator.index(value)

@@ -36,7 +36,8 @@ class Ratios:
         for name in ("prune", "merge", "text_merge"):
             value = getattr(self, name)
             # any real number (numpy's too), but not a bool: True would read as 1
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+            is_bool = isinstance(value, bool) or type(value).__name__ in ("bool_", "bool")  # numpy 1 and 2 names
+            if is_bool or not isinstance(value, numbers.Real):
                 raise TypeError(f"Ratios.{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
             value = float(value)
             if math.isnan(value) or not 0.0 <= value < 1.0:

@@ -174,7 +174,7 @@ BAD_INPUT: list[BadRow] = [
     ("repeated", {"layers": [1, 1], "prune_ratio": 0.1}, ValueError, "repeats layer 1"),
     ("negative", {"layers": [-1], "prune_ratio": 0.1}, ValueError, "negative"),
     ("bool_layer", {"layers": [True], "prune_ratio": 0.1}, TypeError, "the bool True"),
-    ("numpy_bool_layer", {"layers": [np.bool_(True)], "prune_ratio": 0.1}, TypeError, "bool"),
+    ("numpy_bool_layer", {"layers": [np.bool_(True)], "prune_ratio": 0.1}, TypeError, "the bool"),
     ("bool_ratio", {"layers": [1], "prune_ratio": True}, TypeError, "must be a float"),
     ("ratio_one", {"layers": [1], "prune_ratio": 1.0}, ValueError, r"prune must lie in \[0, 1\)"),
     ("ratio_negative", {"layers": [1], "merge_ratio": -0.1}, ValueError, r"merge must lie in \[0, 1\)"),
