@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["RecordError", "VqaRecord", "SnliVeRecord", "SNLI_VE_LABELS", "read_jsonl", "write_jsonl"]
+__all__ = ["RecordError", "VqaRecord", "SnliVeRecord", "SNLI_VE_LABELS", "Nlvr2Record", "NLVR2_LABELS",
+           "read_jsonl", "write_jsonl"]
 
 R = TypeVar("R")
 
@@ -93,6 +94,43 @@ class SnliVeRecord:
     def to_json(self) -> dict[str, Any]:
         return {"pairID": self.pair_id, "Flickr30K_ID": self.image_id, "sentence2": self.hypothesis,
                 "gold_label": self.gold_label}
+
+
+# NLVR2's classes in logit order (ViLT's and METER's heads: index 1 = True)
+NLVR2_LABELS = ("False", "True")
+
+
+@dataclass(frozen=True)
+class Nlvr2Record:
+    """One NLVR2 statement: ``{identifier, sentence, label}`` (the public files' field names).
+
+    ``identifier`` is ``<split>-<set>-<pair>-<sentence>``; the pair's two images are the files
+    ``<split>-<set>-<pair>-img0`` and ``-img1`` (``images``, in that order: left, right).
+    ``label`` is "True" or "False", as the public files write it.
+    """
+
+    identifier: str
+    sentence: str
+    label: str
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "Nlvr2Record":
+        identifier = _field(obj, "identifier", str)
+        if len(identifier.split("-")) != 4:
+            raise ValueError(f"field 'identifier' should read <split>-<set>-<pair>-<sentence>, got {identifier!r}")
+        label = _field(obj, "label", str)
+        if label not in NLVR2_LABELS:
+            raise ValueError(f"field 'label' should be one of {NLVR2_LABELS}, got {label!r}")
+        return cls(identifier=identifier, sentence=_field(obj, "sentence", str), label=label)
+
+    @property
+    def images(self) -> tuple[str, str]:
+        """The stems of the pair's two images: ``dev-850-0-0`` -> ``(dev-850-0-img0, dev-850-0-img1)``."""
+        pair = self.identifier.rsplit("-", 1)[0]
+        return f"{pair}-img0", f"{pair}-img1"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"identifier": self.identifier, "sentence": self.sentence, "label": self.label}
 
 
 def read_jsonl(path: str | os.PathLike[str], parse: Callable[[Mapping[str, Any]], R]) -> list[R]:
