@@ -80,7 +80,9 @@ class PumerMeterVisionTower(MeterVisionTower):
         encoder = _encoder_plan(state.plan)
         if encoder is None:
             return super().run_blocks(x)
-        tokens, _ = run_blocks(self.transformer.resblocks, x, encoder, CLIP_BLOCK_OPS, protected=1)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        tokens, _ = run_blocks(self.transformer.resblocks, x, encoder, CLIP_BLOCK_OPS, protected=1,
+                               checkpointing=checkpointing)
         call = _IMAGE_CALL.get(state)
         if call is not None:
             call.size = tokens.size

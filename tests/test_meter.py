@@ -209,19 +209,26 @@ def test_every_head_runs_patched_and_trains(cls):
     assert model.meter.vit_model.transformer.resblocks[0].attn.in_proj_weight.grad is not None
 
 
-def test_checkpointing_recomputes_every_fusion_block():
+@pytest.mark.parametrize("encoder_merge", [None, 2])
+def test_checkpointing_recomputes_every_fusion_and_tower_block(encoder_merge):
     model = make().train()
     model.activation_checkpointing_enable()  # transformers 5's name for gradient_checkpointing_enable
-    pumer_patch.apply(model, "p0.3r0.5t0.2-02")
-    calls = []
+    pumer_patch.apply(model, "p0.3r0.5t0.2-02", encoder_merge_schedule=encoder_merge)
+    calls, tower = [], []
     hooks = [
         layer.intermediate.register_forward_hook(lambda *_a, k=k: calls.append(k))
         for k, layer in enumerate(model.meter.cross_modal_text_layers)
+    ] + [
+        # a pre-hook: non-reentrant recomputation stops once the last saved tensor is back, inside the MLP
+        block.mlp.register_forward_pre_hook(lambda *_a, k=k: tower.append(k))
+        for k, block in enumerate(model.meter.vit_model.transformer.resblocks)
     ]
     model(**batch()).logits.sum().backward()
     for hook in hooks:
         hook.remove()
     assert sorted(calls) == sorted(list(range(4)) * 2)  # forward and recompute, reduce blocks included
+    blocks = len(model.meter.vit_model.transformer.resblocks)
+    assert sorted(tower) == sorted(list(range(blocks)) * 2)  # the CLIP tower too, merging or not
 
 
 def test_apply_from_config_patches_the_reduction_a_pumer_folder_names(tmp_path):

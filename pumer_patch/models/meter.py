@@ -226,6 +226,9 @@ class MeterVisionTower(nn.Module):
             width, config.vision_layers, config.vision_heads, act_layer=QuickGELU, norm_layer=ClipLayerNorm
         )
         self.ln_post = ClipLayerNorm(width)
+        # transformers' gradient_checkpointing_enable switches modules with this attribute; open_clip's
+        # Transformer has its own ``grad_checkpointing``, which that call never reaches
+        self.gradient_checkpointing = False
 
     def embed(self, pixel_values: Tensor) -> Tensor:
         """Patches, [CLS] first, positions, ``ln_pre``: (B, 3, S, S) -> (B, N, width)."""
@@ -242,7 +245,11 @@ class MeterVisionTower(nn.Module):
         return self.ln_pre(x)
 
     def run_blocks(self, x: Tensor) -> Tensor:
-        """The residual blocks: (B, N, C) -> (B, N, C)."""
+        """The residual blocks: (B, N, C) -> (B, N, C), each recomputed in backward when checkpointing."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            for block in self.transformer.resblocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
         return self.transformer(x)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
