@@ -61,6 +61,7 @@ __all__ = [
     "Relevance",
     "VitOptions",
     "attention_relevance",
+    "probability_relevance",
     "reduces",
     "resolve_vit_options",
     "run_blocks",
@@ -105,12 +106,15 @@ class Attended(NamedTuple):
 
     x: (B, N, C) after the attention residual. q: (B, H, Q, d) the query rows asked for (after any
     q norm), or None. k: (B, H, N, d) the keys (after any k norm). scale: the logit scale.
+    probs: (B, H, N, N) the attention probabilities the block computed anyway (eager attention), or
+    None; when given, relevance reads its rows instead of recomputing them from ``q``.
     """
 
     x: Tensor
     q: Tensor | None
     k: Tensor
     scale: float
+    probs: Tensor | None = None
 
 
 class BlockOps(NamedTuple):
@@ -179,7 +183,15 @@ def attention_relevance(q: Tensor, k: Tensor, scale: float, bias: Tensor | None,
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Q, N)
     if bias is not None:
         logits = logits + bias.float()
-    probs = logits.softmax(dim=-1).mean(dim=1)  # (B, Q, N)
+    return probability_relevance(logits.softmax(dim=-1), query_size)
+
+
+def probability_relevance(probs: Tensor, query_size: Tensor | None) -> Tensor:
+    """Relevance (B, N) from attention probabilities (B, H, Q, N): mean over heads, then over the query rows.
+
+    query_size: (B, Q) weights of the query rows (their sizes), None for a plain mean. float32.
+    """
+    probs = probs.float().mean(dim=1)  # (B, Q, N)
     if query_size is None:
         return probs.mean(dim=1)
     weight = query_size.float()
@@ -235,7 +247,10 @@ def _reduce_block(
             relevance = guide(att.x)
         elif prune:
             weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
-            relevance = attention_relevance(att.q, att.k, att.scale, bias, weights)
+            if att.probs is not None:
+                relevance = probability_relevance(att.probs[:, :, rows], weights)
+            else:
+                relevance = attention_relevance(att.q, att.k, att.scale, bias, weights)
         metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
     reduced = reduce_tokens(relevance, replace(tokens, x=att.x), ratios, img_metric=metric, image_protected=protected)
     image = reduced.image
