@@ -4,7 +4,8 @@ A registry ``family -> Family`` so that a task names a family and a task, never 
 ``vilt`` (Hugging Face ViLT) and ``meter`` (``pumer_patch.models.meter``). Labels: a checkpoint that
 already has answer labels keeps them (its own ``id2label`` decodes it and orders its targets); one
 without (a pretrained checkpoint such as ``dandelin/vilt-b32-mlm``) gets a fresh head over the
-dataset's vocabulary.
+dataset's vocabulary. NLVR2 reads a third token type (its second image): a 2-type checkpoint (a
+pretrained one) grows it with row 2 := row 1, as ViLT's and METER's own finetuning start.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     ViltForImagesAndTextClassification,
     ViltForQuestionAnswering,
+    ViltModel,
 )
 
 from pumer_patch.models.convert_meter import resize_position_embedding
@@ -37,6 +39,7 @@ from pumer_patch.models.meter import (
     MeterForQuestionAnswering,
     MeterForVisualEntailment,
     MeterForVisualReasoning,
+    MeterModel,
 )
 from recipes.data.transforms import ImageSpec
 
@@ -115,6 +118,8 @@ def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: 
     interpolates its positions at run time and needs nothing).
     """
     cls = family.head(task)
+    if task == "nlvr2" and _token_types(family, cls, path) == 2:
+        return _nlvr2_from_two_types(family, cls, path, labels, image_size)
     model = _loaded(cls, path, image_size)
     own = model_labels(model)
     if own is not None:
@@ -123,11 +128,46 @@ def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: 
                         path, len(own), len(labels))
         return model
     logger.info("%s has no answer labels: a new %d-way head over the data's vocabulary", path, len(labels))
-    head = {family.label_count_field: len(labels), "id2label": dict(enumerate(labels)),
-            "label2id": {a: i for i, a in enumerate(labels)}}
+    return _loaded(cls, path, image_size, ignore_mismatched_sizes=True, **_new_head(family, labels))
+
+
+def _new_head(family: Family, labels: Sequence[str]) -> dict[str, object]:
+    """The config fields of a head over ``labels``."""
+    head: dict[str, object] = {family.label_count_field: len(labels), "id2label": dict(enumerate(labels)),
+                               "label2id": {a: i for i, a in enumerate(labels)}}
     if family.label_count_field != "num_labels":
         head["num_labels"] = len(labels)
-    return _loaded(cls, path, image_size, ignore_mismatched_sizes=True, **head)
+    return head
+
+
+# family -> (the config field counting token types, the backbone class, its token-type embedding)
+_TOKEN_TYPES: dict[str, tuple[str, type[PreTrainedModel], str]] = {
+    "vilt": ("modality_type_vocab_size", ViltModel, "embeddings.token_type_embeddings.weight"),
+    "meter": ("token_types", MeterModel, "token_type_embeddings.weight"),
+}
+
+
+def _token_types(family: Family, cls: type[PreTrainedModel], path: str | os.PathLike[str]) -> int:
+    return int(getattr(cls.config_class.from_pretrained(str(path)), _TOKEN_TYPES[family.name][0]))
+
+
+def _nlvr2_from_two_types(family: Family, cls: type[PreTrainedModel], path: str | os.PathLike[str],
+                          labels: Sequence[str], image_size: int | None) -> PreTrainedModel:
+    """An NLVR2 model from a 2-token-type checkpoint: its backbone, token type 2 := type 1, a new head.
+
+    The checkpoint has no NLVR2 head (that needs 3 types), so any head it has (MLM, ITM, another
+    task's) is left out. ViLT also needs ``num_images=2``.
+    """
+    field, backbone, key = _TOKEN_TYPES[family.name]
+    base = backbone.from_pretrained(str(path))
+    state = base.state_dict()
+    state[key] = torch.cat([state[key], state[key][1:2]])  # (3, C): the second image starts as the first
+    extra: dict[str, object] = {"num_images": 2} if family.name == "vilt" else {}
+    config = cls.config_class.from_pretrained(str(path), **{field: 3}, **extra, **_new_head(family, labels))
+    model = cls(config)
+    model.base_model.load_state_dict(state)
+    logger.info("%s has 2 token types: grown to 3 (row 2 := row 1) under a new %d-way NLVR2 head", path, len(labels))
+    return _resize_meter_positions(restore_text_layer_norm_eps(model), image_size)
 
 
 def _loaded(cls: type[PreTrainedModel], path: str | os.PathLike[str], image_size: int | None,
