@@ -27,15 +27,19 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import pumer_patch
 from recipes.data.dataset import ImageTextDataset
 from recipes.data.loader import loader_throughput, make_loader
+from recipes.data.records import read_jsonl
+from recipes.data.store import ImageStore
+from recipes.data.transforms import build_image_transform
 from recipes.engine import Engine, Task, TrainConfig
 from recipes.models import FAMILIES, Family, family_of, get_family, label_index, load_model, load_tokenizer, model_labels
 from recipes.presets import PRESETS, get_preset
 
-__all__ = ["ClassificationTask", "TaskData", "TaskSpec", "check_model_path", "resolve_family", "patch", "make_accelerator", "accumulation",
+__all__ = ["ClassificationTask", "LabelledData", "TaskData", "TaskSpec", "classification_main", "check_model_path", "resolve_family", "patch", "make_accelerator", "accumulation",
            "add_common_args", "add_train_args", "add_eval_args", "train", "evaluate", "load_for_eval",
            "eval_loader", "finish_args", "write_report", "markdown_table", "model_image_size", "PUMER_MODES"]
 
@@ -106,6 +110,45 @@ class ClassificationTask:
         keep = outputs["valid"].bool()
         correct = (outputs["prediction"][keep] == outputs["target"][keep]).float()
         return {"score": correct.mean().item() if len(correct) else 0.0, "skipped_images": float((~keep).sum())}
+
+
+class LabelledData:
+    """The data folder of a classification task: per split an annotation jsonl and an image store.
+
+    splits: split -> (annotations, image store) file names in the folder; labels: the class names in
+    the task's order; parse: a jsonl object -> record; image_key(record): its image stem, or a tuple
+    of stems (several images per example); text(record): what the model reads; label(record): its
+    class name. Targets are class indices in the MODEL's label order (a converted head keeps its own).
+    """
+
+    def __init__(self, root: Path, *, splits: Mapping[str, tuple[str, str]], labels: Sequence[str],
+                 parse: Callable[[Mapping[str, Any]], Any], image_key: Callable[[Any], Any],
+                 text: Callable[[Any], str], label: Callable[[Any], str], converter: str) -> None:
+        self.root, self.splits, self.labels = Path(root), dict(splits), list(labels)
+        self.parse, self.image_key, self.text, self.label, self.converter = parse, image_key, text, label, converter
+
+    def check(self, splits: Sequence[str]) -> None:
+        """Fail now, before any model loads, if a split's annotations or image store is missing."""
+        for split in splits:
+            for name in self.splits[split]:
+                if not (self.root / name).is_file():
+                    raise FileNotFoundError(f"{self.root / name} does not exist (needed for the {split} split); "
+                                            f"write the data folder with python -m {self.converter}")
+
+    def dataset(self, split: str, family: Family, labels: Sequence[str], tokenizer: Any, *, image_size: int,
+                text_length: int, train: bool, limit: int | None = None,
+                on_bad_image: str = "error") -> ImageTextDataset[Any]:
+        if sorted(labels) != sorted(self.labels):
+            raise ValueError(f"the model's labels {list(labels)} are not this task's {self.labels}; "
+                             f"load a checkpoint of this task, or one without a task head")
+        jsonl, store = self.splits[split]
+        records = read_jsonl(self.root / jsonl, self.parse)[:limit]
+        position = {name: i for i, name in enumerate(labels)}
+        return ImageTextDataset(records, ImageStore(self.root / store), image_key=self.image_key, text=self.text,
+                                target=lambda r: {"target": torch.tensor(position[self.label(r)])},
+                                transform=build_image_transform(family.image, image_size, train=train),
+                                tokenizer=tokenizer, max_length=text_length, image_size=image_size,
+                                on_bad_image=on_bad_image)
 
 
 # ---------------------------------------------------------------------------------------- checks and setup
@@ -344,3 +387,27 @@ def write_report(out: Path, report: Mapping[str, Any], table: str, stem: str = "
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text(table + "\n")
+
+
+# ---------------------------------------------------------------------------------------- a task's command line
+
+
+def classification_main(spec: TaskSpec, argv: Sequence[str] | None, *, prog: str, description: str) -> int:
+    """``train`` (a preset; the best checkpoint on the eval split kept) and ``eval`` (side by side with --pumer)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help=f"finetune with a preset (the best checkpoint on {spec.eval_split} is kept)")
+    add_common_args(t, spec)
+    add_train_args(t, spec)
+    e = sub.add_parser("eval", help=f"{spec.metric} on a split, with and without --pumer")
+    add_common_args(e, spec)
+    add_eval_args(e, spec, default_split=spec.splits[-1], output_help="folder for eval.json / eval.md")
+    args = finish_args(p.parse_args(argv))
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    with logging_redirect_tqdm():
+        if args.command == "train":
+            train(spec, args)
+        else:
+            print(markdown_table(evaluate(spec, args)))
+    return 0

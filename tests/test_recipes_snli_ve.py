@@ -153,6 +153,6 @@ def test_trains_evaluates_and_reloads(data: Path, vilt: Path, meter: Path, token
 def test_a_wrong_preset_or_missing_data_fails_before_loading(data: Path, vilt: Path, tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # a VQA preset is not offered by the SNLI-VE command
-        snli_ve.parse_args(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir))
+        snli_ve.main(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir))
     with pytest.raises(FileNotFoundError, match="convert_snli_ve"):
         snli_ve.main(train_args("vilt-ve", tmp_path, vilt, tmp_path / "o", tokenizer_dir))
