@@ -633,8 +633,10 @@ class HfVitAdapter(Adapter):
     Options = VitOptions
 
     def roots(self, model: nn.Module) -> list[nn.Module]:
-        kinds = tuple(f.tower for f in _FAMILIES) + tuple(_HEADS)
-        return [m for m in model.modules() if isinstance(m, kinds)]
+        heads = [m for m in model.modules() if isinstance(m, tuple(_HEADS))]
+        held = {id(_tower(head)) for head in heads}  # a classifier's tower is patched as part of the classifier
+        towers = [m for m in model.modules() if isinstance(m, tuple(f.tower for f in _FAMILIES)) and id(m) not in held]
+        return heads + towers
 
     def blocks(self, root: nn.Module) -> Sequence[nn.Module]:
         tower = _tower(root)

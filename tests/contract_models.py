@@ -26,6 +26,26 @@ from transformers import (
     ViltForTokenClassification,
     ViltModel,
 )
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 from pumer_patch.adapters import get_adapter
 from pumer_patch.models.meter import (
@@ -266,6 +286,80 @@ def _open_clip(name: str, build: Callable[[], nn.Module], inputs: Callable[..., 
 
 
 # ---------------------------------------------------------------------------------------------
+# transformers ViTs (hf_vit): 4 layers, 16 patches of 8 x 8 on 32 x 32 images, eager and SDPA
+# ---------------------------------------------------------------------------------------------
+
+HF_VISION = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8)
+HF_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=50,
+               max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def _hf_config(cls: type[nn.Module]) -> Any:
+    """A tiny config of ``cls``'s family; dropouts (training only) where the family has them."""
+    if cls in (CLIPVisionModel, CLIPVisionModelWithProjection):
+        return CLIPVisionConfig(**HF_VISION, intermediate_size=64, projection_dim=24, attention_dropout=0.1)
+    if cls is CLIPModel:
+        vision = CLIPVisionConfig(**HF_VISION, intermediate_size=64)
+        return CLIPConfig(vision_config=vision.to_dict(), text_config=HF_TEXT, projection_dim=24)
+    if cls is SiglipVisionModel:
+        return SiglipVisionConfig(**HF_VISION, intermediate_size=64)
+    if cls in (SiglipModel, SiglipForImageClassification):
+        vision = SiglipVisionConfig(**HF_VISION, intermediate_size=64)
+        return SiglipConfig(vision_config=vision.to_dict(), text_config=HF_TEXT, num_labels=3)
+    if cls in (Dinov2Model, Dinov2ForImageClassification):
+        return Dinov2Config(**HF_VISION, mlp_ratio=2, num_labels=3, layerscale_value=0.5, drop_path_rate=0.1)
+    if cls is Dinov2WithRegistersForImageClassification:
+        return Dinov2WithRegistersConfig(**HF_VISION, mlp_ratio=2, num_labels=3, num_register_tokens=2)
+    return ViTConfig(**HF_VISION, intermediate_size=64, num_labels=3, hidden_dropout_prob=0.1,
+                     attention_probs_dropout_prob=0.1)
+
+
+def _hf_builder(cls: type[nn.Module], attention: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return cls._from_config(_hf_config(cls), attn_implementation=attention).eval()
+
+    return build
+
+
+def _hf_images(batch: int = 2, seed: int = 0, text: int = 0) -> dict[str, Any]:
+    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
+
+
+def _hf_image_text(batch: int = 2, seed: int = 0, text: int = 8) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (batch, text), generator=g)
+    ids[:, -1] = 2  # CLIP pools its text at the end-of-text token
+    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g), "input_ids": ids}
+
+
+def _hf_output(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+    out = model(**inputs)
+    if hasattr(out, "logits_per_image"):  # CLIPModel / SiglipModel: both embeddings
+        return torch.cat([out.image_embeds, out.text_embeds])
+    for name in ("logits", "image_embeds", "pooler_output"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return out.last_hidden_state
+
+
+def _hf_vit(cls: type[nn.Module], attention: str = "eager", **kwargs: Any) -> Entry:
+    text = cls in (CLIPModel, SiglipModel)
+    return Entry(
+        name=f"hf-{cls.__name__}" + ("" if attention == "eager" else f"-{attention}"),
+        family="hf_vit",
+        build=_hf_builder(cls, attention),
+        inputs=_hf_image_text if text else _hf_images,
+        output=_hf_output,
+        mlp=lambda layer: layer.mlp,
+        checkpointing=_hf_checkpointing,
+        patch=dict(layers=[1, 2], prune_ratio=0.2, merge_ratio=0.3),
+        bad_options=_VIT_BAD,
+        **{"save_pretrained": True, **kwargs},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # METER: 4 fusion blocks over a 3-block CLIP tower (16 patches + [CLS]) and a 2-layer RoBERTa
 # ---------------------------------------------------------------------------------------------
 
@@ -347,6 +441,18 @@ ENTRIES: list[Entry] = [
         _clip_output,
     ),
     _open_clip("coca_tower", _coca_tower, _images, lambda m, inputs: m(inputs["x"])[0]),  # attentional pooler
+    _hf_vit(CLIPVisionModel, compile=True),
+    _hf_vit(CLIPVisionModelWithProjection, "sdpa"),
+    _hf_vit(CLIPModel, "sdpa"),  # the image tower reduces, the text tower is left alone
+    # no [CLS], attention-pooling head; a save_pretrained round trip moves it by 3e-7 even unpatched (the tolerance is 1e-7)
+    _hf_vit(SiglipVisionModel, save_pretrained=False),
+    _hf_vit(SiglipModel, "sdpa"),
+    _hf_vit(SiglipForImageClassification),
+    _hf_vit(Dinov2Model, "sdpa"),
+    _hf_vit(Dinov2ForImageClassification),  # [CLS] + mean of the patch tokens, layer scale, drop path
+    _hf_vit(Dinov2WithRegistersForImageClassification, "sdpa"),  # 2 registers
+    _hf_vit(ViTModel),
+    _hf_vit(ViTForImageClassification, "sdpa"),
     _meter(MeterForQuestionAnswering, compile=True),
     _meter(MeterForQuestionAnswering, "-additive-parallel", config={"fusion_masking": "additive", "fusion_order": "parallel"}),
     _meter(MeterForQuestionAnswering, "-encoder_tome", {"encoder_merge_schedule": 2}),
