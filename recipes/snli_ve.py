@@ -21,18 +21,20 @@ from functools import partial
 from recipes.common import ClassificationTask, LabelledData, TaskSpec, classification_main
 from recipes.data.records import SNLI_VE_LABELS, SnliVeRecord
 
-__all__ = ["SPLITS", "SNLI_VE", "main"]
+__all__ = ["SPLITS", "SNLI_VE", "SnliVeData", "main"]
 
 # split -> (annotations, image store) inside the data folder
 SPLITS = {split: (f"snli_ve_{split}.jsonl", "flickr30k_images.lmdb") for split in ("train", "dev", "test")}
 
-SNLI_VE = TaskSpec(
-    name="snli_ve", title="SNLI-VE", metric="accuracy",
-    data=partial(LabelledData, splits=SPLITS, labels=SNLI_VE_LABELS, parse=SnliVeRecord.from_json,
-                 image_key=lambda r: r.image_id, text=lambda r: r.hypothesis, label=lambda r: r.gold_label,
-                 converter="recipes.convert_snli_ve"),
-    make_task=lambda labels, loss_scale, records: ClassificationTask(labels),
-    splits=tuple(SPLITS), train_split="train", eval_split="dev", text_length=40, converter="recipes.convert_snli_ve")
+# a data folder written by recipes.convert_snli_ve: the premise image and the hypothesis
+SnliVeData = partial(LabelledData, splits=SPLITS, labels=SNLI_VE_LABELS, parse=SnliVeRecord.from_json,
+                     image_key=lambda r: r.image_id, text=lambda r: r.hypothesis, label=lambda r: r.gold_label,
+                     converter="recipes.convert_snli_ve")
+
+SNLI_VE = TaskSpec(name="snli_ve", title="SNLI-VE", metric="accuracy", data=SnliVeData,
+                   make_task=lambda labels, loss_scale, records: ClassificationTask(labels),
+                   splits=tuple(SPLITS), train_split="train", eval_split="dev", text_length=40,
+                   converter="recipes.convert_snli_ve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -149,7 +149,7 @@ def test_examples_hold_both_images_and_a_bad_one_invalidates_the_pair(data: Path
     assert [r.identifier for r in bad.records] == ["dev-0-1-0", "dev-0-1-1", "dev-2-1-0", "dev-2-1-1"]
     broken = bad[2]
     assert not broken["valid"] and broken["pixel_values"].shape == (2, 3, 16, 16) and not broken["pixel_values"].any()
-    with pytest.raises(ValueError, match="no NLVR2 model"):
+    with pytest.raises(ValueError, match="not this task's"):
         nlvr2.Nlvr2Data(data).dataset("dev", get_family("vilt"), ["a", "b", "c"], tokenizer, image_size=16,
                                       text_length=12, train=False)
 
@@ -269,6 +269,6 @@ def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir
 def test_a_wrong_preset_or_missing_data_fails_before_loading(data: Path, vilt: Path, tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # a VQA preset is not offered by the NLVR2 command
-        nlvr2.parse_args(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir))
+        nlvr2.main(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir))
     with pytest.raises(FileNotFoundError, match="convert_nlvr2"):
         nlvr2.main(train_args("vilt-nlvr2", tmp_path, vilt, tmp_path / "o", tokenizer_dir))
