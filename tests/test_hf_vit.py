@@ -1,0 +1,185 @@
+"""transformers ViT adapter (hf_vit): registers and [CLS] protected, counts, attention implementations,
+other image sizes, padding, the SigLIP pooling head's sizes, text towers untouched, text guidance.
+
+The contract (parity, remove, copies, bad input, training, checkpointing, compile, precision, threads)
+runs on the ``hf-*`` entries of contract_models.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPModel, CLIPVisionModel, Dinov2Model, SiglipModel, SiglipVisionModel
+
+import pumer_patch
+from contract_models import _hf_builder, _hf_image_text, _hf_images, by_name
+from model_state import same, snapshot
+from pumer_patch.adapters.hf_vit import text_guidance
+
+
+def counts(model: torch.nn.Module) -> list[tuple[int, int]]:
+    return [(c.layer, c.image) for c in pumer_patch.last_trace(model).counts]
+
+
+def pooled(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+def test_registers_and_cls_are_never_merged_or_pruned():
+    entry = by_name("hf-Dinov2WithRegistersForImageClassification-sdpa")  # [CLS] + 2 registers + 16 patches
+    model = pumer_patch.apply(entry.build(), layers=[0, 1, 2], prune_ratio=0.3, merge_ratio=0.4, trace=True)
+    pooled(model, **entry.inputs())
+    image = pumer_patch.last_trace(model).image
+    assert (image.source[:, :3] == torch.tensor([0, 1, 2])).all()  # each prefix token covers itself, first
+    assert (image.size[:, :3] == 1).all()  # and nothing else
+    assert ((image.source[:, 3:] >= 3) | (image.source[:, 3:] == -1)).all()
+    covered = torch.zeros_like(image.size).scatter_add_(1, image.source.clamp_min(0), (image.source >= 0).float())
+    assert torch.equal(covered, image.size)
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("hf-CLIPVisionModel", 1), ("hf-SiglipVisionModel", 0),
+                                              ("hf-Dinov2WithRegistersForImageClassification-sdpa", 3)])
+def test_counts_follow_the_documented_arithmetic(name, prefix):
+    entry = by_name(name)
+    model = pumer_patch.apply(entry.build(), layers=[1, 3], prune_ratio=0.2, merge_ratio=0.3)
+    with torch.no_grad():
+        out = model(**entry.inputs(), output_hidden_states=True)
+    n, expected = 16 + prefix, []
+    for layer in (1, 3):
+        n, _ = pumer_patch.reduced_counts(n, 0, (0.2, 0.3, 0.0), image_protected=prefix)
+        expected.append((layer, n))
+    assert counts(model) == expected
+    # hidden states keep the library's meaning: the embeddings, then each layer's output at its own length
+    lengths = [h.shape[1] for h in out.hidden_states]
+    assert lengths == [16 + prefix, 16 + prefix, expected[0][1], expected[0][1], expected[1][1]]
+
+
+def test_merge_schedule_is_tome_on_transformers_towers():
+    model = pumer_patch.apply(by_name("hf-ViTModel").build(), merge_schedule=3)
+    pooled(model, **_hf_images())
+    assert counts(model) == [(0, 14), (1, 11), (2, 8), (3, 5)]
+
+
+@pytest.mark.parametrize("cls", [CLIPVisionModel, SiglipVisionModel, Dinov2Model])
+def test_eager_and_sdpa_agree(cls):
+    # eager: relevance from the layer's own probabilities; SDPA: from the query rows it needs alone
+    inputs = _hf_images()
+    models = {a: pumer_patch.apply(_hf_builder(cls, a)(), layers=[1, 2], prune_ratio=0.3, merge_ratio=0.3)
+              for a in ("eager", "sdpa")}
+    eager, sdpa = (pooled(m, **inputs) for m in models.values())
+    assert counts(models["eager"]) == counts(models["sdpa"])
+    torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        attentions = models["eager"](**inputs, output_attentions=True).attentions
+    assert [a.shape[-1] for a in attentions] == [17 - (cls is SiglipVisionModel)] * 2 + [c for _, c in counts(models["eager"])]
+
+
+def test_other_attention_implementations_are_refused_naming_the_fix():
+    model = by_name("hf-CLIPVisionModel").build()
+    model.config._attn_implementation = "flex_attention"  # the attention module reads it per call
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="only 'eager' and 'sdpa' take: model.set_attn_implementation"):
+        pumer_patch.apply(model, layers=[1], merge_ratio=0.3)
+    assert same(snapshot(model), before)
+
+
+@pytest.mark.parametrize("name", ["hf-CLIPVisionModel", "hf-SiglipVisionModel", "hf-ViTModel"])
+def test_interpolate_pos_encoding_and_other_image_sizes(name):
+    entry = by_name(name)
+    x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))  # 6 x 5 patches
+    model = entry.build()
+    expected = pooled(model, pixel_values=x, interpolate_pos_encoding=True)
+    pumer_patch.apply(model, layers=[0, 3], prune_ratio=0.001, merge_ratio=0.001)
+    assert torch.equal(pooled(model, pixel_values=x, interpolate_pos_encoding=True), expected)
+    pumer_patch.apply(model, layers=[1, 2], prune_ratio=0.2, merge_ratio=0.3)
+    assert torch.isfinite(pooled(model, pixel_values=x, interpolate_pos_encoding=True)).all()
+    prefix = 0 if "Siglip" in name else 1
+    n, _ = pumer_patch.reduced_counts(30 + prefix, 0, (0.2, 0.3, 0.0), image_protected=prefix)
+    assert counts(model)[0] == (1, n)
+
+
+def test_dinov2_runs_any_image_size():
+    entry = by_name("hf-Dinov2ForImageClassification")
+    model = pumer_patch.apply(entry.build(), layers=[1, 2], prune_ratio=0.2, merge_ratio=0.3)
+    x = torch.randn(1, 3, 56, 24, generator=torch.Generator().manual_seed(0))  # 7 x 3 patches
+    assert pooled(model, pixel_values=x).shape == (1, 3)
+    assert counts(model)[0][1] == pumer_patch.reduced_counts(22, 0, (0.2, 0.3, 0.0))[0]
+
+
+def test_padding_content_never_changes_a_real_samples_output():
+    # DINOv2 takes a token padding mask; padded tokens are only counted, never read
+    entry = by_name("hf-Dinov2Model-sdpa")
+    model = pumer_patch.apply(entry.build(), layers=[0, 1, 2], prune_ratio=0.2, merge_ratio=0.3)
+    x = _hf_images()["pixel_values"]
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, -4:] = 0  # the last patch row of the second image
+    other = x.clone()
+    other[1, :, 24:, :] = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(5)) * 5
+    a, b = pooled(model, pixel_values=x, attention_mask=mask), pooled(model, pixel_values=other, attention_mask=mask)
+    assert torch.equal(a, b)
+
+
+def test_siglip_pooling_head_gets_log_sizes():
+    model = pumer_patch.apply(by_name("hf-SiglipVisionModel").build(), layers=[1, 2], merge_ratio=0.4, trace=True)
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.head.attention.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(mask=kwargs["attn_mask"]), with_kwargs=True
+    )
+    pooled(model, **_hf_images())
+    handle.remove()
+    size = pumer_patch.last_trace(model).image.size  # (B, N')
+    assert size.max() > 1
+    heads = model.config.num_attention_heads
+    expected = size.log().repeat_interleave(heads, dim=0)[:, None, :]  # (B * H, 1, N')
+    assert torch.equal(seen["mask"], expected)
+
+
+def test_classifier_means_count_merged_tokens_by_size():
+    entry = by_name("hf-Dinov2ForImageClassification")
+    model = pumer_patch.apply(entry.build(), layers=[1], merge_ratio=0.4, trace=True)
+    with torch.no_grad():
+        out = model(**entry.inputs(), output_hidden_states=True)
+    trace = pumer_patch.last_trace(model)
+    sequence = model.dinov2.layernorm(out.hidden_states[-1])  # (B, N', C)
+    size = trace.image.size[:, 1:, None]
+    mean = (sequence[:, 1:] * size).sum(dim=1) / size.sum(dim=1)
+    torch.testing.assert_close(out.logits, model.classifier(torch.cat([sequence[:, 0], mean], dim=1)))
+
+
+@pytest.mark.parametrize("cls", [CLIPModel, SiglipModel])
+def test_text_tower_is_left_alone(cls):
+    model = _hf_builder(cls, "sdpa")()
+    ids = _hf_image_text()["input_ids"]
+    with torch.no_grad():
+        before = model.get_text_features(input_ids=ids).pooler_output
+        pumer_patch.apply(model, layers=[0, 1], prune_ratio=0.3, merge_ratio=0.3)
+        assert pumer_patch.patched_roots(model) == [model.vision_model]
+        assert torch.equal(model.get_text_features(input_ids=ids).pooler_output, before)
+
+
+@pytest.mark.parametrize("cls", [CLIPModel, SiglipModel])
+def test_text_guidance_steers_pruning(cls):
+    model = pumer_patch.apply(_hf_builder(cls, "eager")(), layers=[0], prune_ratio=0.5)
+    inputs = _hf_image_text()
+    with torch.no_grad():
+        plain = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        query = model.get_text_features(input_ids=inputs["input_ids"]).pooler_output
+        with text_guidance(model, query):
+            guided = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        after = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    assert not torch.equal(guided, plain) and torch.equal(after, plain)
+    with pytest.raises(ValueError, match="must have shape"):
+        with text_guidance(model, query[:, :5]):
+            pass
+    pumer_patch.apply(model, layers=[0], merge_ratio=0.5)
+    with pytest.raises(ValueError, match="prunes nothing"):
+        with text_guidance(model, query):
+            pass
+
+
+def test_layers_called_out_of_order_are_an_error():
+    model = pumer_patch.apply(by_name("hf-ViTModel").build(), layers=[1], merge_ratio=0.3)
+    with pytest.raises(RuntimeError, match="did not come from the layer before it"):
+        model.layers[2](torch.randn(2, 17, 32))
