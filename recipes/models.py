@@ -42,6 +42,7 @@ from pumer_patch.models.meter import (
     MeterModel,
 )
 from recipes.data.transforms import ImageSpec
+from recipes.retrieval_models import MeterForRetrieval, ViltForRetrieval
 
 __all__ = ["Family", "FAMILIES", "get_family", "family_of", "load_model", "load_tokenizer", "model_labels",
            "label_index", "bundled_bert_vocab_dir"]
@@ -68,11 +69,11 @@ class Family:
 FAMILIES: dict[str, Family] = {
     # ViLT has no VE class in transformers: a 3-label classification head has the right shapes (CE loss)
     "vilt": Family("vilt", {"vqa": ViltForQuestionAnswering, "snli_ve": ViltForQuestionAnswering,
-                            "nlvr2": ViltForImagesAndTextClassification},
+                            "nlvr2": ViltForImagesAndTextClassification, "retrieval": ViltForRetrieval},
                    ImageSpec(InterpolationMode.BILINEAR, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "bert-base-uncased",
                    "num_labels"),
     "meter": Family("meter", {"vqa": MeterForQuestionAnswering, "snli_ve": MeterForVisualEntailment,
-                              "nlvr2": MeterForVisualReasoning},
+                              "nlvr2": MeterForVisualReasoning, "retrieval": MeterForRetrieval},
                     ImageSpec(InterpolationMode.BICUBIC, CLIP_MEAN, CLIP_STD), "roberta-base", "vqa_label_size"),
 }
 
@@ -118,6 +119,8 @@ def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: 
     interpolates its positions at run time and needs nothing).
     """
     cls = family.head(task)
+    if task == "retrieval":  # no labels: a ranking score and ITM logits (recipes.retrieval_models)
+        return _loaded(cls, path, image_size)
     if task == "nlvr2" and _token_types(family, cls, path) == 2:
         return _nlvr2_from_two_types(family, cls, path, labels, image_size)
     model = _loaded(cls, path, image_size)

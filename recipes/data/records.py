@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = ["RecordError", "VqaRecord", "SnliVeRecord", "SNLI_VE_LABELS", "Nlvr2Record", "NLVR2_LABELS",
-           "read_jsonl", "write_jsonl"]
+           "RetrievalRecord", "read_jsonl", "write_jsonl"]
 
 R = TypeVar("R")
 
@@ -131,6 +131,29 @@ class Nlvr2Record:
 
     def to_json(self) -> dict[str, Any]:
         return {"identifier": self.identifier, "sentence": self.sentence, "label": self.label}
+
+
+@dataclass(frozen=True)
+class RetrievalRecord:
+    """One image of a Karpathy retrieval split: ``{item_id, captions: [...], img_id}``.
+
+    ``item_id`` is the image's Karpathy ``imgid``; ``img_id`` its file stem, the key in the image
+    store; ``captions`` its reference sentences (five in Flickr30k and COCO, at least one).
+    """
+
+    item_id: int
+    captions: tuple[str, ...]
+    img_id: str
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "RetrievalRecord":
+        captions = _field(obj, "captions", list)
+        if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise ValueError(f"field 'captions' should be a non-empty list of non-empty strings, got {captions!r}")
+        return cls(item_id=_field(obj, "item_id", int), captions=tuple(captions), img_id=_field(obj, "img_id", str))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"item_id": self.item_id, "captions": list(self.captions), "img_id": self.img_id}
 
 
 def read_jsonl(path: str | os.PathLike[str], parse: Callable[[Mapping[str, Any]], R]) -> list[R]:
