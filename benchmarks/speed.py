@@ -7,7 +7,9 @@
 Models (random weights: the compute is the same as a trained model's): ``vilt<T>`` is ViLT-B/32 at
 384x384 with T text tokens, ``meter<S>_<T>`` full-size METER (CLIP ViT-B/16 with 11 blocks, RoBERTa-base,
 6 fusion blocks) at SxS with T text tokens (one pass; NLVR2 runs two), ``open_clip:<name>`` an
-open_clip model's image tower, anything else a timm model name. Configs: unpatched, the paper's, prune-only, merge-only and ToMe-style baselines,
+open_clip model's image tower, ``hf:<arch>:<S>:<attention>`` a transformers tower at SxS with
+``attn_implementation`` eager or sdpa (``hf:clip_b16:224:sdpa``: ``CLIPVisionModel`` with CLIP ViT-B/16's
+sizes; ``hf:dinov2_b14:518:eager``: DINOv2-B/14), anything else a timm model name. Configs: unpatched, the paper's, prune-only, merge-only and ToMe-style baselines,
 one of them with its merge ratio searched to meet a PuMer config's GFLOPs (``match_gflops``).
 Baseline and patched run interleaved (A B A B ...) in one process after a warm-up; each figure is
 the median of the repeats. Peak memory: CUDA ``max_memory_allocated`` or, on CPU with ``--memory``,
@@ -138,6 +140,10 @@ def build(model: str) -> tuple[torch.nn.Module, Callable[[int], dict], list[Conf
             return {"input_ids": torch.randint(1, 1000, (b, text)), "pixel_values": torch.randn(b, 3, 384, 384)}
 
         return net.eval(), batch, VILT_CONFIGS
+    if model.startswith("hf:"):
+        net, size = hf_tower(model)
+        # ToMe's schedule and prune+merge; no FLOPs-matched row (its search runs 200 FLOP counts, minutes at 518)
+        return net, (lambda b: {"pixel_values": torch.randn(b, 3, size, size)}), vit_configs(12)[:3]
     if model.startswith("open_clip:"):
         import open_clip
 
@@ -151,6 +157,25 @@ def build(model: str) -> tuple[torch.nn.Module, Callable[[int], dict], list[Conf
     net = timm.create_model(model, pretrained=False)
     size = net.default_cfg["input_size"][1:]
     return net.eval(), (lambda b: {"x": torch.randn(b, 3, *size)}), vit_configs(len(net.blocks))
+
+
+def hf_tower(model: str) -> tuple[torch.nn.Module, int]:
+    """``hf:<arch>:<size>:<attention>`` -> a transformers image tower (random weights, eval mode) and its image size.
+
+    clip_b16: ``CLIPVisionModel`` with CLIP ViT-B/16's sizes; dinov2_b14: ``Dinov2Model`` (DINOv2-B/14).
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+    _, arch, size, attention = model.split(":")
+    towers = {
+        "clip_b16": (CLIPVisionModel, CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                      num_attention_heads=12, patch_size=16, image_size=int(size))),
+        "dinov2_b14": (Dinov2Model, Dinov2Config(image_size=int(size))),
+    }
+    if arch not in towers:
+        raise ValueError(f"unknown transformers tower {arch!r} in {model!r}; known: {sorted(towers)}")
+    cls, config = towers[arch]
+    return cls._from_config(config, attn_implementation=attention).eval(), int(size)
 
 
 def move(batch: dict, device: torch.device) -> dict:
