@@ -134,22 +134,26 @@ def _cell_coord(cell: Tensor, width: int) -> Tensor:
 
 def _reduce(
     tokens: Tokens,
-    pos: Positions,
+    pos: Positions | None,
     relevance: Tensor | None,
     metric: Tensor,
     ratios: Ratios,
     protected: int,
     merge_position: MergePosition,
-) -> tuple[Tokens, Positions, bool]:
+    grid: tuple[int, int],
+) -> tuple[Tokens, Positions | None, bool]:
     """``core.reduce_tokens``'s default-mode step (prune, then merge), carrying the positions along.
 
     The core's step hands back no merge plan, which the positions need; this one calls the same
-    primitives with the same counts. Returns the tokens, their positions and whether a merge happened.
+    primitives with the same counts. ``pos`` None: every token at its own cell, kept so while
+    nothing is removed (the library's own position arguments then run). Returns the tokens, their
+    positions and whether a merge happened.
     """
     n = tokens.count
     n_keep = n - prune_count(n, ratios.prune, protected)
     r = round(ratios.merge * (n - protected))  # of the tokens before pruning, as the core counts
     if n_keep < n:
+        pos = pos if pos is not None else Positions.grid(tokens.x.shape[0], grid, tokens.x.device)
         keep = prune_indices(relevance, n_keep, protected, keep_order=True, mask=tokens.mask)
         tokens, metric = gather_tokens(tokens, keep), take_rows(metric, keep)
         patches = keep[:, protected:] - protected  # (B, K - protected) into the patch tokens
@@ -157,6 +161,7 @@ def _reduce(
     plan = merge_plan(metric, r, protected, keep_order=True, mask=tokens.mask)
     if plan is None:
         return tokens, pos, False
+    pos = pos if pos is not None else Positions.grid(tokens.x.shape[0], grid, tokens.x.device)
     kept = plan.kept[:, protected:] - protected
     cell = pos.cell.gather(1, kept)
     if merge_position == "mean":
@@ -322,11 +327,9 @@ class BeitWhere(NamedTuple):
 def _beit_bias(where: BeitWhere | None, shared_full: Tensor | None, bias: Tensor | None) -> Tensor | None:
     """``shared_rel_pos_bias`` for a block: the shared bias (for the cells) plus the size bias."""
     shared = shared_full if where is None else where.shared
-    if shared is None:
-        return bias
-    if shared.dim() == 3:
-        shared = shared.unsqueeze(0)  # (1, heads, N, N)
-    return shared if bias is None else shared + bias
+    if shared is None or bias is None:
+        return bias if shared is None else shared
+    return shared + bias  # (heads or B, heads, N, N) + (B, 1, 1, N)
 
 
 @contextmanager
@@ -361,7 +364,7 @@ class _Family(NamedTuple):
 def _reduce_block(
     block: nn.Module,
     tokens: Tokens,
-    pos: Positions,
+    pos: Positions | None,
     where: Any,
     bias: Tensor | None,
     ratios: Ratios,
@@ -369,7 +372,8 @@ def _reduce_block(
     protected: int,
     cls_row: bool,
     merge_position: MergePosition,
-) -> tuple[Tokens, Positions, bool]:
+    grid: tuple[int, int],
+) -> tuple[Tokens, Positions | None, bool]:
     """Attention half, relevance and metric, ``_reduce``, MLP half (``_vit._reduce_block`` with positions)."""
     prune = ratios.prune > 0
     rows = None if not prune else (slice(0, 1) if cls_row else slice(protected, None))
@@ -380,7 +384,7 @@ def _reduce_block(
             weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
             relevance = attention_relevance(att.q, att.k, att.scale, logit_bias, weights)
         metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
-    reduced, pos, merged = _reduce(replace(tokens, x=att.x), pos, relevance, metric, ratios, protected, merge_position)
+    reduced, pos, merged = _reduce(replace(tokens, x=att.x), pos, relevance, metric, ratios, protected, merge_position, grid)
     return replace(reduced, x=family.finish(block, reduced.x)), pos, merged
 
 
@@ -407,10 +411,9 @@ def _run_blocks(
         if ratios is None:
             tokens = replace(tokens, x=loop.run(family.plain, block, tokens.x, where, bias))
             continue
-        start_pos = pos if pos is not None else Positions.grid(x.shape[0], grid, x.device)
         tokens, pos, merged = loop.run(
-            _reduce_block, block, tokens, start_pos, where, bias, ratios, family, protected, cls_row,
-            plan.options.merge_position,
+            _reduce_block, block, tokens, pos, where, bias, ratios, family, protected, cls_row,
+            plan.options.merge_position, grid,
         )
         if merged or bias is not None:
             bias = key_bias(policy, [tokens], x.dtype)
@@ -497,7 +500,7 @@ def _beit_family(root: Beit, shared_full: Tensor | None) -> _Family:
         logits = None  # the position biases of the query rows, and the key bias: (B, H, Q, N)
         for part in (own, shared):
             if part is not None:
-                part = part[:, :, rows] if part.shape[-2] > 1 else part
+                part = part[..., rows, :] if part.shape[-2] > 1 else part
                 logits = part if logits is None else logits + part
         return Attended(x, q, k, attn.scale), logits
 

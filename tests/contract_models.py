@@ -235,6 +235,35 @@ def _timm(name: str, model: str, compile: bool = False, **overrides: Any) -> Ent
     )
 
 
+def _timm_eva_builder(name: str, **overrides: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        model = _timm_builder(name, **overrides)()
+        with torch.no_grad():  # BEiT starts its relative bias tables at zero: make the positions count
+            for param_name, param in model.named_parameters():
+                if "relative_position_bias_table" in param_name:
+                    param.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        return model
+
+    return build
+
+
+def _timm_eva(name: str, model: str, compile: bool = False, **overrides: Any) -> Entry:
+    """timm's Eva and Beit (family ``timm_eva``): RoPE or relative bias, registers, SwiGLU, post-norm."""
+    bad = (({"layers": [1], "merge_ratio": 0.1, "merge_position": "centre"}, ValueError, "merge_position must be"),)
+    return Entry(
+        name=f"timm_eva-{name}",
+        family="timm_eva",
+        build=_timm_eva_builder(model, **overrides),
+        inputs=_images,
+        output=lambda m, inputs: m(inputs["x"]),
+        mlp=lambda block: block.mlp,
+        checkpointing=lambda m: m.set_grad_checkpointing(),
+        patch=dict(layers=[1, 2], prune_ratio=0.2, merge_ratio=0.3),
+        bad_options=_VIT_BAD + bad,
+        compile=compile,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # open_clip: the image tower of a CLIP (4 blocks, 16 patches + [CLS]) and a CoCa-style tower alone
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +460,17 @@ ENTRIES: list[Entry] = [
     _timm("avg_no_cls", "test_vit2", init_values=0.1),  # no [CLS], 1 register, avg pool
     _timm("avgmax", "vit_tiny_patch16_224", global_pool="avgmax"),
     _timm("clip_pre_norm", "vit_base_patch32_clip_224"),
+    # timm_eva: RoPE + 4 registers + SwiGLU + qk norm + layer scale, dropouts in training only
+    _timm_eva("rope_reg_swiglu", "vit_betwixt_patch16_rope_reg4_gap_256", swiglu_mlp=True, qk_norm=True,
+              init_values=0.1, drop_path_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1),
+    _timm_eva("eva02", "eva02_tiny_patch14_224", compile=True),  # [CLS], abs + rope, SwiGLU with norm
+    _timm_eva("dinov3", "vit_small_patch16_dinov3"),  # [CLS] + 4 registers, rope 'dinov3', layer scale
+    _timm_eva("pe", "vit_pe_core_tiny_patch16_384"),  # AttentionRope, latent attention pool
+    _timm_eva("rope_mixed", "vit_small_patch16_rope_mixed_224"),  # learned per-block, per-head frequencies
+    _timm_eva("eva02_post_norm", "eva02_enormous_patch14_clip_224"),  # EvaBlockPostNorm, [CLS] pooled
+    _timm_eva("beit", "beit_base_patch16_224"),  # relative bias in every block, layer scale, avg pool
+    _timm_eva("beit_shared", "beit_base_patch16_224", use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+              global_pool="token"),
     # ViT-B-32's layout, shrunk; training drops 4 of 16 patches before the blocks
     _open_clip("vit_b32", _clip_builder(dict(patch_dropout=0.25), {}), _clip_inputs, _clip_output, compile=True),
     _open_clip(  # CLIPA: average pooling, final LayerNorm after pooling, no ln_pre
