@@ -56,7 +56,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -426,7 +426,9 @@ def _dinov2_classify(
     loss = None
     if labels is not None:
         loss = model.loss_function(labels, logits, model.config, **kwargs)
-    return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return ImageClassifierOutput(
+        loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+    )
 
 
 class PumerDinov2ForImageClassification(Dinov2ForImageClassification):
@@ -466,12 +468,16 @@ class PumerSiglipForImageClassification(SiglipForImageClassification):
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 # ``save_pretrained`` writes the instance class's ``__name__`` into config.architectures, which must name
 # the library's class; pickling resolves classes by ``__qualname__``, which stays ours (as ViLT's adapter)
-for _cls in (PumerDinov2ForImageClassification, PumerDinov2WithRegistersForImageClassification, PumerSiglipForImageClassification):
+for _cls in (
+    PumerDinov2ForImageClassification, PumerDinov2WithRegistersForImageClassification, PumerSiglipForImageClassification
+):
     _cls.__name__ = _cls.__mro__[1].__name__
 
 
@@ -518,7 +524,9 @@ _FAMILIES = (_CLIP_FAMILY, _SIGLIP_FAMILY, _DINOV2_FAMILY, _DINOV2_REG_FAMILY, _
 # classifier -> (its patched class, the attribute holding its tower)
 _HEADS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
     Dinov2ForImageClassification: (PumerDinov2ForImageClassification, "dinov2"),
-    Dinov2WithRegistersForImageClassification: (PumerDinov2WithRegistersForImageClassification, "dinov2_with_registers"),
+    Dinov2WithRegistersForImageClassification: (
+        PumerDinov2WithRegistersForImageClassification, "dinov2_with_registers"
+    ),
     SiglipForImageClassification: (PumerSiglipForImageClassification, "vision_model"),
 }
 
@@ -577,7 +585,7 @@ def _siglip_relevance(tower: nn.Module, text: Tensor, x: Tensor) -> Tensor:
 
 @contextmanager
 def text_guidance(model: nn.Module, text_features: Tensor) -> Iterator[None]:
-    """Inside this ``with`` block, the patched image towers of the ``CLIPModel`` / ``SiglipModel`` in ``model`` prune by a text query.
+    """Inside this ``with`` block, the patched CLIP / SigLIP image towers in ``model`` prune by a text query.
 
     text_features: (B, D) one per image, or (D,) / (1, D) for the whole batch, in the joint space:
     ``model.get_text_features(**text).pooler_output`` (normalized or not). Relevance of an image
@@ -593,7 +601,8 @@ def text_guidance(model: nn.Module, text_features: Tensor) -> Iterator[None]:
             guides.append((m.vision_model, partial(_clip_relevance, m.vision_model, m.visual_projection),
                            m.visual_projection.out_features))
         elif isinstance(m, SiglipModel) and m.vision_model.use_head:
-            guides.append((m.vision_model, partial(_siglip_relevance, m.vision_model), m.config.vision_config.hidden_size))
+            dim = m.config.vision_config.hidden_size
+            guides.append((m.vision_model, partial(_siglip_relevance, m.vision_model), dim))
     guides = [g for g in guides if hasattr(g[0], STATE_ATTR)]
     if not guides:
         raise ValueError(
@@ -683,12 +692,13 @@ class HfVitAdapter(Adapter):
             )
         tower = _tower(root)
         family = _family(tower)
-        return resolve_vit_options(options, len(family.layers(tower)), family.cls, "cls" if family.cls else "received", mode)
+        auto = "cls" if family.cls else "received"
+        return resolve_vit_options(options, len(family.layers(tower)), family.cls, auto, mode)
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         tower = _tower(root)
         family = _family(tower)
-        swaps: list[tuple[nn.Module, type[nn.Module]]] = [(layer, family.patched_layer) for layer in family.layers(tower)]
+        swaps: list[tuple[nn.Module, type[nn.Module]]] = [(m, family.patched_layer) for m in family.layers(tower)]
         head = _HEADS.get(_library_class(root))
         if head is not None:
             swaps.append((root, head[0]))
