@@ -1,4 +1,4 @@
-"""Easy-VQA study: train a small ViLT on a laptop CPU, then measure what PuMer buys.
+"""Easy-VQA study: train a small ViLT and a small METER on a laptop CPU, then measure what PuMer buys.
 
 ``python -m recipes.easy_vqa`` (``--quick`` for a smoke run of the whole pipeline in under a minute):
 
@@ -8,11 +8,14 @@
    prune-only; merge-only; a ToMe-style baseline (plain bipartite merging, same ratio in both
    modalities, no text guidance) whose merge ratio is searched to match PuMer's FLOPs; and PuMer after
    a short finetune with the reduction on, distilled from the unpatched model;
+2b. trains (or loads) a small METER the same way (``--no-meter`` skips it) and evaluates it unpatched,
+   with PuMer in its fusion blocks, with ToMe merging in its CLIP image tower, and with both, each
+   off the shelf and after a short finetune with it on;
 3. for each: test accuracy, CPU throughput (same batches, warm-up, interleaved rounds, median),
    GFLOPs per example (``FlopCounterMode``) and tokens after each layer;
 4. writes ``results.json`` and ``results.md`` to ``--out``, prints the markdown table, and saves
-   ``tradeoff.png`` (accuracy against throughput) and ``kept_merged.png`` (what PuMer kept, pruned and
-   merged on a few test images).
+   ``tradeoff.png`` (accuracy against throughput, a panel per model) and ``kept_merged.png`` (what
+   PuMer kept, pruned and merged on a few test images).
 
 The pieces live in ``recipes.laptop`` (config, data, model, train on ``recipes.engine``, measure,
 variants, figures, study); this module is the command line.
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from recipes.laptop.config import QUICK, StudyConfig
+from recipes.laptop.config import QUICK, MeterStudyConfig, StudyConfig
 from recipes.laptop.data import word_level_tokenizer
 from recipes.laptop.study import markdown_table, run_study
 
@@ -88,6 +91,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--finetune-lr", type=float, help=f"finetuning learning rate [{default.finetune.lr:g}]")
     g.add_argument("--distill-weight", type=float, help=f"KL-to-teacher weight, 0 for none [{default.distill_weight:g}]")
 
+    g = p.add_argument_group("METER")
+    meter = MeterStudyConfig()
+    g.add_argument("--no-meter", action="store_true", help="the ViLT alone")
+    g.add_argument("--meter-epochs", type=float, help=f"METER's training epochs [{meter.train.epochs:g}]")
+    g.add_argument("--meter-finetune-epochs", type=float, help=f"METER's finetuning epochs [{meter.finetune.epochs:g}]")
+    g.add_argument("--meter-encoder-merge", type=int,
+                   help=f"ToMe's r per block of METER's CLIP tower [{meter.encoder_merge}]")
+
     g = p.add_argument_group("measurement")
     g.add_argument("--eval-batch-size", type=int, help=f"batch size of evaluation and timing [{default.eval_batch_size}]")
     g.add_argument("--timing-batches", type=int, help=f"batches per timed pass [{default.timing_batches}]")
@@ -108,8 +119,16 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     reduce = dataclasses.replace(cfg.reduce, **pick(layers=args.reduce_layers, prune=args.prune, merge=args.merge,
                                                     text_merge=args.text_merge))
     finetune = dataclasses.replace(cfg.finetune, **pick(epochs=args.finetune_epochs, lr=args.finetune_lr))
+    meter = None
+    if cfg.meter is not None and not args.no_meter:
+        meter = dataclasses.replace(
+            cfg.meter,
+            train=dataclasses.replace(cfg.meter.train, **pick(epochs=args.meter_epochs)),
+            finetune=dataclasses.replace(cfg.meter.finetune, **pick(epochs=args.meter_finetune_epochs)),
+            **pick(encoder_merge=args.meter_encoder_merge),
+        )
     return dataclasses.replace(
-        cfg, model=model, train=train_cfg, reduce=reduce, finetune=finetune,
+        cfg, model=model, train=train_cfg, reduce=reduce, finetune=finetune, meter=meter,
         **pick(distill_weight=args.distill_weight, train_images=args.train_images, test_images=args.test_images,
                seed=args.seed, eval_batch_size=args.eval_batch_size, timing_batches=args.timing_batches,
                timing_rounds=args.timing_rounds),

@@ -1,12 +1,13 @@
 """The easy-vqa study end to end: ``--quick`` into a temporary folder, then every output checked.
 
-One quick run (a tiny ViLT on a few hundred questions) is shared by the module's tests; a second
-run against the same cache must load the weights instead of training them again.
+One quick run (a tiny ViLT and a tiny METER on a few hundred questions) is shared by the module's
+tests; a second run against the same cache must load the weights instead of training them again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -17,8 +18,16 @@ pytest.importorskip("easy_vqa")
 
 import pumer_patch  # noqa: E402
 from recipes import easy_vqa as study  # noqa: E402
+from recipes.laptop.config import StudyConfig  # noqa: E402
 
-VARIANTS = ["unpatched", "pumer", "pumer-reference", "prune-only", "merge-only", "tome-equal-flops", "pumer-finetuned"]
+VILT_VARIANTS = ["unpatched", "pumer", "pumer-reference", "prune-only", "merge-only", "tome-equal-flops",
+                 "pumer-finetuned"]
+METER_REDUCTIONS = ["pumer", "tower-tome", "pumer+tower-tome"]
+METER_VARIANTS = (["meter-unpatched"] + [f"meter-{k}" for k in METER_REDUCTIONS]
+                  + [f"meter-{k}-finetuned" for k in METER_REDUCTIONS])
+VARIANTS = VILT_VARIANTS + METER_VARIANTS
+# QUICK's ViLT cache keys for the vocabulary {"[PAD]": 0, "what": 1}, as the study computed them before METER joined
+QUICK_BASE_KEY, QUICK_FINETUNE_KEY = "3a7bbd1fbe00", "b07c5035022a"
 FILES = ["results.json", "results.md", "tradeoff.png", "kept_merged.png"]
 
 
@@ -50,30 +59,44 @@ def test_every_output_file_is_written(quick):
 
 def test_results_json_has_every_section_and_variant(quick):
     _, _, results, _ = quick
-    for key in ("config", "environment", "data", "base", "finetune", "timing", "variants", "figures", "runtime_seconds"):
+    for key in ("config", "environment", "data", "base", "finetune", "meter", "timing", "variants", "figures",
+                "runtime_seconds"):
         assert key in results, key
     assert [row["name"] for row in results["variants"]] == VARIANTS
     for row in results["variants"]:
-        for key in ("description", "weights", "patch", "accuracy", "accuracy_drop_points", "throughput", "speedup",
-                    "seconds_per_pass", "gflops", "gflops_ratio", "tokens"):
+        for key in ("model", "description", "weights", "patch", "accuracy", "accuracy_drop_points", "throughput",
+                    "speedup", "seconds_per_pass", "gflops", "gflops_ratio", "tokens"):
             assert key in row, (row["name"], key)
+        assert row["model"] == ("meter" if row["name"] in METER_VARIANTS else "vilt"), row["name"]
     assert results["data"]["train"] > 0 and results["data"]["val"] > 0 and results["data"]["test"] > 0
     assert results["base"]["cached"] is False and results["finetune"]["cached"] is False
+    meter = results["meter"]
+    assert list(meter) == ["base"] + [f"finetune-{k}" for k in METER_REDUCTIONS]
+    assert all(run["cached"] is False and run["steps"] > 0 for run in meter.values())
 
 
 def test_numbers_are_sane(quick):
     _, _, results, _ = quick
     rows = {row["name"]: row for row in results["variants"]}
-    base = rows["unpatched"]
+    bases = {"vilt": rows["unpatched"], "meter": rows["meter-unpatched"]}
     rounds = results["timing"]["rounds"]
     for name, row in rows.items():
+        base = bases[row["model"]]
         assert 0.0 <= row["accuracy"] <= 1.0, name
         assert row["throughput"] > 0 and row["speedup"] > 0, name
         assert len(row["seconds_per_pass"]) == rounds and all(s > 0 for s in row["seconds_per_pass"]), name
         assert row["gflops"] > 0, name
-        if name != "unpatched":
+        assert row["speedup"] == pytest.approx(row["throughput"] / base["throughput"]), name
+        assert row["accuracy_drop_points"] == pytest.approx(100 * (row["accuracy"] - base["accuracy"])), name
+        if row is not base:
             assert row["gflops"] < base["gflops"], name
-    assert base["speedup"] == pytest.approx(1.0) and base["accuracy_drop_points"] == 0.0
+    for base in bases.values():
+        assert base["speedup"] == pytest.approx(1.0) and base["accuracy_drop_points"] == 0.0
+    # both: fewer FLOPs than either reduction alone; the finetuned weights cost what the off-the-shelf ones do
+    both = rows["meter-pumer+tower-tome"]["gflops"]
+    assert both < rows["meter-pumer"]["gflops"] and both < rows["meter-tower-tome"]["gflops"]
+    for k in METER_REDUCTIONS:
+        assert rows[f"meter-{k}-finetuned"]["gflops"] == pytest.approx(rows[f"meter-{k}"]["gflops"]), k
     # the ToMe baseline is searched to match PuMer's compute; it can only come close from above
     assert rows["tome-equal-flops"]["gflops"] >= rows["pumer"]["gflops"] * 0.95
 
@@ -84,6 +107,8 @@ def test_token_counts_decrease_and_follow_the_documented_arithmetic(quick):
     n_layers = cfg["model"]["layers"]
     n_image0 = 1 + (64 // cfg["model"]["patch"]) ** 2
     for row in results["variants"]:
+        if row["model"] != "vilt":
+            continue
         image, text = row["tokens"]["image"], row["tokens"]["text"]
         assert len(image) == len(text) == n_layers + 1
         assert image[0] == n_image0 and text[0] == results["data"]["text_tokens"]
@@ -104,6 +129,33 @@ def test_token_counts_decrease_and_follow_the_documented_arithmetic(quick):
                 assert (image[layer + 1], text[layer + 1]) == (n_image, n_text), (row["name"], layer)
 
 
+def test_meter_token_counts_follow_the_tower_merge_and_the_documented_arithmetic(quick):
+    _, _, results, _ = quick
+    meter = results["config"]["meter"]
+    n_blocks, n_image0 = meter["model"]["fusion_blocks"], 1 + (64 // meter["model"]["patch"]) ** 2
+    n_text0 = results["data"]["text_tokens"]
+    for row in results["variants"]:
+        if row["model"] != "meter":
+            continue
+        image, text = row["tokens"]["image"], row["tokens"]["text"]
+        # the tower's input, the tokens entering the fusion blocks, then after each fusion block
+        assert len(image) == len(text) == n_blocks + 2, row["name"]
+        assert image[0] == n_image0 and text[:2] == [n_text0, n_text0], row["name"]
+        patch = row["patch"] or {}
+        r = patch.get("encoder_merge_schedule", 0)
+        assert image[1] == n_image0 - r * meter["model"]["vision_layers"], row["name"]
+        n_image, n_text = image[1], text[1]
+        for block in range(n_blocks):
+            if block in patch.get("layers", []):
+                n_image, n_text = pumer_patch.reduced_counts(
+                    n_image, n_text, (patch["prune_ratio"], patch["merge_ratio"], patch["text_merge_ratio"]),
+                    mode=patch["mode"],
+                )
+            assert (image[block + 2], text[block + 2]) == (n_image, n_text), (row["name"], block)
+        if row["patch"] is not None:
+            assert image[-1] < image[0], row["name"]
+
+
 def test_markdown_table_is_printed_with_one_row_per_variant(quick):
     out, _, results, stdout = quick
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
@@ -118,6 +170,7 @@ def test_second_run_loads_the_cached_weights(quick, tmp_path):
     assert (Path(first["finetune"]["cache_dir"]) / "config.json").is_file()
     results, _ = _run(tmp_path, cache)
     assert results["base"]["cached"] is True and results["finetune"]["cached"] is True
+    assert all(run["cached"] is True for run in results["meter"].values())
     before = {row["name"]: row["accuracy"] for row in first["variants"]}
     assert {row["name"]: row["accuracy"] for row in results["variants"]} == before
 
@@ -140,3 +193,19 @@ def test_command_line_overrides_reach_the_config():
     vocabulary = {"[PAD]": 0, "what": 1}
     assert cfg.base_key(vocabulary) != study.QUICK.base_key(vocabulary)
     assert study.QUICK.base_key(vocabulary) != study.QUICK.base_key({**vocabulary, "shape": 2})
+    args = study.parse_args(["--quick", "--meter-epochs", "2", "--meter-encoder-merge", "8"])
+    meter_cfg = study.config_from_args(args)
+    assert meter_cfg.meter.train.epochs == 2 and meter_cfg.meter.encoder_merge == 8
+    assert meter_cfg.meter_key(vocabulary) != study.QUICK.meter_key(vocabulary)
+    assert study.config_from_args(study.parse_args(["--no-meter"])).meter is None
+
+
+def test_vilt_cache_keys_leave_meter_out():
+    """The ViLT's cached weights are keyed as before METER joined the study: METER's settings never move them."""
+    vocabulary = {"[PAD]": 0, "what": 1}
+    for cfg in (study.QUICK, StudyConfig()):
+        alone = dataclasses.replace(cfg, meter=None)
+        assert alone.base_key(vocabulary) == cfg.base_key(vocabulary)
+        assert alone.finetune_key() == cfg.finetune_key()
+    # the keys of the configurations the study shipped with before METER (its --quick weights stay bitwise the same)
+    assert study.QUICK.base_key(vocabulary) == QUICK_BASE_KEY and study.QUICK.finetune_key() == QUICK_FINETUNE_KEY

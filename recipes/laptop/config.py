@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IMAGE_SIZE", "CACHE_VERSION", "ModelConfig", "TrainConfig", "ReduceConfig", "StudyConfig", "QUICK"]
+__all__ = ["IMAGE_SIZE", "CACHE_VERSION", "ModelConfig", "MeterModelConfig", "TrainConfig", "ReduceConfig",
+           "MeterStudyConfig", "StudyConfig", "QUICK"]
 
 IMAGE_SIZE = 64  # every easy-vqa image is 64 x 64 RGB
 
@@ -30,6 +31,25 @@ class ModelConfig:
     layers: int = 4
     heads: int = 4
     intermediate: int = 256
+    patch: int = 8
+
+
+@dataclass(frozen=True)
+class MeterModelConfig:
+    """The METER trained from scratch beside the ViLT: both towers, the fusion and the heads at width 64.
+
+    A CLIP-style image tower (patch 8: 64 patches + [CLS], QuickGELU, pre-LN), a RoBERTa-style text
+    encoder (post-LN, on the ViLT's BERT WordPiece vocabulary: pad id 0, not RoBERTa's 1), and fusion
+    blocks of a text and an image layer each (self-attention, cross-attention, FFN); every MLP 4x wide.
+    Two layers per tower and two fusion blocks: the two-stream model already costs about twice the
+    ViLT's time per update, and the study's whole default run has to stay under 15 minutes.
+    """
+
+    hidden: int = 64
+    heads: int = 4
+    vision_layers: int = 2
+    text_layers: int = 2
+    fusion_blocks: int = 2
     patch: int = 8
 
 
@@ -72,6 +92,23 @@ class ReduceConfig:
 
 
 @dataclass(frozen=True)
+class MeterStudyConfig:
+    """The METER half of the study: its model, training, PuMer in the fusion blocks, ToMe in the tower.
+
+    ``reduce.layers`` index fusion blocks: PuMer at block 0 prunes and merges the image states that
+    leave the tower, so every fusion image layer runs on the survivors. ``encoder_merge`` is ToMe's r
+    per block of the CLIP tower (``encoder_merge_schedule``). Each reduced variant (PuMer, the tower's
+    ToMe, both) is also finetuned with its reduction on, distilled from the unpatched METER.
+    """
+
+    model: MeterModelConfig = field(default_factory=MeterModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reduce: ReduceConfig = field(default_factory=ReduceConfig)
+    encoder_merge: int = 16
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.5))
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """Everything one run does; the parts that shape trained weights key the cache."""
 
@@ -79,6 +116,7 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))
+    meter: MeterStudyConfig | None = field(default_factory=MeterStudyConfig)  # None: the ViLT alone
     distill_weight: float = 0.5  # KL to the unpatched model's logits; 0 trains on the labels alone
     val_fraction: float = 0.1  # of the training images, held out for validation
     train_images: int | None = None  # first N training images only (``--quick``); None = all 4,000
@@ -114,6 +152,34 @@ class StudyConfig:
             }
         )
 
+    def meter_key(self, vocabulary: Mapping[str, int]) -> str:
+        """Cache key of the trained METER (the ViLT's keys leave METER out, so they never change with it)."""
+        if self.meter is None:
+            raise ValueError("this study has no METER (meter=None)")
+        return _digest(
+            {
+                "version": CACHE_VERSION,
+                "vocabulary": _digest(vocabulary),
+                "model": dataclasses.asdict(self.meter.model),
+                "train": dataclasses.asdict(self.meter.train),
+                "val_fraction": self.val_fraction,
+                "train_images": self.train_images,
+                "seed": self.seed,
+            }
+        )
+
+    def meter_finetune_key(self, patch: Mapping[str, Any]) -> str:
+        """Cache key of a METER finetuned with ``patch`` (``pumer_patch.apply`` arguments) on."""
+        if self.meter is None:
+            raise ValueError("this study has no METER (meter=None)")
+        return _digest(
+            {
+                "patch": dict(patch),
+                "finetune": dataclasses.asdict(self.meter.finetune),
+                "distill_weight": self.distill_weight,
+            }
+        )
+
 
 def _digest(obj: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
@@ -122,6 +188,7 @@ def _digest(obj: Mapping[str, Any]) -> str:
 QUICK = StudyConfig(
     train=TrainConfig(epochs=1.0),
     finetune=TrainConfig(epochs=0.2),
+    meter=MeterStudyConfig(train=TrainConfig(epochs=1.0), finetune=TrainConfig(epochs=0.2)),
     train_images=200,
     test_images=40,
     eval_batch_size=32,

@@ -25,14 +25,32 @@ def _pyplot() -> Any:
     return plt
 
 
+_MODEL_NAMES = {"vilt": "ViLT", "meter": "METER"}
+
+
 def plot_tradeoff(rows: Sequence[Mapping[str, Any]], examples_per_pass: int, threads: int, path: Path) -> None:
     """Test accuracy against throughput, one point per variant; bars span the fastest and slowest round.
 
+    One panel per model (``row["model"]``, ViLT when absent), each against its own unpatched row.
     Variants within 3 points of the unpatched accuracy are crowded at the top, so when some variant
     falls far below, an inset repeats them zoomed in.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    models = list(dict.fromkeys(row.get("model", "vilt") for row in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(8 * len(models), 5.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        _tradeoff_panel(ax, [row for row in rows if row.get("model", "vilt") == model], examples_per_pass, threads,
+                        _MODEL_NAMES.get(model, model))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _tradeoff_panel(
+    ax: Any, rows: Sequence[Mapping[str, Any]], examples_per_pass: int, threads: int, model: str
+) -> None:
+    """``plot_tradeoff``'s panel for one model's ``rows``, its unpatched row first."""
+    plt = _pyplot()
     base = rows[0]
     palette = plt.get_cmap("tab10")
 
@@ -59,11 +77,8 @@ def plot_tradeoff(rows: Sequence[Mapping[str, Any]], examples_per_pass: int, thr
         ax.indicate_inset_zoom(inset, edgecolor="0.5")
     ax.set_xlabel(f"throughput (examples/s, CPU, {threads} threads, median of rounds)")
     ax.set_ylabel("easy-vqa test accuracy (%)")
-    ax.set_title("PuMer on a small ViLT: accuracy against speed")
+    ax.set_title(f"PuMer on a small {model}: accuracy against speed")
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def _draw_tokens(ax: Any, image: np.ndarray, source: np.ndarray, patch_index: np.ndarray, grid: tuple[int, int]) -> int:
@@ -109,7 +124,8 @@ def plot_kept_merged(
 ) -> None:
     """A few test questions: the image, then for each model (patched with ``trace=True``) what it kept.
 
-    Reads the final image source map and the patches' grid positions from ``pumer_patch.last_trace``.
+    Reads the final image source map and the patches' grid positions from ``pumer_patch.last_trace``
+    (METER's trace has no positions: its tower's patches enter the fusion blocks in row-major order).
     """
     plt = _pyplot()
     batch = data.inputs(idx)
@@ -125,14 +141,23 @@ def plot_kept_merged(
         pred = model(**batch).logits.argmax(-1)
         trace = pumer_patch.last_trace(model)
         source = trace.image.source[:, 1:].numpy()  # (K, P): the image [CLS] comes first
-        patch_index = trace.patch_index.numpy()  # (K, P, 2)
+        patch_index, grid = _patch_layout(model, trace, source.shape)
         for col in range(k):
-            n = _draw_tokens(axes[row, col], images[col], source[col], patch_index[col], trace.grid)
+            n = _draw_tokens(axes[row, col], images[col], source[col], patch_index[col], grid)
             axes[row, col].set_title(f"{label}\n{n} patch tokens left, says {answers[pred[col]]}", fontsize=7)
     fig.suptitle("grey: pruned; colour + outline: patches merged into one token; plain: kept as is", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def _patch_layout(model: nn.Module, trace: Any, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """The (row, col) of each patch (K, P, 2) and the grid (H, W): the trace's, else row-major (METER)."""
+    if trace.patch_index is not None:
+        return trace.patch_index.numpy(), trace.grid
+    side = model.config.image_size // model.config.vit_patch_size
+    cells = np.arange(shape[1])
+    return np.broadcast_to(np.stack([cells // side, cells % side], axis=-1), (*shape, 2)), (side, side)
 
 
 def figure_examples(data: Split, count: int) -> Tensor:

@@ -17,17 +17,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase, ViltForQuestionAnswering
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ViltForQuestionAnswering
 
 import pumer_patch
 from pumer_patch.flops import gflops_per_example
+from pumer_patch.models.meter import MeterForQuestionAnswering
 from recipes.laptop.config import StudyConfig
-from recipes.laptop.data import build_tokenizer, load_splits
+from recipes.laptop.data import Split, build_tokenizer, load_splits
 from recipes.laptop.figures import figure_examples, plot_kept_merged, plot_tradeoff
 from recipes.laptop.measure import measure_throughput, tokens_per_layer
-from recipes.laptop.model import build_model
+from recipes.laptop.model import build_meter, build_model
 from recipes.laptop.train import accuracy, predict, train
-from recipes.laptop.variants import build_variants, patch_args
+from recipes.laptop.variants import build_meter_variants, build_variants, meter_patches, patch_args
 
 __all__ = ["markdown_table", "run_study"]
 
@@ -38,8 +39,9 @@ def _cached(
     retrain: bool,
     fit: Any,
     tokenizer: PreTrainedTokenizerBase | None = None,
-) -> tuple[ViltForQuestionAnswering, dict[str, Any], bool]:
-    """Load the model saved in ``directory``, or call ``fit() -> (model, info)`` and save it there.
+    cls: type[PreTrainedModel] = ViltForQuestionAnswering,
+) -> tuple[PreTrainedModel, dict[str, Any], bool]:
+    """Load the ``cls`` saved in ``directory``, or call ``fit() -> (model, info)`` and save it there.
 
     Saved with ``save_pretrained`` (plus ``train_info.json``) into a temporary folder that is renamed
     into place last, so an interrupted run never leaves a half-written cache behind.
@@ -49,7 +51,7 @@ def _cached(
         info = json.loads(info_path.read_text())
         logger.info("loading cached weights from %s (trained in %.0f s; --retrain to train again)",
                     directory, info["seconds"])
-        return ViltForQuestionAnswering.from_pretrained(directory).eval(), info, True
+        return cls.from_pretrained(directory).eval(), info, True
     model, info = fit()
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -61,6 +63,56 @@ def _cached(
     partial.rename(directory)
     logger.info("saved weights to %s", directory)
     return model, info, False
+
+
+def _meter_weights(
+    cfg: StudyConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    train_split: Split,
+    val: Split,
+    answers: Sequence[str],
+    cache_dir: Path,
+    retrain: bool,
+    progress: bool,
+) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """Train (or load) the METER, then finetune (or load) it once per reduction of ``meter_patches``.
+
+    Returns the weights under the names ``build_meter_variants`` reads (``"meter"``,
+    ``"meter-finetuned-<reduction>"``) and each run's training info. The finetuned folders live below
+    the trained METER's, which a retrain replaces whole.
+    """
+    m = cfg.meter
+    if m is None:
+        raise ValueError("cfg.meter is None: this study trains no METER")
+
+    def fit_base() -> tuple[nn.Module, dict[str, Any]]:
+        model = build_meter(m.model, tokenizer, train_split.input_ids.shape[1], answers, cfg.seed)
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        logger.info("training a METER from scratch: %s, %.2fM parameters (%.2fM of them the word embedding)", m.model,
+                    n_params, model.meter.text_transformer.embeddings.word_embeddings.weight.numel() / 1e6)
+        info = train(model, train_split, m.train, seed=cfg.seed, val=val, eval_batch_size=cfg.eval_batch_size,
+                     desc="train-meter", progress=progress)
+        return model, info
+
+    meter_dir = cache_dir / f"meter-{cfg.meter_key(tokenizer.get_vocab())}"
+    base, info, cached = _cached(meter_dir, retrain, fit_base, tokenizer, MeterForQuestionAnswering)
+    weights: dict[str, nn.Module] = {"meter": base}
+    infos: dict[str, Any] = {"base": {**info, "cached": cached, "cache_dir": str(meter_dir)}}
+    for name, patch in meter_patches(m).items():
+
+        def fit_finetuned(patch: dict[str, Any] = patch, name: str = name) -> tuple[nn.Module, dict[str, Any]]:
+            model = pumer_patch.apply(copy.deepcopy(base), **patch)
+            logger.info("finetuning the METER with %s on: %s", name, patch)
+            info = train(model, train_split, m.finetune, seed=cfg.seed, val=val,
+                         teacher=base if cfg.distill_weight > 0 else None, distill_weight=cfg.distill_weight,
+                         eval_batch_size=cfg.eval_batch_size, desc=f"finetune-meter-{name}", progress=progress)
+            return pumer_patch.remove(model), info
+
+        ft_dir = meter_dir / f"finetuned-{name}-{cfg.meter_finetune_key(patch)}"
+        model, info, cached = _cached(ft_dir, retrain, fit_finetuned, cls=MeterForQuestionAnswering)
+        weights[f"meter-finetuned-{name}"] = model
+        infos[f"finetune-{name}"] = {**info, "cached": cached, "cache_dir": str(ft_dir)}
+    return weights, infos
 
 
 def _environment() -> dict[str, Any]:
@@ -88,7 +140,7 @@ def _arrow(counts: Sequence[int]) -> str:
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
-    """The study's results as a markdown table, one row per variant."""
+    """The study's results as a markdown table, one row per variant (speedup and Δ against its model's unpatched row)."""
     lines = [
         "| variant | test acc | Δ acc (pt) | examples/s | speedup | GFLOPs/ex | image tokens by layer | text tokens by layer |",
         "|---|---:|---:|---:|---:|---:|---|---|",
@@ -143,8 +195,15 @@ def run_study(
     ft_dir = base_dir / f"finetuned-{cfg.finetune_key()}"
     finetuned, ft_info, ft_cached = _cached(ft_dir, retrain, fit_finetuned)
     weights = {"base": base, "finetuned": finetuned}
+    meter_info = None
+    if cfg.meter is not None:
+        # on a forked RNG: METER's training draws (RoBERTa's dropout) leave the ViLT's rows as they were
+        with torch.random.fork_rng(devices=[]):
+            meter_weights, meter_info = _meter_weights(cfg, tokenizer, train_split, val, answers, cache_dir, retrain,
+                                                       progress)
+        weights.update(meter_weights)
 
-    variants = build_variants(cfg, base, test.inputs(torch.arange(1)))
+    variants = build_variants(cfg, base, test.inputs(torch.arange(1))) + build_meter_variants(cfg)
     models = {v.name: v.build(weights) for v in variants}
     probe = test.inputs(torch.arange(min(len(test), cfg.eval_batch_size)))  # shapes only: FLOPs and counts
     rows: list[dict[str, Any]] = []
@@ -153,6 +212,7 @@ def run_study(
         acc = accuracy(predict(models[v.name], test, cfg.eval_batch_size, desc=v.name, progress=progress), test.label)
         row = {
             "name": v.name,
+            "model": v.model,
             "description": v.description,
             "weights": v.weights,
             "patch": None if v.patch is None else dict(v.patch),
@@ -172,15 +232,18 @@ def run_study(
     for row in rows:
         row["seconds_per_pass"] = times[row["name"]]
         row["throughput"] = per_pass / statistics.median(times[row["name"]])
-    base_row = rows[0]
+    unpatched = {row["model"]: row for row in rows if row["patch"] is None}
     for row in rows:
+        base_row = unpatched[row["model"]]
         row["speedup"] = row["throughput"] / base_row["throughput"]
         row["accuracy_drop_points"] = 100 * (row["accuracy"] - base_row["accuracy"])
         row["gflops_ratio"] = row["gflops"] / base_row["gflops"]
 
     plot_tradeoff(rows, per_pass, torch.get_num_threads(), out_dir / "tradeoff.png")
     shown = figure_examples(test, cfg.figure_examples)
-    traced = [(v.name, v.build(weights, trace=True)) for v in variants if v.name in ("pumer", "pumer-finetuned")]
+    # METER's tower-merging rows are left out: their source maps start at the fusion blocks, not at the patches
+    shown_variants = ("pumer", "pumer-finetuned", "meter-pumer", "meter-pumer-finetuned")
+    traced = [(v.name, v.build(weights, trace=True)) for v in variants if v.name in shown_variants]
     plot_kept_merged(traced, test, shown, answers, out_dir / "kept_merged.png")
 
     results = {
@@ -190,6 +253,7 @@ def run_study(
                  "text_tokens": int(test.input_ids.shape[1])},
         "base": {**base_info, "cached": base_cached, "cache_dir": str(base_dir)},
         "finetune": {**ft_info, "cached": ft_cached, "cache_dir": str(ft_dir)},
+        "meter": meter_info,
         "timing": {"batch_size": cfg.eval_batch_size, "batches": len(timing), "rounds": cfg.timing_rounds,
                    "warmup_batches": cfg.timing_warmup, "statistic": "median seconds per pass"},
         "variants": rows,
@@ -199,9 +263,11 @@ def run_study(
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     descriptions = "\n".join(f"- **{row['name']}**: {row['description']}" for row in rows)
     (out_dir / "results.md").write_text(
-        f"# easy-vqa: PuMer on a small ViLT\n\n{markdown_table(results)}\n\n{descriptions}\n\n"
+        f"# easy-vqa: PuMer on a small ViLT{' and a small METER' if cfg.meter is not None else ''}\n\n"
+        f"{markdown_table(results)}\n\n{descriptions}\n\n"
         f"Throughput: examples/s on {results['environment']['cpu']}, {torch.get_num_threads()} threads, "
-        f"batch {cfg.eval_batch_size}, median of {cfg.timing_rounds} interleaved rounds.\n"
+        f"batch {cfg.eval_batch_size}, median of {cfg.timing_rounds} interleaved rounds. Speedup and Δ acc: "
+        f"against the same model's unpatched row.\n"
     )
     logger.info("wrote %s (results.json, results.md, tradeoff.png, kept_merged.png) in %.0f s",
                 out_dir, results["runtime_seconds"])

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 import pumer_patch
 from pumer_patch.flops import gflops_per_example, match_gflops
-from recipes.laptop.config import StudyConfig
+from recipes.laptop.config import MeterStudyConfig, StudyConfig
 
-__all__ = ["Variant", "patch_args", "build_variants"]
+__all__ = ["Variant", "patch_args", "meter_patches", "build_variants", "build_meter_variants"]
 
 @dataclass(frozen=True)
 class Variant:
@@ -21,8 +21,9 @@ class Variant:
 
     name: str
     description: str
-    weights: str = "base"  # "base" (trained unpatched) or "finetuned" (finetuned with the reduction on)
+    weights: str = "base"  # a key of the study's weights: "base" (trained unpatched), "finetuned", "meter", ...
     patch: Mapping[str, Any] | None = None
+    model: str = "vilt"  # the family: speedups and accuracy drops are against its own unpatched row
 
     def build(self, weights: Mapping[str, nn.Module], trace: bool = False) -> nn.Module:
         """A fresh copy of the weights, patched as this variant says."""
@@ -63,3 +64,44 @@ def build_variants(cfg: StudyConfig, base: nn.Module, example: Mapping[str, Tens
                 + (f", distilled from the unpatched model (KL weight {cfg.distill_weight:g})" if cfg.distill_weight > 0 else ""),
                 weights="finetuned", patch=pumer),
     ]
+
+
+def meter_patches(cfg: MeterStudyConfig) -> dict[str, dict[str, Any]]:
+    """METER's three reductions as ``pumer_patch.apply`` arguments: PuMer in the fusion blocks, ToMe in
+    the CLIP tower (``encoder_merge_schedule``), and both."""
+    r = cfg.reduce
+    pumer = patch_args(r.layers, r.prune, r.merge, r.text_merge)
+    return {
+        "pumer": pumer,
+        "tower-tome": {"layers": [], "encoder_merge_schedule": cfg.encoder_merge},
+        "pumer+tower-tome": {**pumer, "encoder_merge_schedule": cfg.encoder_merge},
+    }
+
+
+def build_meter_variants(cfg: StudyConfig) -> list[Variant]:
+    """METER's rows: unpatched, then each reduction off the shelf, then each finetuned with it on.
+
+    The finetuned weights of reduction ``k`` are ``weights["meter-finetuned-" + k]``.
+    """
+    if cfg.meter is None:
+        return []
+    m = cfg.meter
+    r = m.reduce
+    blocks = ",".join(map(str, r.layers))
+    what = {
+        "pumer": f"PuMer {r.name} in fusion block(s) {blocks}",
+        "tower-tome": f"ToMe r={m.encoder_merge} in each of the CLIP tower's {m.model.vision_layers} blocks",
+        "pumer+tower-tome": f"PuMer {r.name} in fusion block(s) {blocks} + ToMe r={m.encoder_merge} in the tower",
+    }
+    distilled = ""
+    if cfg.distill_weight > 0:
+        distilled = f", distilled from the unpatched METER (KL weight {cfg.distill_weight:g})"
+    patches = meter_patches(m)
+    rows = [Variant("meter-unpatched", "the trained METER, no reduction", weights="meter", model="meter")]
+    rows += [Variant(f"meter-{k}", f"{what[k]}, default mode, off the shelf", weights="meter", patch=patch,
+                     model="meter")
+             for k, patch in patches.items()]
+    rows += [Variant(f"meter-{k}-finetuned", f"{what[k]}, finetuned with it on{distilled}",
+                     weights=f"meter-finetuned-{k}", patch=patch, model="meter")
+             for k, patch in patches.items()]
+    return rows
