@@ -3,6 +3,18 @@
 ``--preset vilt-vqa`` picks one; any field can be overridden on the command line. PuMer presets
 start from the pretrained checkpoint, reduce while training, and distil from the finetuned,
 unreduced model (``--teacher``, required because it is the output of the non-PuMer preset).
+
+Retrieval (``recipes.retrieval``; the research code has none, so these are ours): the retrieval
+finetuning configs of ViLT (``task_finetune_irtr_{f30k,coco}``: lr 1e-4, batch 256, 10 epochs, no
+learning-rate multiplier) and METER (``task_finetune_irtr_{f30k,coco}_clip_bert``: lr 5e-6, batch
+512, 10 epochs, heads and cross-modal layers x5; its head list names ``itm_score``, not
+``rank_output``), 15 negative captions per image, ITM weight 0.5, RandAugment, images at 384, text 40.
+``total_batch`` counts images (each with 16 captions). Evaluation on val about once per epoch
+(Flickr30k: 29k training images; COCO: 113k with restval). No distillation (DESIGN.md: no teacher for
+retrieval); the ``-pumer`` presets reduce while training with the VQA configs of the released
+checkpoints. ``model`` is None: start from a pretraining checkpoint with its ITM head (ViLT: the
+original ``vilt_200k_mlm_itm.ckpt`` through ``convert_vilt --head irtr``; METER: PuMer's
+pretrained folder), whose ITM "match" row starts ``rank_output``.
 """
 
 from __future__ import annotations
@@ -77,6 +89,21 @@ PRESETS: dict[str, Preset] = {
     "meter-nlvr2": _METER_NLVR2,
     "meter-nlvr2-pumer": dataclasses.replace(_METER_NLVR2, epochs=20, pumer="p0.3r0.5t0.2-246", distill_weight=1.0),
 }
+
+
+# retrieval (see the module docstring): total_batch in images, each scored against 16 captions
+_VILT_RETRIEVAL = Preset(family="vilt", task="retrieval", model=None, lr=1e-4, total_batch=256, epochs=10,
+                         eval_every=113, image_size=384, text_length=40)
+_METER_RETRIEVAL = Preset(family="meter", task="retrieval", model=None, lr=5e-6, total_batch=512, epochs=10,
+                          eval_every=56, image_size=384, text_length=40,
+                          lr_multipliers={"*itm_score*": 5.0, "*cross_modal*": 5.0})
+for _name, _base, _epoch_steps in (("vilt-retrieval-flickr", _VILT_RETRIEVAL, 113),
+                                   ("vilt-retrieval-coco", _VILT_RETRIEVAL, 442),
+                                   ("meter-retrieval-flickr", _METER_RETRIEVAL, 56),
+                                   ("meter-retrieval-coco", _METER_RETRIEVAL, 221)):
+    PRESETS[_name] = dataclasses.replace(_base, eval_every=_epoch_steps)
+    PRESETS[f"{_name}-pumer"] = dataclasses.replace(
+        _base, eval_every=_epoch_steps, pumer="p0.1-r0.3-t0.2-258" if _base.family == "vilt" else "p0.2r0.2t0.2-0246")
 
 
 def get_preset(name: str, **overrides: object) -> Preset:
