@@ -3,13 +3,15 @@
     python -m benchmarks.speed                      # ViLT-B/32 (32 and 40 text tokens) and timm ViT-B/16
     python -m benchmarks.speed --models vilt40 --batch-sizes 8 --repeats 5
     python -m benchmarks.speed --models vit_large_patch16_224 open_clip:ViT-B-16 --dtype bf16
+    python -m benchmarks.speed --models vit_base_patch16_dinov3 eva02_base_patch14_224   # timm Eva: DINOv3, EVA02
 
 Models (random weights: the compute is the same as a trained model's): ``vilt<T>`` is ViLT-B/32 at
 384x384 with T text tokens, ``meter<S>_<T>`` full-size METER (CLIP ViT-B/16 with 11 blocks, RoBERTa-base,
 6 fusion blocks) at SxS with T text tokens (one pass; NLVR2 runs two), ``open_clip:<name>`` an
 open_clip model's image tower, ``hf:<arch>:<S>:<attention>`` a transformers tower at SxS with
 ``attn_implementation`` eager or sdpa (``hf:clip_b16:224:sdpa``: ``CLIPVisionModel`` with CLIP ViT-B/16's
-sizes; ``hf:dinov2_b14:518:eager``: DINOv2-B/14), anything else a timm model name. Configs: unpatched, the paper's, prune-only, merge-only and ToMe-style baselines,
+sizes; ``hf:dinov2_b14:518:eager``: DINOv2-B/14), anything else a timm model name
+(``VisionTransformer``, or ``Eva`` / ``Beit``: DINOv3, EVA02, PE). Configs: unpatched, the paper's, prune-only, merge-only and ToMe-style baselines,
 one of them with its merge ratio searched to meet a PuMer config's GFLOPs (``match_gflops``).
 Baseline and patched run interleaved (A B A B ...) in one process after a warm-up; each figure is
 the median of the repeats. Peak memory: CUDA ``max_memory_allocated`` or, on CPU with ``--memory``,
