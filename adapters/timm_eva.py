@@ -87,7 +87,10 @@ from ._vit import (
 )
 from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class
 
-__all__ = ["TimmEvaAdapter", "EvaOptions", "PumerEva", "PumerBeit", "PumerBeitAttention", "rope_slope", "rope_rows"]
+__all__ = [
+    "TimmEvaAdapter", "EvaOptions", "Positions", "PumerEva", "PumerBeit", "PumerBeitAttention",
+    "rope_slope", "rope_rows",
+]
 
 _TESTED = (Version("1.0"), Version("2"))
 _SUPPORTED = "timm Eva (EVA, EVA02, DINOv3, Perception Encoder, ViT-RoPE) and Beit"
@@ -317,14 +320,14 @@ class PumerBeitAttention(BeitAttention):
         return full if cells is None else _gather_bias(full[0], cells)
 
 
-class BeitWhere(NamedTuple):
+class _BeitWhere(NamedTuple):
     """A BEiT block's positional arguments: cells (B, N) and the shared bias gathered for them (or None)."""
 
     cells: Tensor
     shared: Tensor | None
 
 
-def _beit_bias(where: BeitWhere | None, shared_full: Tensor | None, bias: Tensor | None) -> Tensor | None:
+def _beit_bias(where: _BeitWhere | None, shared_full: Tensor | None, bias: Tensor | None) -> Tensor | None:
     """``shared_rel_pos_bias`` for a block: the shared bias (for the cells) plus the size bias."""
     shared = shared_full if where is None else where.shared
     if shared is None or bias is None:
@@ -333,7 +336,7 @@ def _beit_bias(where: BeitWhere | None, shared_full: Tensor | None, bias: Tensor
 
 
 @contextmanager
-def _beit_cells(block: nn.Module, where: BeitWhere | None) -> Iterator[None]:
+def _beit_cells(block: nn.Module, where: _BeitWhere | None) -> Iterator[None]:
     state = getattr(block.attn, "_pumer_state", None)
     if where is None or state is None:
         yield
@@ -384,7 +387,9 @@ def _reduce_block(
             weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
             relevance = attention_relevance(att.q, att.k, att.scale, logit_bias, weights)
         metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
-    reduced, pos, merged = _reduce(replace(tokens, x=att.x), pos, relevance, metric, ratios, protected, merge_position, grid)
+    reduced, pos, merged = _reduce(
+        replace(tokens, x=att.x), pos, relevance, metric, ratios, protected, merge_position, grid
+    )
     return replace(reduced, x=family.finish(block, reduced.x)), pos, merged
 
 
@@ -437,7 +442,10 @@ def _refuse_masks(attn_mask: Tensor | None, is_causal: bool) -> None:
 
 
 def _eva_family(root: Eva, rope: Tensor | None, grid: tuple[int, int], merge_position: MergePosition) -> _Family:
-    """EVA's loop pieces for one forward; ``rope`` is ``_pos_embed``'s table ((N0, 2D), or per block (depth, heads, N0, 2D))."""
+    """EVA's loop pieces for one forward.
+
+    rope: ``_pos_embed``'s table, (N0, 2D), or one per block (depth, heads, N0, 2D) for mixed RoPE.
+    """
     mixed = getattr(root, "rope_mixed", False) and rope is not None
     slopes: dict[int, Tensor] = {}
 
@@ -468,26 +476,27 @@ def _beit_family(root: Beit, shared_full: Tensor | None) -> _Family:
     width = root.patch_embed.grid_size[1]
     positional = shared_full is not None or any(b.attn.relative_position_bias_table is not None for b in root.blocks)
 
-    def where(i: int, pos: Positions | None) -> BeitWhere | None:
+    def where(i: int, pos: Positions | None) -> _BeitWhere | None:
         if pos is None or not positional:
             return None
         # a merged token's mean coordinate, rounded to the nearest cell (the bias is learned per cell offset)
         rounded = pos.coord.round().long()
         cells = torch.cat([pos.cell.new_zeros(pos.cell.shape[0], 1), 1 + rounded[..., 0] * width + rounded[..., 1]], 1)
-        return BeitWhere(cells, None if shared_full is None else _gather_bias(shared_full, cells))
+        return _BeitWhere(cells, None if shared_full is None else _gather_bias(shared_full, cells))
 
-    def plain(block: nn.Module, x: Tensor, where: BeitWhere | None, bias: Tensor | None) -> Tensor:
+    def plain(block: nn.Module, x: Tensor, where: _BeitWhere | None, bias: Tensor | None) -> Tensor:
         with _beit_cells(block, where):
             return block(x, shared_rel_pos_bias=_beit_bias(where, shared_full, bias))
 
-    def attend(block: nn.Module, x: Tensor, where: BeitWhere | None, bias: Tensor | None,
+    def attend(block: nn.Module, x: Tensor, where: _BeitWhere | None, bias: Tensor | None,
                rows: slice | None) -> tuple[Attended, Tensor | None]:
         attn: BeitAttention = block.attn
         h = block.norm1(x)
         shared = _beit_bias(where, shared_full, bias)
         with _beit_cells(block, where):
             out = attn(h, shared_rel_pos_bias=shared)
-            own = attn._get_rel_pos_bias() if rows is not None and attn.relative_position_bias_table is not None else None
+            has_own = attn.relative_position_bias_table is not None
+            own = attn._get_rel_pos_bias() if rows is not None and has_own else None
         x = x + block.drop_path1(out if block.gamma_1 is None else block.gamma_1 * out)
         # BEiT's attention projects through F.linear (no module call to read): recompute k, and q for the rows
         inner = attn.qkv.weight.shape[0] // 3
@@ -718,5 +727,6 @@ class TimmEvaAdapter(Adapter):
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         found: list[tuple[nn.Module, type[nn.Module]]] = [(root, _ROOTS[_library_class(root)])]
         if _library_class(root) is Beit:
-            found += [(b.attn, PumerBeitAttention) for b in root.blocks if b.attn.relative_position_bias_table is not None]
+            own = [b.attn for b in root.blocks if b.attn.relative_position_bias_table is not None]
+            found += [(attn, PumerBeitAttention) for attn in own]
         return found

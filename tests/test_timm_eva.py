@@ -51,7 +51,9 @@ def _survivors(model: nn.Module) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["vit_betwixt_patch16_rope_reg4_gap_256", "vit_small_patch16_dinov3", "vit_pe_core_tiny_patch16_384"])
+@pytest.mark.parametrize(
+    "name", ["vit_betwixt_patch16_rope_reg4_gap_256", "vit_small_patch16_dinov3", "vit_pe_core_tiny_patch16_384"]
+)
 def test_pruned_eva_equals_timms_blocks_on_the_survivors_with_their_rotary_rows(name):
     model = _sharpen(_eva(name, use_abs_pos_emb=False, init_values=1.0))  # positions only from RoPE
     x = _images()
@@ -142,7 +144,12 @@ def test_beits_own_bias_per_block_is_gathered_like_the_shared_one(position):
 
 
 @pytest.mark.parametrize(
-    "kind", [dict(rope_type="cat", in_pixels=False), dict(rope_type="dinov3"), dict(rope_type="cat", in_pixels=False, grid_indexing="xy")]
+    "kind",
+    [
+        dict(rope_type="cat", in_pixels=False),
+        dict(rope_type="dinov3"),
+        dict(rope_type="cat", in_pixels=False, grid_indexing="xy"),
+    ],
 )
 def test_rotary_at_a_fractional_coordinate_is_timms_table_there(kind):
     def table(offset: float) -> Tensor:
@@ -219,7 +226,7 @@ def test_forward_intermediates_refused_and_features_pooled_by_size(name):
             model.forward_head(features.clone())
 
 
-def test_timm_vit_adapter_still_refuses_what_neither_supports():
+def test_plain_vits_stay_with_the_timm_adapter():
     model = timm.create_model("test_vit", pretrained=False)  # a plain ViT: the timm adapter's, not ours
     pumer_patch.apply(model, layers=[1], merge_ratio=0.3)
     assert model._pumer.adapter == "timm"
