@@ -324,3 +324,30 @@ def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir
     assert patched["gflops_per_pair"] < unpatched["gflops_per_pair"]
     assert ("gflops_per_pair_cached" in unpatched) == (family == "meter")
     assert "| TR@1 |" in (tmp_path / "e" / "eval.md").read_text()
+
+
+def test_eval_resumes_from_its_tiles_and_reranks_a_shortlist(data: Path, meter: Path, tokenizer_dir: Path,  # noqa: F811
+                                                             tmp_path: Path) -> None:
+    args = ["eval", "--data", str(data), "--model", str(meter), "--tokenizer", str(tokenizer_dir), "--workers", "0",
+            "--no-progress", "--eval-batch", "3", "--tile-images", "2", "--tile-captions", "4", "--log-level", "WARNING"]
+    assert retrieval.main([*args, "--output", str(tmp_path / "exact")]) == 0
+    first = json.loads((tmp_path / "exact" / "eval.json").read_text())["rows"][0]
+    assert first["tiles_skipped"] == 0 and first["pairs_scored_now"] == 36
+    assert retrieval.main([*args, "--output", str(tmp_path / "exact")]) == 0  # a rerun: every tile found
+    again = json.loads((tmp_path / "exact" / "eval.json").read_text())["rows"][0]
+    assert again["tiles_skipped"] == 6 and again["pairs_scored_now"] == 0
+    assert {k: again[k] for k in ("tr_r1", "ir_r5", "rsum")} == {k: first[k] for k in ("tr_r1", "ir_r5", "rsum")}
+
+    with pytest.raises(ValueError, match="--rerank-pumer"):
+        retrieval.main([*args, "--output", str(tmp_path / "short"), "--rerank-top", "2"])
+    assert retrieval.main([*args, "--output", str(tmp_path / "short"), "--rerank-top", "2",
+                           "--rerank-pumer", "p0.5r0.5t0.5-02"]) == 0
+    report = json.loads((tmp_path / "short" / "eval.json").read_text())
+    row = report["rows"][0]
+    assert report["approximate"] and row["first_pass_pairs"] == 36 and row["pairs"] < 36
+    exact = torch.load(tmp_path / "exact" / "scores" / "unpatched" / "scores.pt")
+    short = torch.load(tmp_path / "short" / "scores" / "unpatched" / "scores.pt")
+    kept = torch.isfinite(short)
+    assert int(kept.sum()) == row["pairs"]
+    torch.testing.assert_close(short[kept], exact[kept], atol=1e-6, rtol=1e-6)  # the shortlist's pairs exactly
+    assert "Approximate" in (tmp_path / "short" / "eval.md").read_text()
