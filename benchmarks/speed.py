@@ -233,7 +233,7 @@ def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.devi
         {"model": model, "config": c.name, "apply": _jsonable(c.apply), "gflops": gflops, "tokens": tokens}
         for c, gflops, tokens in resolved
     ]
-    for b in batch_sizes + [1]:
+    for b in dict.fromkeys([*batch_sizes, 1]):  # batch 1 once, for latency (and throughput when asked for)
         batch = move(make_batch(b), device)
         times: dict[str, list[float]] = {c.name: [] for c in configs}
         for config in configs:  # warm-up
@@ -248,7 +248,7 @@ def measure(model: str, batch_sizes: list[int], repeats: int, device: torch.devi
             median = statistics.median(times[row["config"]])
             if b == 1:
                 row["latency_ms"] = median * 1e3
-            else:
+            if b in batch_sizes:
                 row[f"throughput_b{b}"] = b / median
     for config, row in zip(configs, rows):
         if device.type == "cuda":

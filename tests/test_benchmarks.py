@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,7 +26,8 @@ def test_reduce_op_benchmark_writes_json_and_table(tmp_path):
 def test_speed_benchmark_rows_flops_and_equal_flops_baseline(tmp_path):
     from benchmarks import speed
 
-    speed.main(["--models", "vit_tiny_patch16_224", "--batch-sizes", "2", "--repeats", "1", "--out", str(tmp_path)])
+    # batch 1 among the sizes: its throughput and the latency come from one timing
+    speed.main(["--models", "vit_tiny_patch16_224", "--batch-sizes", "1", "2", "--repeats", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
     rows = {r["config"]: r for r in result["rows"]}
     assert list(rows)[:3] == ["unpatched", "ToMe r=16", "prune+merge p0.2-r0.2-369"]
@@ -47,6 +49,7 @@ def test_speed_benchmark_rows_flops_and_equal_flops_baseline(tmp_path):
     assert base["speedup_b2"] == base["efficiency"] == 1.0  # the unpatched row is the reference
     for row in rows.values():
         assert row["throughput_b2"] > 0 and row["latency_ms"] > 0 and row["speedup_b2"] > 0
+        assert row["throughput_b1"] == pytest.approx(1e3 / row["latency_ms"]) and row["speedup_b1"] > 0
     assert result["machine"]["dtype"] == "fp32" and result["machine"]["torch"] == torch.__version__
     assert "| vit_tiny_patch16_224 | ToMe r=16 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "speedup.png").stat().st_size > 0
