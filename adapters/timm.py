@@ -205,7 +205,8 @@ def _library_class(module: nn.Module) -> type[nn.Module]:
 
 
 def _is_other_timm_vit(module: nn.Module) -> bool:
-    """A timm ViT-like model with its own block classes (EVA, BEiT, ...): claimed only to be refused."""
+    """A timm ViT-like model with its own block classes (``VisionTransformerRelPos``, ...): claimed only to be
+    refused. Eva and Beit are claimed before this adapter by ``timm_eva`` (registry order)."""
     return (
         type(module).__module__.startswith("timm.models.")
         and not isinstance(module, VisionTransformer)
