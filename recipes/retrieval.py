@@ -298,8 +298,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         total_batch=args.total_batch, image_size=args.image_size, text_length=args.text_length,
                         patience=args.patience, pumer=args.pumer, pumer_mode=args.pumer_mode,
                         distill_weight=args.distill_weight)
-    if preset.distill_weight > 0:
-        raise ValueError("retrieval has no distillation teacher (DESIGN.md): leave --distill-weight at 0")
+    if preset.distill_weight > 0 or args.teacher is not None:
+        raise ValueError("retrieval has no distillation teacher (DESIGN.md): leave out --teacher and --distill-weight")
     data = RetrievalData(args.data, args.dataset or _dataset_of_preset(args.preset))
     data.check(["train", "val"])
     check_model_path(preset.model, "model")

@@ -239,13 +239,13 @@ class CachedMeterScorer:
         if not todo:
             return
         meter = self.model.meter
-        for j in range(0, len(todo), self.batch):
-            part = todo[j:j + self.batch]
-            pixels = _pixels(self.images, part, self.batch, self.workers).to(self.acc.device)
+        loader = DataLoader(torch.utils.data.Subset(self.images, todo), batch_size=self.batch, shuffle=False,
+                            num_workers=self.workers)
+        for j, batch in zip(range(0, len(todo), self.batch), loader):
             with self.acc.autocast():
-                feats = meter.encode_image(pixels)  # (b, N, C)
+                feats = meter.encode_image(batch["pixel_values"].to(self.acc.device))  # (b, N, C)
             size = sizes_of(feats)
-            for k, i in enumerate(part):
+            for k, i in enumerate(todo[j:j + self.batch]):
                 self.image_feats[i] = feats[k].cpu()
                 if size is not None:
                     self.image_sizes[i] = size[k].cpu()
@@ -312,19 +312,17 @@ def fingerprint(**fields: Any) -> str:
 
 
 def _check_meta(out: Path, meta: Mapping[str, Any], accelerator: Accelerator) -> None:
+    """Refuse a folder holding tiles of other settings (every process reads before any writes), else record them."""
     path = out / "meta.json"
-    if accelerator.is_main_process:
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old != meta:
-                raise ValueError(f"{out} holds tiles scored with other settings ({old}); pass another --output or "
-                                 f"delete {out} to score afresh")
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(meta, indent=2))
+    old = json.loads(path.read_text()) if path.is_file() else None
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process and json.loads(path.read_text()) != meta:
-        raise ValueError(f"{out}/meta.json differs from this run's settings")
+    if old is not None and old != meta:
+        raise ValueError(f"{out} holds tiles scored with other settings ({old}); pass another --output or "
+                         f"delete {out} to score afresh")
+    if old is None and accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(meta, indent=2))
+    accelerator.wait_for_everyone()
 
 
 @torch.no_grad()
