@@ -89,7 +89,7 @@ from recipes.retrieval_eval import (
 from recipes.retrieval_models import CandidateScorer
 
 __all__ = ["SPLITS", "RETRIEVAL", "RetrievalData", "SplitData", "CandidateGroups", "ImagePixels", "EpochKeySampler",
-           "RetrievalTask", "train", "evaluate", "main", "parse_args"]
+           "train_loader", "RetrievalTask", "train", "evaluate", "markdown_table", "main", "parse_args"]
 
 logger = logging.getLogger("recipes.retrieval")
 
