@@ -8,7 +8,8 @@ Retrieval (``recipes.retrieval``; the research code has none, so these are ours)
 finetuning configs of ViLT (``task_finetune_irtr_{f30k,coco}``: lr 1e-4, batch 256, 10 epochs, no
 learning-rate multiplier) and METER (``task_finetune_irtr_{f30k,coco}_clip_bert``: lr 5e-6, batch
 512, 10 epochs, heads and cross-modal layers x5; its head list names ``itm_score``, not
-``rank_output``), 15 negative captions per image, ITM weight 0.5, RandAugment, images at 384, text 40.
+``rank_output``), 15 negative captions per image, ITM weight 0.5, RandAugment, images at 384, text 40
+(checked against both repositories' ``config.py``).
 ``total_batch`` counts images (each with 16 captions). Evaluation on val about once per epoch
 (Flickr30k: 29k training images; COCO: 113k with restval). No distillation (DESIGN.md: no teacher for
 retrieval); the ``-pumer`` presets reduce while training with the VQA configs of the released
@@ -74,7 +75,18 @@ _METER_VE = Preset(family="meter", task="snli_ve", model=None, lr=2e-6, total_ba
 _METER_NLVR2 = Preset(family="meter", task="nlvr2", model=None, lr=5e-6, total_batch=96, epochs=10, eval_every=800,
                       image_size=288, text_length=40, lr_multipliers={"*classifier*": 50.0, "*cross_modal*": 5.0})
 
-# the PuMer configs of the research code's released checkpoints (its README), one per model and task
+# retrieval (module docstring): total_batch counts images; evaluation about once an epoch, i.e. every
+# len(train images) / total_batch steps (Flickr30k 29k images, COCO 113k with restval)
+_VILT_IRTR = Preset(family="vilt", task="retrieval", model=None, lr=1e-4, total_batch=256, epochs=10,
+                    eval_every=113, image_size=384, text_length=40)
+_METER_IRTR = Preset(family="meter", task="retrieval", model=None, lr=5e-6, total_batch=512, epochs=10,
+                     eval_every=56, image_size=384, text_length=40,
+                     lr_multipliers={"*itm_score*": 5.0, "*cross_modal*": 5.0})
+_VILT_IRTR_COCO = dataclasses.replace(_VILT_IRTR, eval_every=442)
+_METER_IRTR_COCO = dataclasses.replace(_METER_IRTR, eval_every=221)
+
+# the PuMer configs of the research code's released checkpoints (its README), one per model and task;
+# retrieval has none released: its -pumer presets use the VQA configs, without a teacher
 PRESETS: dict[str, Preset] = {
     "vilt-vqa": _VILT_VQA,
     "vilt-vqa-pumer": dataclasses.replace(_VILT_VQA, epochs=20, pumer="p0.1-r0.3-t0.2-258", distill_weight=1.0),
@@ -88,22 +100,16 @@ PRESETS: dict[str, Preset] = {
     "vilt-nlvr2-pumer": dataclasses.replace(_VILT_NLVR2, pumer="p0.1r0.3t0.2-258", distill_weight=1.0),
     "meter-nlvr2": _METER_NLVR2,
     "meter-nlvr2-pumer": dataclasses.replace(_METER_NLVR2, epochs=20, pumer="p0.3r0.5t0.2-246", distill_weight=1.0),
+    "vilt-retrieval-flickr": _VILT_IRTR,
+    "vilt-retrieval-flickr-pumer": dataclasses.replace(_VILT_IRTR, pumer="p0.1-r0.3-t0.2-258"),
+    "vilt-retrieval-coco": _VILT_IRTR_COCO,
+    "vilt-retrieval-coco-pumer": dataclasses.replace(_VILT_IRTR_COCO, pumer="p0.1-r0.3-t0.2-258"),
+    "meter-retrieval-flickr": _METER_IRTR,
+    "meter-retrieval-flickr-pumer": dataclasses.replace(_METER_IRTR, pumer="p0.2r0.2t0.2-0246"),
+    "meter-retrieval-coco": _METER_IRTR_COCO,
+    "meter-retrieval-coco-pumer": dataclasses.replace(_METER_IRTR_COCO, pumer="p0.2r0.2t0.2-0246"),
 }
 
-
-# retrieval (see the module docstring): total_batch in images, each scored against 16 captions
-_VILT_RETRIEVAL = Preset(family="vilt", task="retrieval", model=None, lr=1e-4, total_batch=256, epochs=10,
-                         eval_every=113, image_size=384, text_length=40)
-_METER_RETRIEVAL = Preset(family="meter", task="retrieval", model=None, lr=5e-6, total_batch=512, epochs=10,
-                          eval_every=56, image_size=384, text_length=40,
-                          lr_multipliers={"*itm_score*": 5.0, "*cross_modal*": 5.0})
-for _name, _base, _epoch_steps in (("vilt-retrieval-flickr", _VILT_RETRIEVAL, 113),
-                                   ("vilt-retrieval-coco", _VILT_RETRIEVAL, 442),
-                                   ("meter-retrieval-flickr", _METER_RETRIEVAL, 56),
-                                   ("meter-retrieval-coco", _METER_RETRIEVAL, 221)):
-    PRESETS[_name] = dataclasses.replace(_base, eval_every=_epoch_steps)
-    PRESETS[f"{_name}-pumer"] = dataclasses.replace(
-        _base, eval_every=_epoch_steps, pumer="p0.1-r0.3-t0.2-258" if _base.family == "vilt" else "p0.2r0.2t0.2-0246")
 
 
 def get_preset(name: str, **overrides: object) -> Preset:
