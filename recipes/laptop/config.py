@@ -102,7 +102,7 @@ class MeterStudyConfig:
     """
 
     model: MeterModelConfig = field(default_factory=MeterModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0))
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
     encoder_merge: int = 16
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.5))
