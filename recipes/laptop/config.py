@@ -188,7 +188,9 @@ def _digest(obj: Mapping[str, Any]) -> str:
 QUICK = StudyConfig(
     train=TrainConfig(epochs=1.0),
     finetune=TrainConfig(epochs=0.2),
-    meter=MeterStudyConfig(train=TrainConfig(epochs=1.0), finetune=TrainConfig(epochs=0.2)),
+    # one layer per tower (two fusion blocks still): METER's share of the smoke run stays under 20 s
+    meter=MeterStudyConfig(model=MeterModelConfig(vision_layers=1, text_layers=1), train=TrainConfig(epochs=0.5),
+                           finetune=TrainConfig(epochs=0.1)),
     train_images=200,
     test_images=40,
     eval_batch_size=32,
