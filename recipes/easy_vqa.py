@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from recipes.laptop.config import QUICK, MeterStudyConfig, StudyConfig
@@ -141,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.no_progress:  # save_pretrained's "Writing model shards" bar too
+        transformers.utils.logging.disable_progress_bar()
     cfg = config_from_args(args)
     logger.info("easy-vqa study%s: %s", " (quick)" if args.quick else "", cfg)
     with logging_redirect_tqdm():
