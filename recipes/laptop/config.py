@@ -42,7 +42,7 @@ class MeterModelConfig:
     encoder (post-LN, on the ViLT's BERT WordPiece vocabulary: pad id 0, not RoBERTa's 1), and fusion
     blocks of a text and an image layer each (self-attention, cross-attention, FFN); every MLP 4x wide.
     Two layers per tower and two fusion blocks: the two-stream model already costs about twice the
-    ViLT's time per update, and the study's whole default run has to stay under 15 minutes.
+    ViLT's time per update, and the study's whole default run aims at 15 minutes on two cores.
     """
 
     hidden: int = 64
@@ -100,10 +100,10 @@ class MeterStudyConfig:
     per block of the CLIP tower (``encoder_merge_schedule``). Each reduced variant (PuMer, the tower's
     ToMe, both) is also finetuned with its reduction on, distilled from the unpatched METER.
 
-    Trained 2 epochs (the ViLT 6) and finetuned a quarter epoch per reduction (the ViLT one): the
-    whole default run stays under 15 minutes on two cores. A METER step costs about what a ViLT step
-    does (1.1x on one thread), so 3 epochs and half-epoch finetunes, which measured 83.3% test
-    accuracy, would take it to about 15.
+    Trained 2 epochs (the ViLT 6) and finetuned a quarter epoch per reduction (the ViLT one), for a
+    default run of about 12.5 minutes on the two Xeon cores the ViLT was timed on (estimated; timed
+    whole: 25 minutes on a slower 2-core AMD EPYC, see README). A METER step costs about what a ViLT
+    step does (1.1x on one thread); 3 epochs and half-epoch finetunes measured 83.3% test accuracy.
     """
 
     model: MeterModelConfig = field(default_factory=MeterModelConfig)
