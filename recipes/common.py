@@ -36,12 +36,14 @@ from recipes.data.records import read_jsonl
 from recipes.data.store import ImageStore
 from recipes.data.transforms import build_image_transform
 from recipes.engine import Engine, Task, TrainConfig
+from recipes.logs import configure_logging
 from recipes.models import FAMILIES, Family, family_of, get_family, label_index, load_model, load_tokenizer, model_labels
 from recipes.presets import PRESETS, get_preset
 
-__all__ = ["ClassificationTask", "LabelledData", "TaskData", "TaskSpec", "classification_main", "check_model_path", "resolve_family", "patch", "make_accelerator", "accumulation",
-           "add_common_args", "add_train_args", "add_eval_args", "train", "evaluate", "load_for_eval",
-           "eval_loader", "finish_args", "write_report", "markdown_table", "model_image_size", "PUMER_MODES"]
+__all__ = ["ClassificationTask", "LabelledData", "check_split_files", "TaskData", "TaskSpec", "classification_main",
+           "check_model_path", "resolve_family", "patch", "make_accelerator", "accumulation", "add_common_args",
+           "add_train_args", "add_eval_args", "train", "evaluate", "load_for_eval", "eval_loader", "finish_args",
+           "write_report", "markdown_table", "model_image_size", "PUMER_MODES"]
 
 logger = logging.getLogger("recipes")
 
@@ -112,6 +114,15 @@ class ClassificationTask:
         return {"score": correct.mean().item() if len(correct) else 0.0, "skipped_images": float((~keep).sum())}
 
 
+def check_split_files(root: Path, files: Mapping[str, Sequence[str]], splits: Sequence[str], converter: str) -> None:
+    """Raise ``FileNotFoundError`` naming the first of ``files[split]`` (for each of ``splits``) missing in ``root``."""
+    for split in splits:
+        for name in files[split]:
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"{root / name} does not exist (needed for the {split} split); "
+                                        f"write the data folder with python -m {converter}")
+
+
 class LabelledData:
     """The data folder of a classification task: per split an annotation jsonl and an image store.
 
@@ -129,11 +140,7 @@ class LabelledData:
 
     def check(self, splits: Sequence[str]) -> None:
         """Fail now, before any model loads, if a split's annotations or image store is missing."""
-        for split in splits:
-            for name in self.splits[split]:
-                if not (self.root / name).is_file():
-                    raise FileNotFoundError(f"{self.root / name} does not exist (needed for the {split} split); "
-                                            f"write the data folder with python -m {self.converter}")
+        check_split_files(self.root, self.splits, splits, self.converter)
 
     def dataset(self, split: str, family: Family, labels: Sequence[str], tokenizer: Any, *, image_size: int,
                 text_length: int, train: bool, limit: int | None = None,
@@ -403,8 +410,7 @@ def classification_main(spec: TaskSpec, argv: Sequence[str] | None, *, prog: str
     add_common_args(e, spec)
     add_eval_args(e, spec, default_split=spec.splits[-1], output_help="folder for eval.json / eval.md")
     args = finish_args(p.parse_args(argv))
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging(args.log_level)
     with logging_redirect_tqdm():
         if args.command == "train":
             train(spec, args)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from recipes.data.records import Nlvr2Record, read_jsonl, write_jsonl
 from recipes.data.store import IMAGE_SUFFIXES, write_image_store
+from recipes.logs import configure_logging
 
 __all__ = ["SPLITS", "convert", "image_files", "main"]
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     p.add_argument("--overwrite", action="store_true", help="replace existing image stores")
     args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     convert(args.raw, args.images, args.out, splits=args.splits, overwrite=args.overwrite)
     return 0
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from recipes.data.records import RetrievalRecord, write_jsonl
 from recipes.data.store import ImageStore, write_image_store
+from recipes.logs import configure_logging
 
 __all__ = ["DATASETS", "SPLITS", "STORES", "annotation_file", "convert", "main"]
 
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-restval", action="store_true", help="leave COCO's restval images out of train")
     p.add_argument("--overwrite", action="store_true", help="replace an existing image store")
     args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     convert(args.karpathy, args.images, args.out, dataset=args.dataset, restval=not args.no_restval,
             overwrite=args.overwrite)
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from recipes.data.records import SNLI_VE_LABELS, SnliVeRecord, write_jsonl
 from recipes.data.store import ImageStore, write_image_folder
+from recipes.logs import configure_logging
 
 __all__ = ["SPLITS", "STORE", "convert", "main"]
 
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing image store")
     args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     convert(args.raw, args.images, args.out, splits=args.splits, overwrite=args.overwrite)
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from recipes.data.records import VqaRecord, write_jsonl
 from recipes.data.store import write_image_store
+from recipes.logs import configure_logging
 from recipes.vqa_answers import answer_vocabulary, soft_scores
 
 __all__ = ["SPLITS", "convert", "main"]
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-images", action="store_true", help="annotations only; leave the LMDB stores alone")
     p.add_argument("--overwrite", action="store_true", help="replace existing LMDB stores")
     args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     trainval, test = args.images_trainval or args.raw, args.images_test or args.raw
     dirs = {"train2014": trainval / "train2014", "val2014": trainval / "val2014", "test2015": test / "test2015"}
     convert(args.raw, args.out, dirs, splits=args.splits, images=not args.no_images, overwrite=args.overwrite)

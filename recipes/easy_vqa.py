@@ -41,6 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from recipes.laptop.config import QUICK, MeterStudyConfig, StudyConfig
 from recipes.laptop.data import word_level_tokenizer
 from recipes.laptop.study import markdown_table, run_study
+from recipes.logs import configure_logging
 
 __all__ = ["QUICK", "word_level_tokenizer", "markdown_table", "parse_args", "config_from_args", "main"]
 
@@ -138,8 +139,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging(args.log_level)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.no_progress:  # save_pretrained's "Writing model shards" bar too

@@ -75,6 +75,7 @@ from recipes.data.records import RetrievalRecord, read_jsonl
 from recipes.data.store import ImageStore
 from recipes.data.transforms import build_image_transform, to_pixels
 from recipes.engine import Engine, TrainConfig
+from recipes.logs import configure_logging
 from recipes.models import Family, load_model, load_tokenizer
 from recipes.presets import get_preset
 from recipes.retrieval_eval import (
@@ -280,7 +281,7 @@ class RetrievalTask:
 
 
 RETRIEVAL = TaskSpec(name="retrieval", title="Image-text retrieval", metric="group R@1",
-                     data=lambda root: RetrievalData(root), make_task=lambda labels, loss_scale, records: RetrievalTask(),
+                     data=RetrievalData, make_task=lambda labels, loss_scale, records: RetrievalTask(),
                      splits=SPLITS, train_split="train", eval_split="val", text_length=40,
                      converter="recipes.convert_retrieval")
 
@@ -480,8 +481,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging(args.log_level)
     with logging_redirect_tqdm():
         if args.command == "train":
             train(args)

@@ -40,6 +40,7 @@ from recipes.common import (
     add_common_args,
     add_eval_args,
     add_train_args,
+    check_split_files,
     eval_loader,
     evaluate,
     finish_args,
@@ -54,6 +55,7 @@ from recipes.data.records import VqaRecord, read_jsonl
 from recipes.data.store import ImageStore
 from recipes.data.transforms import build_image_transform
 from recipes.engine import Engine, EvalResult, TrainConfig
+from recipes.logs import configure_logging
 from recipes.models import Family
 from recipes.vqa_answers import vqa_score
 
@@ -115,10 +117,7 @@ class VqaData:
 
     def check(self, splits: Sequence[str]) -> None:
         """Fail now, before any model loads, if a split's annotations or image store is missing."""
-        for split in splits:
-            for name in SPLITS[split]:
-                if not (self.root / name).is_file():
-                    raise FileNotFoundError(f"{self.root / name} does not exist (needed for the {split} split)")
+        check_split_files(self.root, SPLITS, splits, "recipes.convert_vqav2")
 
     def dataset(self, split: str, family: Family, labels: Sequence[str], tokenizer: Any, *, image_size: int,
                 text_length: int, train: bool, limit: int | None = None, on_bad_image: str = "error") -> ImageTextDataset:
@@ -190,8 +189,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging(args.log_level)
     with logging_redirect_tqdm():
         if args.command == "train":
             train(VQA, args, override={"loss_scale": args.loss_scale})
