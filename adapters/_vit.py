@@ -47,10 +47,10 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from pumer_patch.core import Mode, Tokens, reduce_tokens
 from pumer_patch.ratios import Ratios
+from pumer_patch.sizes import token_sizes, with_token_sizes
 
 from ._loop import Loop, Policy, key_bias, start
 from .base import Plan, Trace
@@ -84,21 +84,14 @@ class VitOptions:
     relevance: Literal["auto", "cls", "received"] = "auto"
 
 
-# features (B, N', C) a reducing forward returned -> their token sizes (B, N'); weak, so a dropped
-# batch takes its entry with it. Keyed by the tensor itself: each call's features carry their own.
-_SIZES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-
-
 def remember_sizes(features: Tensor, size: Tensor | None) -> Tensor:
     """Record that ``features`` stand for ``size`` original tokens each; returns ``features``."""
-    if size is not None:
-        _SIZES[features] = size
-    return features
+    return with_token_sizes(features, size)
 
 
 def sizes_of(features: Tensor) -> Tensor | None:
     """The token sizes (B, N') of features a reducing forward returned, None for any other tensor."""
-    return _SIZES.get(features)
+    return token_sizes(features)
 
 
 class Attended(NamedTuple):

@@ -29,6 +29,7 @@ from .core import (
 )
 from .patch import apply, apply_from_config, is_patched, last_trace, patched_roots, remove
 from .ratios import Ratios, RatiosLike, parse_config
+from .sizes import TokenSizesLost, require_token_sizes, token_sizes, with_token_sizes
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "Ratios",
     "RatiosLike",
     "Reduced",
+    "TokenSizesLost",
     "Tokens",
     "apply",
     "apply_from_config",
@@ -58,8 +60,11 @@ __all__ = [
     "prune_tokens",
     "reduce_tokens",
     "reduced_counts",
+    "require_token_sizes",
     "remove",
     "text_merge_count",
     "text_to_image_relevance",
+    "token_sizes",
     "unmerge",
+    "with_token_sizes",
 ]
