@@ -1,7 +1,7 @@
 """ViLT converters: original ViLT and PuMer ViLT checkpoints -> transformers ViLT, per head.
 
 The source checkpoints are written here from tiny transformers models through a small explicit inverse
-(``research_state_dict``), in both layouts, with the key names of ``shared/reference/pumer-keys``; the
+(``research_state_dict``), in both layouts, with the key names of the released checkpoints (``tests/data/pumer-keys``); the
 converted model must give the very logits of the model the weights came from. The real key lists
 (full-size shapes) are converted on the meta device to show every key is placed or explained.
 """
@@ -38,7 +38,8 @@ from pumer_patch.models.convert_vilt import (
     vilt_config_for,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "pumer-keys"
+#: every key (with its shape) of the research code's released checkpoints: data/pumer-keys/README.md
+REFERENCE = Path(__file__).parent / "data" / "pumer-keys"
 REFERENCE_FILE = {"vqa": "vqa2", "ve": "ve", "nlvr2": "nlvr2", "irtr": "irtr", "pretrain": "pretrain"}
 HF_CLASS = {
     "vqa": ViltForQuestionAnswering,

@@ -30,7 +30,8 @@ from pumer_patch.models.meter import (
     MeterModel,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "pumer-keys"
+#: every key (with its shape) of the research code's released checkpoints: data/pumer-keys/README.md
+REFERENCE = Path(__file__).parent / "data" / "pumer-keys"
 REFERENCE_FILES = {"vqa": "vqa2", "ve": "ve", "nlvr2": "nlvr2", "irtr": "irtr", "pretrain": "pretrain"}
 POSITION_IDS = "meter.text_transformer.embeddings.position_ids"
 TINY = dict(
