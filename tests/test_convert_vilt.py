@@ -9,6 +9,7 @@ converted model must give the very logits of the model the weights came from. Th
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -29,7 +30,6 @@ import pumer_patch
 from pumer_patch.models.convert_vilt import (
     HEADS,
     REDUCTION_FIELDS,
-    ViltConversionReport,
     convert_vilt_state_dict,
     load_vilt_checkpoint,
     main,
@@ -37,6 +37,7 @@ from pumer_patch.models.convert_vilt import (
     restore_text_layer_norm_eps,
     vilt_config_for,
 )
+from pumer_patch.models.convert import ConversionReport
 
 #: every key (with its shape) of the research code's released checkpoints: data/pumer-keys/README.md
 REFERENCE = Path(__file__).parent / "data" / "pumer-keys"
@@ -166,7 +167,7 @@ def logits(model: PreTrainedModel, head: str) -> Tensor:
         return model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels).logits
 
 
-def load(path: Path, head: str, layout: str) -> tuple[PreTrainedModel, ViltConversionReport]:
+def load(path: Path, head: str, layout: str) -> tuple[PreTrainedModel, ConversionReport]:
     """``load_vilt_checkpoint``; an original checkpoint has no config to name the heads (tiny: not hidden / 64)."""
     return load_vilt_checkpoint(path, head, num_attention_heads=HEADS_N if layout == "original" else None)
 
@@ -189,7 +190,7 @@ def test_converted_model_gives_the_logits_of_the_model_the_weights_came_from(tmp
     assert (config.layer_norm_eps, config.max_position_embeddings, config.num_attention_heads) == (1e-6, TEXT, HEADS_N)
     assert config.hidden_dropout_prob == (0.0 if layout == "pumer" else 0.1)
     assert report.ok and not report.initialized and not report.derived
-    assert report.renamed == len(research) - 1 - 2 * (head in ("irtr", "pretrain"))  # all but the buffer and ITM
+    assert len(report.mapped) == len(research) - 1 - 2 * (head in ("irtr", "pretrain"))  # all but the buffer and ITM
     if head in ("irtr", "pretrain"):
         assert torch.equal(report.itm_head["weight"], research["itm_score.fc.weight"])
         assert torch.equal(report.itm_head["bias"], research["itm_score.fc.bias"])
@@ -342,3 +343,45 @@ def test_a_pickle_with_objects_is_refused_unless_trusted(tmp_path):
         read_vilt_checkpoint(path)
     state_dict, config, source = read_vilt_checkpoint(path, weights_only=False)
     assert (config, source) == (None, "original") and state_dict.keys() == research.keys()
+
+
+def test_an_incomplete_checkpoint_is_refused_naming_its_keys_and_nothing_is_written(tmp_path, caplog):
+    research = research_state_dict(tiny_model("vqa"), "vqa", "pumer")
+    first_block = [k for k in research if k.startswith("vilt.transformer.blocks.0.")]
+    for key in first_block:
+        del research[key]
+    research["vqa_classifier.3.weight"] = research["vqa_classifier.3.weight"][:, 1:]  # a head of another width
+    path = write_checkpoint(tmp_path, research, "pumer")
+    with pytest.raises(ValueError, match=r"missing .*vilt\.encoder\.layer\.0\.\* \(16 keys\)") as error:
+        load_vilt_checkpoint(path, "vqa")
+    assert "classifier.3.weight: [5, 63] vs [5, 64]" in str(error.value) and "--no-strict" in str(error.value)
+
+    out = tmp_path / "hf"
+    with caplog.at_level(logging.ERROR, logger="pumer_patch.models.convert_vilt"):
+        assert main([str(path), str(out), "--head", "vqa"]) == 1
+    assert "vilt.encoder.layer.0.* (16 keys)" in caplog.text and "classifier.3.weight" in caplog.text
+    assert not out.exists()
+
+
+def test_no_strict_writes_an_incomplete_checkpoint_and_reports_it(tmp_path, caplog):
+    source = tiny_model("vqa")
+    research = research_state_dict(source, "vqa", "pumer")
+    for key in [k for k in research if k.startswith("vilt.transformer.blocks.0.")]:
+        del research[key]
+    research["vqa_classifier.3.weight"] = research["vqa_classifier.3.weight"][:, 1:]
+    research["vilt.transformer.extra.weight"] = torch.zeros(3)  # no place in ViLT
+    path = write_checkpoint(tmp_path, research, "pumer")
+    model, report = load_vilt_checkpoint(path, "vqa", strict=False)
+    assert len(report.missing) == 16 and all(k.startswith("vilt.encoder.layer.0.") for k in report.missing)
+    assert report.mismatched == {"classifier.3.weight": ((5, 63), (5, 64))}
+    assert report.unexpected == ["vilt.transformer.extra.weight"]
+    assert model.config.num_hidden_layers == LAYERS  # the missing first block is not a shallower model
+    assert torch.equal(model.vilt.encoder.layer[1].output.dense.weight, source.vilt.encoder.layer[1].output.dense.weight)
+
+    out = tmp_path / "hf"
+    with caplog.at_level(logging.WARNING, logger="pumer_patch.models.convert_vilt"):
+        assert main([str(path), str(out), "--head", "vqa", "--no-strict"]) == 0
+    assert "16 missing, 1 unexpected, 1 mismatched" in caplog.text
+    assert "missing vilt.encoder.layer.0.attention.attention.query.weight" in caplog.text
+    loaded, info = ViltForQuestionAnswering.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))

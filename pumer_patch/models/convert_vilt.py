@@ -1,12 +1,12 @@
 """Converters from ViLT's and PuMer's ViLT checkpoints to Hugging Face ``transformers`` ViLT, per head.
 
-Sources (DESIGN.md section 4):
+Sources (see docs/design.md, "Checkpoints"):
 
 * ``"original"``: a ViLT Lightning checkpoint (dandelin/ViLT, ``.ckpt``: its ``state_dict``), timm-style
   keys with no prefix: ``text_embeddings.*``, ``token_type_embeddings``, ``transformer.blocks.N.attn.qkv``,
   ``pooler``, heads ``vqa_classifier``, ``nlvr2_classifier``, ``rank_output``, ``itm_score``, ``mlm_score``.
 * ``"pumer"``: a PuMer folder (``config.json`` + ``pytorch_model.bin``, transformers 4.24), the same
-  names with the backbone under ``vilt.`` (``shared/reference/pumer-keys/vilt_*.txt``), plus
+  names with the backbone under ``vilt.`` (every key is listed in ``tests/data/pumer-keys/vilt_*.txt``), plus
   ``ve_classifier`` for SNLI-VE.
 
 Targets, per ``head``:
@@ -57,8 +57,12 @@ Derived weights, each listed in ``report.derived``:
 
 Dropped: ``text_embeddings.position_ids`` (a buffer, persistent before transformers 4.31), the
 pretraining heads that the target head does not use, ``mpp_score`` (masked patch prediction has no
-transformers head). Every dropped key is in ``report.ignored`` with the reason. Keys with no place
-(another task's classifier, unknown names) are ``report.unexpected``; conversion then refuses to load.
+transformers head). Every dropped key is in ``report.ignored`` with the reason; ``rename_research_key``
+decides, key by key. Keys with no place (another task's classifier, unknown names), target keys
+nothing fills and shapes the target does not have are an error that names them; ``strict=False``
+(``--no-strict``) converts anyway, freshly initialising what is missing, and reports them. A block
+missing from the middle of the checkpoint shows as that block's missing keys; a checkpoint cut after
+its last complete block cannot be told from a shallower ViLT.
 
 Config facts (checked in the research code; where transformers cannot say it exactly, said here):
 
@@ -92,11 +96,12 @@ Config facts (checked in the research code; where transformers cannot say it exa
 
 Command line::
 
-    python -m pumer_patch.models.convert_vilt IN OUT_DIR --head vqa|ve|nlvr2|irtr|pretrain
+    python -m pumer_patch.models.convert_vilt IN OUT_DIR --head vqa|ve|nlvr2|irtr|pretrain [--no-strict]
 
 ``IN`` is a ``.ckpt`` / ``.pt`` / ``.bin`` / ``.safetensors`` file or a PuMer folder; ``OUT_DIR`` gets
 ``config.json`` + ``model.safetensors`` (``from_pretrained``) and, where the source has ITM weights,
-``itm_head.safetensors`` (keys ``weight``, ``bias``).
+``itm_head.safetensors`` (keys ``weight``, ``bias``). The exit code is 1 when the checkpoint cannot
+be read or converted (nothing is written then).
 """
 
 from __future__ import annotations
@@ -105,15 +110,13 @@ import argparse
 import json
 import logging
 import math
-import pickle
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import (
     PreTrainedModel,
@@ -124,12 +127,15 @@ from transformers import (
     ViltForQuestionAnswering,
 )
 
+from pumer_patch.models._convert import ConversionReport, grow_token_types, rank_from_itm_match_row, read_checkpoint
+
 __all__ = [
     "HEADS",
     "TEXT_LAYER_NORM_EPS",
     "restore_text_layer_norm_eps",
     "REDUCTION_FIELDS",
-    "ViltConversionReport",
+    "ITM_HEAD_FILE",
+    "rename_research_key",
     "convert_vilt_state_dict",
     "vilt_config_for",
     "read_vilt_checkpoint",
@@ -161,7 +167,7 @@ _TARGET_CLASS: dict[str, type[PreTrainedModel]] = {
 }
 #: research name of each classification head
 _CLASSIFIER = {"vqa": "vqa_classifier", "ve": "ve_classifier", "nlvr2": "nlvr2_classifier"}
-#: labels where the task fixes them (VE order: DESIGN.md section 5; NLVR2: PuMer's ``infer_nlvr2``)
+#: labels where the task fixes them (VE: SNLI-VE's order, as PuMer's data; NLVR2: PuMer's ``infer_nlvr2``)
 _LABELS = {"ve": ("contradiction", "neutral", "entailment"), "nlvr2": ("False", "True")}
 #: VQAv2's answer vocabulary size, for a VQA head started from a checkpoint that has none
 _VQA_LABELS = 3129
@@ -197,76 +203,13 @@ _MLM_NAMES = {
     "mlm_score.bias": "mlm_score.decoder.bias",
 }
 _TOKEN_TYPES = "vilt.embeddings.token_type_embeddings.weight"
-
-
-@dataclass
-class ViltConversionReport:
-    """What a conversion did with every key. Source keys are named as the checkpoint names them.
-
-    ``mapped``: source key -> the transformers keys it became (``attn.qkv`` becomes three).
-    ``set_aside``: source key -> key in ``itm_head`` (ITM weights, which transformers has no slot for).
-    ``ignored``: source key -> why it was dropped. ``derived``: transformers key -> how it was made.
-    ``initialized``: transformers keys the source has no weights for, freshly initialised (a task head
-    started from a pretraining checkpoint). ``missing`` (transformers keys), ``unexpected`` (source keys
-    with no place, or transformers keys the target lacks), ``mismatched`` (key -> (source shape, target
-    shape)) must be empty for the model to load; ``check`` says what is wrong.
-    """
-
-    head: str
-    source: str
-    mapped: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    set_aside: dict[str, str] = field(default_factory=dict)
-    ignored: dict[str, str] = field(default_factory=dict)
-    derived: dict[str, str] = field(default_factory=dict)
-    initialized: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    #: ``nn.Linear(hidden, 2)`` state_dict (``weight``, ``bias``) of the ITM head, where the source has one
-    itm_head: dict[str, Tensor] | None = field(default=None, repr=False)
-
-    @property
-    def renamed(self) -> int:
-        """Number of source tensors placed in the transformers state_dict."""
-        return len(self.mapped)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def check(self) -> None:
-        """Raise ``ValueError`` naming what keeps the converted state_dict from loading strictly."""
-        if self.ok:
-            return
-        problems = []
-        if self.missing:
-            problems.append(f"missing (the {self.head!r} model needs them): {self.missing}")
-        if self.unexpected:
-            problems.append(f"unexpected (no place in the {self.head!r} model): {self.unexpected}")
-        if self.mismatched:
-            problems.append(f"shape mismatches (source, target): {self.mismatched}")
-        raise ValueError(
-            f"cannot convert this {self.source} ViLT checkpoint to head={self.head!r}: "
-            + "; ".join(problems)
-            + ". Check --head (vqa, ve, nlvr2, irtr, pretrain) against the checkpoint's task heads and "
-            "--source (original: no prefix; pumer: backbone under 'vilt.')."
-        )
-
-    def summary(self) -> str:
-        """One paragraph for the log."""
-        lines = [
-            f"ViLT {self.source} -> {self.head}: {self.renamed} tensors mapped, {len(self.set_aside)} set aside "
-            f"(ITM head), {len(self.ignored)} ignored, {len(self.derived)} derived, "
-            f"{len(self.initialized)} initialised, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-            f"{len(self.mismatched)} mismatched"
-        ]
-        lines += [f"  ignored {k}: {why}" for k, why in self.ignored.items()]
-        lines += [f"  derived {k}: {how}" for k, how in self.derived.items()]
-        lines += [f"  initialised {k}" for k in self.initialized]
-        lines += [f"  missing {k}" for k in self.missing]
-        lines += [f"  unexpected {k}" for k in self.unexpected]
-        lines += [f"  mismatched {k}: {got} vs {want}" for k, (got, want) in self.mismatched.items()]
-        return "\n".join(lines)
+#: target prefix of the ITM weights, which transformers' ViLT has no slot for: they go to ``report.itm_head``
+_ASIDE = "itm_head."
+#: what to check when a conversion is refused
+_FIX = (
+    "Check --head (vqa, ve, nlvr2, irtr, pretrain) against the checkpoint's task heads and "
+    "--source (original: no prefix; pumer: backbone under 'vilt.')."
+)
 
 
 def _check_head(head: str) -> str:
@@ -332,11 +275,12 @@ def _expected_shapes(config: ViltConfig, head: str) -> dict[str, tuple[int, ...]
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _num_layers(names: Sequence[str]) -> int:
+def _block_indices(names: Sequence[str]) -> list[int]:
+    """The indices of the transformer blocks the checkpoint holds weights of, sorted."""
     indices = {int(m.group(1)) for m in map(_BLOCK.fullmatch, names) if m is not None}
-    if not indices or indices != set(range(max(indices) + 1)):
-        raise ValueError(f"transformer blocks {sorted(indices)} are not 0..N-1: is this a ViLT checkpoint?")
-    return max(indices) + 1
+    if not indices:
+        raise ValueError("the checkpoint has no transformer.blocks.N.* weights: is this a ViLT checkpoint?")
+    return sorted(indices)
 
 
 def vilt_config_for(
@@ -366,6 +310,9 @@ def vilt_config_for(
             raise ValueError(f"the checkpoint has no {name!r} (in either layout): is this a ViLT checkpoint?")
         return tuple(state_dict[names[name]].shape)
 
+    blocks = _block_indices(list(names))
+    # the depth is one more than the highest index: a block missing below it shows as missing keys
+    depth, first = blocks[-1] + 1, f"transformer.blocks.{blocks[0]}"
     hidden = shape("transformer.cls_token")[-1]
     proj = shape("transformer.patch_embed.proj.weight")  # (C, channels, P, P)
     grid2 = shape("transformer.pos_embed")[1] - 1  # pos_embed: (1, 1 + grid^2, C), [CLS] row first
@@ -397,9 +344,9 @@ def vilt_config_for(
         "max_position_embeddings": shape("text_embeddings.position_embeddings.weight")[0],
         "modality_type_vocab_size": modality_types,
         "hidden_size": hidden,
-        "num_hidden_layers": _num_layers(list(names)),
+        "num_hidden_layers": depth,
         "num_attention_heads": int(heads),
-        "intermediate_size": shape("transformer.blocks.0.mlp.fc1.weight")[0],
+        "intermediate_size": shape(f"{first}.mlp.fc1.weight")[0],
         "hidden_act": "gelu",  # nn.GELU(), exact, in timm's Mlp and the research heads
         "hidden_dropout_prob": 0.0 if source == "pumer" else 0.1,
         "attention_probs_dropout_prob": 0.0,
@@ -408,7 +355,7 @@ def vilt_config_for(
         "image_size": grid * proj[-1],
         "patch_size": proj[-1],
         "num_channels": proj[1],
-        "qkv_bias": "transformer.blocks.0.attn.qkv.bias" in names,
+        "qkv_bias": f"{first}.attn.qkv.bias" in names,
         "pad_token_id": 0,
     }
     if head == "nlvr2":
@@ -433,72 +380,72 @@ def _head_labels(head: str, names: Mapping[str, str], state_dict: Mapping[str, T
     return None if key is None else int(state_dict[key].shape[0])
 
 
+def rename_research_key(name: str, head: str) -> tuple[tuple[str, ...] | None, str]:
+    """Where a research key (``vilt.`` prefix removed) goes in the transformers model of ``head``.
+
+    Returns ``(targets, "")`` for a key that is placed: one transformers key, three for ``attn.qkv``
+    (its rows split in thirds), or ``itm_head.weight`` / ``.bias`` for ITM weights set aside.
+    ``(None, why)``: dropped, for that reason. ``(None, "")``: no place in this model (unexpected).
+    """
+    if name in _TEXT_BUFFERS:
+        return None, "buffer, not a weight (persistent in transformers < 4.31; rebuilt by the model)"
+    if name.startswith("itm_score.fc."):
+        if head in ("irtr", "pretrain"):
+            return (_ASIDE + name.removeprefix("itm_score.fc."),), ""
+        return None, f"pretraining ITM head; the {head} head does not use it"
+    if name.startswith("mlm_score."):
+        if head != "pretrain":
+            return None, f"pretraining MLM head; the {head} head does not use it"
+        return ((_MLM_NAMES[name],), "") if name in _MLM_NAMES else (None, "")
+    if name.startswith("mpp_score."):
+        return None, "masked-patch-prediction head; transformers has none and no task uses it"
+    owner = _classifier_head(name)
+    if owner is not None:
+        return (("classifier." + name.split(".", 1)[1],), "") if owner == head else (None, "")
+    if name.startswith("rank_output."):
+        return ((name,), "") if head == "irtr" else (None, "")
+    return _backbone_target(name), ""
+
+
 def convert_vilt_state_dict(
     state_dict: Mapping[str, Tensor],
     head: str,
     *,
     source: str,
     config: ViltConfig | None = None,
-) -> tuple[dict[str, Tensor], ViltConversionReport]:
+    strict: bool = True,
+) -> tuple[dict[str, Tensor], ConversionReport]:
     """Rename a ViLT / PuMer ViLT state_dict to the transformers ViLT class of ``head``.
 
     Returns the transformers state_dict (tensors shared with the input where only renamed) and the
-    report; nothing is raised for missing or unexpected keys: call ``report.check()`` (the loaders do).
-    ``config``: the target's config, for the missing-key and shape checks; default ``vilt_config_for``.
-    Keys in ``report.initialized`` are absent from the result: fill them from a fresh model.
+    report. ``strict``: missing, unexpected and mismatched keys raise ``ValueError`` naming them;
+    ``strict=False`` returns them in the report (the result then holds what the source gave,
+    unexpected and mismatched keys included). ``config``: the target's config, for the missing-key
+    and shape checks; default ``vilt_config_for``. Keys in ``report.initialized`` are absent from the
+    result: fill them from a fresh model.
     """
     head = _check_head(head)
     names = _research_names(state_dict, source)
     config = config or vilt_config_for(head, state_dict, source=source)
-    report = ViltConversionReport(head=head, source=source)
+    report = ConversionReport(head=head, source=f"{'PuMer' if source == 'pumer' else 'original'} ViLT")
     out: dict[str, Tensor] = {}
     itm: dict[str, Tensor] = {}
     has_pretrain_heads = any(n.startswith(_PRETRAIN_PREFIXES) for n in names)
 
     for name, key in names.items():
-        tensor = state_dict[key]
-        targets = _backbone_target(name)
-        if name in _TEXT_BUFFERS:
-            report.ignored[key] = "buffer, not a weight (persistent in transformers < 4.31; rebuilt by the model)"
-        elif name.startswith("itm_score.fc."):
-            if head in ("irtr", "pretrain"):
-                part = name.removeprefix("itm_score.fc.")
-                itm[part] = tensor
-                report.set_aside[key] = part
-            else:
-                report.ignored[key] = f"pretraining ITM head; the {head} head does not use it"
-        elif name.startswith("mlm_score."):
-            if head == "pretrain" and name in _MLM_NAMES:
-                out[_MLM_NAMES[name]] = tensor
-                report.mapped[key] = (_MLM_NAMES[name],)
-            elif head == "pretrain":
-                report.unexpected.append(key)
-            else:
-                report.ignored[key] = f"pretraining MLM head; the {head} head does not use it"
-        elif name.startswith("mpp_score."):
-            report.ignored[key] = "masked-patch-prediction head; transformers has none and no task uses it"
-        elif _classifier_head(name) is not None:
-            if _classifier_head(name) == head:
-                target = "classifier." + name.split(".", 1)[1]
-                out[target] = tensor
-                report.mapped[key] = (target,)
+        targets, why = rename_research_key(name, head)
+        if targets is None:
+            if why:
+                report.ignored[key] = why
             else:
                 report.unexpected.append(key)
-        elif name.startswith("rank_output."):
-            if head == "irtr":
-                out[name] = tensor
-                report.mapped[key] = (name,)
-            else:
-                report.unexpected.append(key)
-        elif targets is None:
-            report.unexpected.append(key)
-        elif len(targets) == 3:
-            # timm's qkv Linear stacks query, key and value rows (reshape(B, N, 3, H, D) in Attention.forward)
-            for target, part in zip(targets, tensor.chunk(3, dim=0)):
-                out[target] = part
-            report.mapped[key] = targets
+        elif targets[0].startswith(_ASIDE):
+            itm[targets[0].removeprefix(_ASIDE)] = state_dict[key]
+            report.set_aside[key] = targets[0].removeprefix(_ASIDE)
         else:
-            out[targets[0]] = tensor
+            # timm's qkv Linear stacks query, key and value rows (reshape(B, N, 3, H, D) in Attention.forward)
+            parts = state_dict[key].chunk(3, dim=0) if len(targets) == 3 else (state_dict[key],)
+            out.update(zip(targets, parts))
             report.mapped[key] = targets
 
     if itm:
@@ -518,20 +465,20 @@ def convert_vilt_state_dict(
     report.mismatched = {
         k: (tuple(v.shape), expected[k]) for k, v in out.items() if k in expected and tuple(v.shape) != expected[k]
     }
+    if strict:
+        report.check(_FIX)
     return out, report
 
 
-def _derive(out: dict[str, Tensor], itm: Mapping[str, Tensor], head: str, report: ViltConversionReport) -> None:
+def _derive(out: dict[str, Tensor], itm: Mapping[str, Tensor], head: str, report: ConversionReport) -> None:
     """Weights the research code derives when a task starts from the pretrained checkpoint."""
     token_types = out.get(_TOKEN_TYPES)
     if head == "nlvr2" and token_types is not None and token_types.shape[0] == 2:
         # the second image's type starts as the first image's (ViLTransformerSS.__init__, nlvr2 branch)
-        out[_TOKEN_TYPES] = torch.cat([token_types, token_types[1:2]], dim=0)
+        out[_TOKEN_TYPES] = grow_token_types(token_types, 3)
         report.derived[_TOKEN_TYPES] = "row 2 (second image) := row 1 (image), from a checkpoint with 2 token types"
     if head == "irtr" and "rank_output.weight" not in out and "rank_output.bias" not in out and itm:
-        # row 1 of the ITM logits is "match" (compute_itm labels positives 1)
-        out["rank_output.weight"] = itm["weight"][1:]
-        out["rank_output.bias"] = itm["bias"][1:]
+        out["rank_output.weight"], out["rank_output.bias"] = rank_from_itm_match_row(itm["weight"], itm["bias"])
         report.derived["rank_output.weight"] = "itm_score.fc.weight[1:] (the ITM 'match' row)"
         report.derived["rank_output.bias"] = "itm_score.fc.bias[1:] (the ITM 'match' row)"
 
@@ -553,25 +500,17 @@ def read_vilt_checkpoint(
             raise FileNotFoundError(
                 f"{path} is a folder without config.json; a PuMer folder has config.json + pytorch_model.bin"
             )
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_file} is not valid JSON ({error}): a PuMer folder's config.json is") from error
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} holds a {type(config).__name__}, not a PuMer config (a JSON object)")
         weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{path} has no pytorch_model.bin or model.safetensors")
         path = weights
-    if path.suffix == ".safetensors":
-        state_dict = load_file(path)
-    else:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=weights_only)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"{path} holds objects that torch.load(weights_only=True) refuses ({error}). If you trust the "
-                "file, pass weights_only=False (command line: --trust-pickle)"
-            ) from error
-        state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else loaded
-    if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} is not a state_dict (or a checkpoint with a 'state_dict' entry) of tensors")
-    state_dict = dict(state_dict)
+    state_dict = read_checkpoint(path, weights_only=weights_only)
     return state_dict, config, "pumer" if config is not None else _detect_source(state_dict)
 
 
@@ -582,28 +521,30 @@ def load_vilt_checkpoint(
     num_labels: int | None = None,
     num_attention_heads: int | None = None,
     weights_only: bool = True,
-) -> tuple[PreTrainedModel, ViltConversionReport]:
+    strict: bool = True,
+) -> tuple[PreTrainedModel, ConversionReport]:
     """Convert a ViLT ``.ckpt`` / ``.pt`` file or a PuMer ViLT folder into a transformers model (eval mode).
 
-    The layout is read from the keys. The model is loaded with ``strict=True``: nothing is dropped but
-    what ``report`` lists (the ITM weights are in ``report.itm_head``). Arguments as ``vilt_config_for``
-    and ``read_vilt_checkpoint``.
+    The layout is read from the keys. Nothing is dropped but what ``report`` lists (the ITM weights
+    are in ``report.itm_head``); a missing, unexpected or mismatched key raises ``ValueError`` naming
+    it. ``strict=False`` loads anyway: missing and mismatched keys keep the fresh model's weights,
+    unexpected ones are left out, and the report (logged as a warning) lists them. Other arguments
+    as ``vilt_config_for`` and ``read_vilt_checkpoint``.
     """
     state_dict, pumer_config, source = read_vilt_checkpoint(path, weights_only=weights_only)
     config = vilt_config_for(
         head, state_dict, pumer_config, source=source, num_labels=num_labels, num_attention_heads=num_attention_heads
     )
-    converted, report = convert_vilt_state_dict(state_dict, head, source=source, config=config)
-    report.check()
+    converted, report = convert_vilt_state_dict(state_dict, head, source=source, config=config, strict=strict)
     if head == "pretrain":
         # the research MLM decoder is its own weight; tied, loading would overwrite the word embeddings
         config.tie_word_embeddings = False
     model = _TARGET_CLASS[head](config)
     fresh = model.state_dict()
-    converted.update({k: fresh[k] for k in report.initialized})
-    model.load_state_dict(converted, strict=True)
+    keep_fresh = {*report.initialized, *report.missing, *report.mismatched}
+    model.load_state_dict({k: fresh[k] if k in keep_fresh else converted[k] for k in fresh}, strict=True)
     restore_text_layer_norm_eps(model)
-    logger.info("%s\n%s", path, report.summary())
+    logger.log(logging.INFO if report.ok else logging.WARNING, "%s\n%s", path, report.summary())
     return model.eval(), report
 
 
@@ -627,7 +568,7 @@ def restore_text_layer_norm_eps(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def save_vilt_conversion(model: PreTrainedModel, report: ViltConversionReport, out_dir: str | Path) -> Path:
+def save_vilt_conversion(model: PreTrainedModel, report: ConversionReport, out_dir: str | Path) -> Path:
     """Write ``model`` as a ``from_pretrained`` folder, and ``itm_head.safetensors`` where ITM weights exist."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
@@ -636,8 +577,11 @@ def save_vilt_conversion(model: PreTrainedModel, report: ViltConversionReport, o
     return out_dir
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: convert one checkpoint into a ``from_pretrained`` folder and log the report."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: convert one checkpoint into a ``from_pretrained`` folder and log the report.
+
+    Returns 0, or 1 (the reason logged, nothing written) when the checkpoint cannot be read or converted.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m pumer_patch.models.convert_vilt",
         description="Convert a ViLT .ckpt or a PuMer ViLT folder to a Hugging Face transformers ViLT folder.",
@@ -650,18 +594,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--trust-pickle", action="store_true", help="torch.load(weights_only=False): trusted files only"
     )
+    parser.add_argument(
+        "--no-strict", action="store_true",
+        help="write the model although keys are missing, unexpected or of another shape (each is logged)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model, report = load_vilt_checkpoint(
-        args.input,
-        args.head,
-        num_labels=args.num_labels,
-        num_attention_heads=args.num_heads,
-        weights_only=not args.trust_pickle,
-    )
+    try:
+        model, report = load_vilt_checkpoint(
+            args.input,
+            args.head,
+            num_labels=args.num_labels,
+            num_attention_heads=args.num_heads,
+            weights_only=not args.trust_pickle,
+            strict=not args.no_strict,
+        )
+    except (ValueError, OSError) as error:
+        logger.error("%s", error)
+        return 1
     out = save_vilt_conversion(model, report, args.out_dir)
     logger.info("wrote %s (%s)", out, type(model).__name__)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
