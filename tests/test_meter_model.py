@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pumer_patch.models.convert import read_checkpoint
 from pumer_patch.models.convert_meter import (
     HEADS,
     convert_original_meter,
-    load_original_checkpoint,
     main,
     resize_position_embedding,
 )
@@ -206,15 +206,16 @@ ORIGINAL_IGNORED = {
 def test_converting_a_finetuned_checkpoint_reproduces_it(head, tmp_path):
     source = make(HEADS[head], fusion_order="parallel", fusion_masking="additive")
     path = lightning_file(tmp_path / "meter.ckpt", original_layout(source))
-    converted = convert_original_meter(load_original_checkpoint(path), head, config=tiny())
+    converted = convert_original_meter(read_checkpoint(path), head, config=tiny())
     report = converted.report
-    assert not report.missing and not report.unexpected
+    assert report.ok and not report.missing and not report.unexpected and not report.initialized
     assert set(report.ignored) == ORIGINAL_IGNORED
-    assert report.renamed["vit_model.visual.conv1.weight"] == "meter.vit_model.conv1.weight"
-    assert report.renamed["text_transformer.encoder.layer.0.output.dense.weight"] == (
-        "meter.text_transformer.encoder.layer.0.output.dense.weight"
+    assert report.mapped["vit_model.visual.conv1.weight"] == ("meter.vit_model.conv1.weight",)
+    assert report.mapped["text_transformer.encoder.layer.0.output.dense.weight"] == (
+        "meter.text_transformer.encoder.layer.0.output.dense.weight",
     )
-    assert ("snli_classifier.3.weight" in report.renamed) == (head == "ve")
+    assert set(report.mapped) | set(report.ignored) == set(read_checkpoint(path))  # every key placed or explained
+    assert (report.mapped.get("snli_classifier.3.weight") == ("ve_classifier.3.weight",)) == (head == "ve")
     assert (converted.config.fusion_order, converted.config.fusion_masking) == ("parallel", "additive")
     model = converted.model_class(converted.config).eval()
     model.load_state_dict(converted.state_dict, strict=True)
@@ -251,14 +252,15 @@ def test_pretrain_to_nlvr2_grows_the_token_types(tmp_path):
     assert types.shape[0] == converted.config.token_types == 3
     assert torch.equal(types[:2], old) and torch.equal(types[2], old[1])
     report = converted.report
-    assert report.missing == [f"nlvr2_classifier.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")]
+    assert report.initialized == [f"nlvr2_classifier.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")]
+    assert report.ok  # a task head started from the pretraining checkpoint is not missing
     assert {k for k in report.ignored if k.startswith(("mlm_score", "itm_score"))} == {
         k for k in source.state_dict() if k.startswith(("mlm_score", "itm_score"))
     }
-    assert any("2 -> 3 rows" in c for c in report.changed)
+    assert "2 -> 3 rows" in report.derived["meter.token_type_embeddings.weight"]
     model = MeterForVisualReasoning(converted.config).eval()
     result = model.load_state_dict(converted.state_dict, strict=False)
-    assert sorted(result.missing_keys) == sorted(report.missing) and not result.unexpected_keys
+    assert sorted(result.missing_keys) == sorted(report.initialized) and not result.unexpected_keys
 
 
 def test_pretrain_to_retrieval_takes_rank_output_from_the_match_row():
@@ -267,8 +269,8 @@ def test_pretrain_to_retrieval_takes_rank_output_from_the_match_row():
     fc = source.itm_score.fc
     assert torch.equal(converted.state_dict["rank_output.weight"], fc.weight[1:])
     assert torch.equal(converted.state_dict["rank_output.bias"], fc.bias[1:])
-    assert not converted.report.missing and not converted.report.unexpected
-    assert any("rank_output" in c for c in converted.report.changed)
+    assert not converted.report.missing and not converted.report.unexpected and not converted.report.initialized
+    assert set(converted.report.derived) == {"rank_output.weight", "rank_output.bias"}
     model = MeterForImageAndTextRetrieval(converted.config).eval()
     model.load_state_dict(converted.state_dict, strict=True)
     out = model(**batch())
@@ -279,7 +281,9 @@ def test_resizing_the_positions_keeps_cls_and_resizes_the_grid_bicubically():
     source = make(MeterForQuestionAnswering)
     original = original_layout(source)
     original["cross_modal_text_transform.scale"] = torch.ones(3)  # looks like ours, is not: unexpected
-    converted = convert_original_meter(original, "vqa", image_size=48, config=tiny())
+    with pytest.raises(ValueError, match=r"unexpected .*meter\.cross_modal_text_transform\.scale"):
+        convert_original_meter(original, "vqa", image_size=48, config=tiny())
+    converted = convert_original_meter(original, "vqa", image_size=48, config=tiny(), strict=False)
     old = source.meter.vit_model.positional_embedding.detach()  # (1 + 4 * 4, C)
     new = converted.state_dict["meter.vit_model.positional_embedding"]
     assert new.shape == (1 + 6 * 6, old.shape[1]) and converted.config.image_size == 48
@@ -287,11 +291,67 @@ def test_resizing_the_positions_keeps_cls_and_resizes_the_grid_bicubically():
     grid = F.interpolate(old[1:].T.reshape(1, -1, 4, 4), size=(6, 6), mode="bicubic", align_corners=False)
     torch.testing.assert_close(new[1:], grid.reshape(-1, 36).T)
     assert converted.report.unexpected == ["meter.cross_modal_text_transform.scale"]
+    assert "grid resized bicubically" in converted.report.derived["meter.vit_model.positional_embedding"]
     assert converted.config.vqa_label_size == 5
     model = MeterForQuestionAnswering(converted.config).eval()
     model.load_state_dict(converted.state_dict, strict=True)
     assert model(**batch(size=48)).logits.shape == (2, 5)
     torch.testing.assert_close(resize_position_embedding(old, 4), old)  # same grid: unchanged
+
+
+def damaged_original(path: Path) -> tuple[Path, MeterForVisualEntailment]:
+    """A 3-block METER's VE checkpoint without fusion block 1 (both streams) and with a 4-way classifier."""
+    source = make(MeterForVisualEntailment, num_top_layer=3, fusion_order="parallel", fusion_masking="additive")
+    original = original_layout(source)
+    for key in [k for k in original if k.startswith(("cross_modal_text_layers.1.", "cross_modal_image_layers.1."))]:
+        del original[key]
+    original["snli_classifier.3.weight"] = torch.cat([original["snli_classifier.3.weight"]] * 2)[:4]
+    original["snli_classifier.3.bias"] = torch.zeros(4)
+    return lightning_file(path, original), source
+
+
+def test_an_incomplete_checkpoint_is_refused_naming_its_keys_and_nothing_is_written(tmp_path, caplog):
+    path, source = damaged_original(tmp_path / "meter_snli.ckpt")
+    block = [k for k in source.state_dict() if k.startswith("meter.cross_modal_text_layers.1.")]
+    width = source.ve_classifier[3].weight.shape[1]
+    with pytest.raises(ValueError) as error:
+        convert_original_meter(read_checkpoint(path), "ve", config=tiny())
+    message = str(error.value)
+    assert "missing (the 've' model needs them): " in message
+    assert f"meter.cross_modal_text_layers.1.* ({len(block)} keys)" in message
+    assert "meter.cross_modal_image_layers.1.* (" in message
+    assert f"ve_classifier.3.weight: [4, {width}] vs [3, {width}]" in message and "ve_classifier.3.bias" in message
+    assert "--no-strict" in message
+
+    tiny().to_json_file(tmp_path / "base.json")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR, logger="pumer_patch.models.convert_meter"):
+        assert main([str(path), str(out), "--head", "ve", "--config", str(tmp_path / "base.json")]) == 1
+    assert "meter.cross_modal_text_layers.1.*" in caplog.text and "ve_classifier.3.weight" in caplog.text
+    assert not out.exists()
+
+
+def test_no_strict_writes_an_incomplete_checkpoint_and_reports_it(tmp_path, caplog):
+    path, source = damaged_original(tmp_path / "meter_snli.ckpt")
+    converted = convert_original_meter(read_checkpoint(path), "ve", config=tiny(), strict=False)
+    report = converted.report
+    assert converted.config.num_top_layer == 3  # the missing block is not a 2-block METER
+    assert {k.split(".1.")[0] for k in report.missing} == {"meter.cross_modal_text_layers", "meter.cross_modal_image_layers"}
+    assert set(report.mismatched) == {"ve_classifier.3.weight", "ve_classifier.3.bias"} and not report.unexpected
+    assert not set(report.missing) & set(converted.state_dict)
+    assert not set(report.mismatched) & set(converted.state_dict)
+
+    tiny().to_json_file(tmp_path / "base.json")
+    out = tmp_path / "out"
+    command = [str(path), str(out), "--head", "ve", "--config", str(tmp_path / "base.json"), "--no-strict"]
+    with caplog.at_level(logging.WARNING, logger="pumer_patch.models.convert_meter"):
+        assert main(command) == 0
+    assert f"{len(report.missing)} missing, 0 unexpected, 2 mismatched" in caplog.text
+    assert "missing meter.cross_modal_text_layers.1.attention.self.key.weight" in caplog.text
+    loaded, info = MeterForVisualEntailment.from_pretrained(out, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == sorted([*report.missing, *report.mismatched])
+    assert torch.equal(loaded.meter.cross_modal_text_layers[2].attention.self.key.weight,
+                       source.meter.cross_modal_text_layers[2].attention.self.key.weight)
 
 
 class HyperParameters(dict):
@@ -302,7 +362,7 @@ def test_a_checkpoint_that_needs_more_than_weights_only_is_refused_clearly(tmp_p
     path = tmp_path / "meter.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "hyper_parameters": HyperParameters(lr=1e-5)}, path)
     with pytest.raises(ValueError, match="weights_only=True"):
-        load_original_checkpoint(path)
+        read_checkpoint(path)
     with pytest.raises(ValueError, match="head must be one of"):
         convert_original_meter({}, "snli")
     with pytest.raises(ValueError, match="not an original METER"):

@@ -1,7 +1,7 @@
 """Original METER checkpoints (Dou et al.'s PyTorch Lightning ``.ckpt`` files) to ``pumer_patch`` METER folders.
 
 METER's Lightning module keeps every part at the top level of its ``state_dict``; ours nests the
-backbone under ``meter.`` as PuMer's checkpoints do. The rules (DESIGN.md section 4):
+backbone under ``meter.`` as PuMer's checkpoints do. The rules (see docs/design.md, "Checkpoints"):
 
 * ``vit_model.visual.*`` -> ``meter.vit_model.*`` (METER wraps CLIP's visual tower in a CLIP stub);
   the stub's own ``vit_model.positional_embedding`` (77 text positions) and ``vit_model.ln_final`` are
@@ -17,12 +17,21 @@ backbone under ``meter.`` as PuMer's checkpoints do. The rules (DESIGN.md sectio
   bicubically (``F.interpolate``, ``align_corners=False``, computed in float32), as METER's
   ``adapt_position_encoding`` does.
 
+Every size the weights decide is read from them (depths: one more than the highest block index).
+The conversion is strict: a target key nothing fills (a block missing from the middle of the
+checkpoint, a head the target needs), a key in our namespace the target lacks, and a shape the
+target does not have are an error that names them, and nothing is written. Only a task head started
+from the pretraining checkpoint is left to a fresh initialisation (``report.initialized``).
+``strict=False`` (``--no-strict``) writes the rest anyway and reports them. A checkpoint cut after
+its last complete fusion block cannot be told from a shallower METER.
+
 The written config records ``fusion_order="parallel"`` and ``fusion_masking="additive"`` by default:
 original METER ran both streams on the previous states with an additive mask, so that reproduces its
 checkpoints. PuMer finetuned its converted folders with its own arithmetic ("sequential", "pumer"):
 pass those to start from a checkpoint the way PuMer did.
 
-Command::
+Command (exit code 1, the reason logged and nothing written, when the checkpoint cannot be read or
+converted)::
 
     python -m pumer_patch.models.convert_meter meter_clip16_288_roberta_pretrain.ckpt out/ --head vqa --image-size 384
 """
@@ -32,10 +41,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import pickle
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +63,11 @@ from pumer_patch.models.meter import (
     MeterForVisualReasoning,
     MeterPreTrainedModel,
 )
+from pumer_patch.models._convert import ConversionReport, grow_token_types, rank_from_itm_match_row, read_checkpoint
 
 __all__ = [
     "HEADS",
-    "ConversionReport",
     "ConvertedMeter",
-    "load_original_checkpoint",
     "rename_original_key",
     "resize_position_embedding",
     "convert_original_meter",
@@ -82,39 +89,14 @@ HEADS: dict[str, type[MeterPreTrainedModel]] = {
 
 _BACKBONE = ("text_transformer.", "cross_modal_", "token_type_embeddings.")
 _HEAD_NAMES = ("vqa_classifier.", "ve_classifier.", "nlvr2_classifier.", "rank_output.", "itm_score.", "mlm_score.")
+_PRETRAIN_HEADS = ("itm_score.", "mlm_score.")
 _POSITIONS = "meter.vit_model.positional_embedding"
 _TOKEN_TYPES = "meter.token_type_embeddings.weight"
-
-
-@dataclass
-class ConversionReport:
-    """What a conversion did to each key.
-
-    missing: keys of the target model no checkpoint key fills (from_pretrained initialises them,
-    e.g. a task head when converting the pretrained checkpoint). unexpected: keys in our namespace
-    the target model lacks or holds with another shape (not written). ignored: original key -> why
-    it was dropped. renamed: original key -> our key, for every key whose name changed. changed:
-    value changes, in words (token types grown, ``rank_output`` derived, positions resized).
-    """
-
-    head: str
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    ignored: dict[str, str] = field(default_factory=dict)
-    renamed: dict[str, str] = field(default_factory=dict)
-    changed: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """A few lines for a log: counts, then every missing, unexpected and ignored key and every change."""
-        lines = [
-            f"METER -> {HEADS[self.head].__name__}: {len(self.renamed)} renamed, {len(self.ignored)} ignored, "
-            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected"
-        ]
-        lines += [f"  changed: {c}" for c in self.changed]
-        lines += [f"  missing: {k}" for k in self.missing]
-        lines += [f"  unexpected: {k}" for k in self.unexpected]
-        lines += [f"  ignored: {k} ({why})" for k, why in self.ignored.items()]
-        return "\n".join(lines)
+#: what to check when a conversion is refused
+_FIX = (
+    "Check --head (vqa, ve, nlvr2, irtr, pretrain) against the checkpoint's task heads; a checkpoint of "
+    "another size needs --config for what the weights cannot tell (the numbers of heads)."
+)
 
 
 @dataclass
@@ -125,32 +107,6 @@ class ConvertedMeter:
     state_dict: dict[str, Tensor]
     model_class: type[MeterPreTrainedModel]
     report: ConversionReport
-
-
-def load_original_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Read an original METER checkpoint with ``torch.load(weights_only=True)``: its ``state_dict``.
-
-    A plain state_dict file (name -> tensor) is accepted too. Lightning checkpoints that pickle
-    Python objects besides tensors (hyper-parameter classes, callbacks) cannot be read that way; the
-    error says how to extract the weights from a file you trust.
-    """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds Python objects besides tensors (a Lightning checkpoint's hyper-parameters or "
-            f"callbacks), which torch.load(weights_only=True) refuses to unpickle: {err}. If you trust the "
-            "file, extract its weights once where pytorch_lightning is installed: python -c \"import torch; "
-            f"torch.save(torch.load('{path}', map_location='cpu', weights_only=False)['state_dict'], "
-            "'weights.pt')\" and convert weights.pt"
-        ) from err
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"{path} is neither a Lightning checkpoint with a 'state_dict' of tensors nor a state_dict; "
-            "pass an original METER .ckpt (meter_clip16_288_roberta_*.ckpt)"
-        )
-    return dict(state)
 
 
 def rename_original_key(key: str) -> tuple[str | None, str]:
@@ -188,15 +144,35 @@ def resize_position_embedding(positions: Tensor, grid: int) -> Tensor:
     return torch.cat([positions[:1], patches])
 
 
-def _count(keys: Sequence[str], pattern: str) -> int:
-    """How many distinct indices ``pattern`` (a regex with one group) captures in ``keys``."""
-    return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
+def _block_indices(keys: Sequence[str], prefix: str) -> list[int]:
+    """The block indices N of the keys ``prefix`` + ``N.*``, sorted."""
+    return sorted({int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+
+
+def _depth(keys: Sequence[str], prefix: str) -> int:
+    """One more than the highest block index under ``prefix`` (0 when there is none).
+
+    Not the number of indices: a block missing from the middle must show as that block's missing
+    keys, not as a shallower model whose last block is unexpected.
+    """
+    indices = _block_indices(keys, prefix)
+    return indices[-1] + 1 if indices else 0
+
+
+def _lowest_block(state: Mapping[str, Tensor], prefix: str, rest: str) -> Tensor:
+    """The tensor ``rest`` of the lowest-numbered block under ``prefix`` (the sizes every block shares)."""
+    indices = _block_indices(list(state), prefix)
+    key = f"{prefix}{indices[0] if indices else 0}.{rest}"
+    if key not in state:
+        raise ValueError(f"not an original METER (CLIP + RoBERTa) checkpoint: no {key!r} after renaming")
+    return state[key]
 
 
 def _config_from_weights(state: Mapping[str, Tensor], base: MeterConfig) -> MeterConfig:
     """``base`` with every size the weights decide (widths, depths, vocabulary, grid, token types, labels)."""
     keys = list(state)
     t = "meter.text_transformer."
+    text_layers, fusion_layers = t + "encoder.layer.", "meter.cross_modal_text_layers."
     conv = state["meter.vit_model.conv1.weight"]  # (width, 3, p, p)
     sizes: dict[str, Any] = {
         "hidden_size": state["meter.cross_modal_text_transform.weight"].shape[0],
@@ -204,21 +180,28 @@ def _config_from_weights(state: Mapping[str, Tensor], base: MeterConfig) -> Mete
         "vision_width": conv.shape[0],
         "vit_patch_size": conv.shape[-1],
         "image_size": math.isqrt(state[_POSITIONS].shape[0] - 1) * conv.shape[-1],
-        "vision_layers": _count(keys, r"meter\.vit_model\.transformer\.resblocks\.(\d+)\."),
-        "num_layers": _count(keys, re.escape(t) + r"encoder\.layer\.(\d+)\."),
-        "num_top_layer": _count(keys, r"meter\.cross_modal_text_layers\.(\d+)\."),
+        "vision_layers": _depth(keys, "meter.vit_model.transformer.resblocks."),
+        "num_layers": _depth(keys, text_layers),
+        "num_top_layer": _depth(keys, fusion_layers),
         "vocab_size": state[t + "embeddings.word_embeddings.weight"].shape[0],
         "max_position_embeddings": state[t + "embeddings.position_embeddings.weight"].shape[0],
-        "text_intermediate_size": state[t + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "text_intermediate_size": _lowest_block(state, text_layers, "intermediate.dense.weight").shape[0],
         "token_types": state[_TOKEN_TYPES].shape[0],
     }
-    fusion_ffn = state["meter.cross_modal_text_layers.0.intermediate.dense.weight"].shape[0]
+    fusion_ffn = _lowest_block(state, fusion_layers, "intermediate.dense.weight").shape[0]
     sizes["mlp_ratio"] = fusion_ffn // sizes["hidden_size"]
     if "vqa_classifier.3.weight" in state:
         sizes["vqa_label_size"] = state["vqa_classifier.3.weight"].shape[0]
     skip = ("model_type", "transformers_version", "architectures")
     fields = {k: v for k, v in base.to_dict().items() if k not in skip}
-    return MeterConfig(**{**fields, **sizes})
+    try:
+        return MeterConfig(**{**fields, **sizes})
+    except ValueError as error:
+        raise ValueError(
+            f"the checkpoint's sizes do not fit the config ({error}): the weights cannot tell the numbers of "
+            "attention heads (num_heads, text_heads, vision_heads); pass a config.json that names them "
+            "(command line: --config)"
+        ) from error
 
 
 def convert_original_meter(
@@ -228,6 +211,8 @@ def convert_original_meter(
     config: MeterConfig | None = None,
     fusion_order: FusionOrder = "parallel",
     fusion_masking: FusionMasking = "additive",
+    *,
+    strict: bool = True,
 ) -> ConvertedMeter:
     """An original METER ``state_dict`` -> our keys for the ``head`` model (one of ``HEADS``).
 
@@ -235,65 +220,73 @@ def convert_original_meter(
     config: what the weights cannot tell (numbers of heads, ``max_text_len``, ...); None is
     full-size METER. Every size the weights decide is read from them. fusion_order /
     fusion_masking: recorded in the config; the defaults reproduce original METER (module docstring).
-    Nothing is loaded into a model: the target's keys and shapes come from one built on the meta device.
+    strict: missing, unexpected and mismatched keys raise ``ValueError`` naming them; with
+    ``strict=False`` they are left out of the state_dict and listed in the report. Nothing is loaded
+    into a model: the target's keys and shapes come from one built on the meta device.
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     model_class = HEADS[head]
-    report = ConversionReport(head=head)
+    report = ConversionReport(head=head, source="original METER")
     state: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}  # our key -> the checkpoint's
     for key, value in state_dict.items():
         new, why = rename_original_key(key)
         if new is None:
             report.ignored[key] = why
             continue
-        if new != key:
-            report.renamed[key] = new
-        state[new] = value
+        state[new], origin[new] = value, key
     for key in ("meter.vit_model.conv1.weight", _POSITIONS, _TOKEN_TYPES, "meter.cross_modal_text_transform.weight"):
         if key not in state:
             raise ValueError(f"not an original METER (CLIP + RoBERTa) checkpoint: no {key!r} after renaming")
 
     if head == "nlvr2" and state[_TOKEN_TYPES].shape[0] == 2:
-        types = state[_TOKEN_TYPES]
-        state[_TOKEN_TYPES] = torch.cat([types, types[1:2]])  # the second image starts as the first
-        report.changed.append("token_type_embeddings: 2 -> 3 rows, row 2 := row 1 (NLVR2's second image)")
+        state[_TOKEN_TYPES] = grow_token_types(state[_TOKEN_TYPES], 3)
+        report.derived[_TOKEN_TYPES] = "2 -> 3 rows, row 2 := row 1 (NLVR2's second image starts as the first)"
     if head == "irtr" and "rank_output.weight" not in state and "itm_score.fc.weight" in state:
-        state["rank_output.weight"] = state["itm_score.fc.weight"][1:].clone()  # (1, 2C): the "match" row
-        state["rank_output.bias"] = state["itm_score.fc.bias"][1:].clone()
-        report.changed.append("rank_output := itm_score.fc row 1 (the 'match' logit), as METER's retrieval starts")
+        rank = rank_from_itm_match_row(state["itm_score.fc.weight"], state["itm_score.fc.bias"])
+        for part, value in zip(("weight", "bias"), rank):
+            state[f"rank_output.{part}"] = value
+            report.derived[f"rank_output.{part}"] = f"itm_score.fc.{part}[1:] (the ITM 'match' row), as METER's retrieval starts"
     patch = state["meter.vit_model.conv1.weight"].shape[-1]
     old_size = math.isqrt(state[_POSITIONS].shape[0] - 1) * patch
     if image_size is not None and image_size != old_size:
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
         state[_POSITIONS] = resize_position_embedding(state[_POSITIONS], image_size // patch)
-        report.changed.append(
-            f"positional_embedding: {old_size} -> {image_size} ([CLS] kept, grid resized bicubically)"
-        )
+        report.derived[_POSITIONS] = f"{old_size} -> {image_size} pixels ([CLS] kept, grid resized bicubically)"
 
     base = config if config is not None else MeterConfig()
     new_config = _config_from_weights(state, base)
     new_config.fusion_order, new_config.fusion_masking = fusion_order, fusion_masking
     new_config.architectures = [model_class.__name__]
     with torch.device("meta"):
-        target = {k: v.shape for k, v in model_class(new_config).state_dict().items()}
+        target = {k: tuple(v.shape) for k, v in model_class(new_config).state_dict().items()}
 
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        if key in target and target[key] == value.shape:
+        if key in target and target[key] == tuple(value.shape):
             out[key] = value
-        elif key.startswith(_HEAD_NAMES) and key not in target:
-            report.ignored[_original_name(key, report.renamed)] = f"{model_class.__name__} has no such head"
+            if key in origin:
+                report.mapped[origin[key]] = (key,)
+        elif key in target:
+            report.mismatched[key] = (tuple(value.shape), target[key])
+        elif key.startswith(_HEAD_NAMES):
+            report.ignored[origin.get(key, key)] = f"{model_class.__name__} has no such head"
         else:
             report.unexpected.append(key)
-    report.missing = [k for k in target if k not in out]
+    # a task head started from the pretraining checkpoint starts fresh, as in METER's finetuning
+    from_pretraining = head != "pretrain" and any(k.startswith(_PRETRAIN_HEADS) for k in state)
+    for key in target:
+        if key in out or key in report.mismatched:
+            continue
+        if from_pretraining and not key.startswith("meter."):
+            report.initialized.append(key)
+        else:
+            report.missing.append(key)
+    if strict:
+        report.check(_FIX)
     return ConvertedMeter(new_config, out, model_class, report)
-
-
-def _original_name(key: str, renamed: Mapping[str, str]) -> str:
-    """The checkpoint's name of our ``key`` (head keys renamed, e.g. ``snli_classifier``, or not)."""
-    return next((old for old, new in renamed.items() if new == key), key)
 
 
 def save_converted(converted: ConvertedMeter, out_dir: str | Path) -> Path:
@@ -315,17 +308,28 @@ def convert_checkpoint(
     config: MeterConfig | None = None,
     fusion_order: FusionOrder = "parallel",
     fusion_masking: FusionMasking = "additive",
+    *,
+    strict: bool = True,
+    weights_only: bool = True,
 ) -> ConversionReport:
-    """Read an original METER checkpoint, convert it for ``head`` and write the folder; returns the report."""
+    """Read an original METER checkpoint, convert it for ``head`` and write the folder; returns the report.
+
+    Arguments as ``convert_original_meter``; ``weights_only=False`` unpickles what the file holds
+    besides tensors (only for files you trust). When the conversion is refused nothing is written.
+    """
+    state_dict = read_checkpoint(checkpoint, weights_only=weights_only)
     converted = convert_original_meter(
-        load_original_checkpoint(checkpoint), head, image_size, config, fusion_order, fusion_masking
+        state_dict, head, image_size, config, fusion_order, fusion_masking, strict=strict
     )
     save_converted(converted, out_dir)
     return converted.report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: ``python -m pumer_patch.models.convert_meter IN.ckpt OUT_DIR --head ...``."""
+    """The command line: ``python -m pumer_patch.models.convert_meter IN.ckpt OUT_DIR --head ...``.
+
+    Returns 0, or 1 (the reason logged, nothing written) when the checkpoint cannot be read or converted.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m pumer_patch.models.convert_meter",
         description="Convert an original METER Lightning checkpoint into a from_pretrained folder.",
@@ -341,13 +345,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="parallel: original METER (default); sequential: PuMer's finetuning")
     parser.add_argument("--fusion-masking", choices=("additive", "pumer"), default="additive",
                         help="additive: original METER (default); pumer: PuMer's masked softmax")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="torch.load(weights_only=False): trusted files only")
+    parser.add_argument("--no-strict", action="store_true",
+                        help="write the folder although keys are missing, unexpected or of another shape "
+                             "(each is logged; from_pretrained initialises the missing ones)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = None if args.config is None else MeterConfig.from_json_file(args.config)
-    report = convert_checkpoint(
-        args.checkpoint, args.out_dir, args.head, args.image_size, config, args.fusion_order, args.fusion_masking
-    )
-    logger.info("%s\nwrote %s", report.summary(), args.out_dir)
+    try:
+        config = None if args.config is None else MeterConfig.from_json_file(args.config)
+        report = convert_checkpoint(
+            args.checkpoint, args.out_dir, args.head, args.image_size, config, args.fusion_order,
+            args.fusion_masking, strict=not args.no_strict, weights_only=not args.trust_pickle,
+        )
+    except (ValueError, OSError) as error:
+        logger.error("%s", error)
+        return 1
+    logger.log(logging.INFO if report.ok else logging.WARNING, "%s\nwrote %s", report.summary(), args.out_dir)
     return 0
 
 
