@@ -1,11 +1,11 @@
 """METER (Dou et al., CVPR 2022) as PuMer's research code builds it, in the transformers idiom.
 
 No library provides METER; PuMer's users hold its checkpoints (``config.json`` + ``pytorch_model.bin``
-saved by transformers 4.24; every key listed in ``shared/reference/pumer-keys/meter_*.txt``). This
+saved by transformers 4.24; every key is listed in ``tests/data/pumer-keys/meter_*.txt``). This
 module loads them with nothing missing or unexpected and knows nothing of token reduction: the
 adapter ``pumer_patch.adapters.meter`` calls the parts below.
 
-Architecture (DESIGN.md section 3):
+Architecture (see docs/design.md, "Models"):
 
 * ``vit_model``: the CLIP ViT-B/16 visual tower with 11 residual blocks (CLIP's last is dropped),
   open_clip's own ``ResidualAttentionBlock`` with QuickGELU and float32 LayerNorm, ``conv1`` without
@@ -86,10 +86,15 @@ class MeterConfig(PretrainedConfig):
     field, 12) counts the RoBERTa layers and ``text_heads`` (None: ``num_heads``) its heads.
     ``fusion_order`` and ``fusion_masking`` name how the fusion blocks compute (see the module
     docstring); the defaults are the arithmetic PuMer's checkpoints were trained with, original
-    METER checkpoints need ``"parallel"`` and ``"additive"`` (``convert_meter`` writes those). ``prune_r``,
-    ``merge_r``, ``merge_text`` and ``reduce_layers`` (the research code's numbering, two per fusion
-    block) are the reduction a PuMer folder was trained with: data for
-    ``pumer_patch.adapters.meter.apply_from_config``, ignored by the model.
+    METER checkpoints need ``"parallel"`` and ``"additive"`` (``convert_meter`` writes those).
+
+    The reduction a PuMer folder was trained with, data for ``pumer_patch.apply_from_config``, which
+    patches the model with it; the model itself never reads them:
+
+    * ``prune_r``, ``merge_r``: the image tokens' prune and merge ratios at each reducing block;
+    * ``merge_text``: the text tokens' merge ratio there;
+    * ``reduce_layers``: the reducing blocks in the research code's numbering, two per fusion block
+      (``[0, 2, 4, 6]`` are blocks 0-3).
     """
 
     model_type = "meter"
@@ -327,7 +332,8 @@ class MeterAttention(nn.Module):
         is added to the logits, the same factor for a fractional weight and -inf-like for a zero one.
         key_bias: (B, Nk) added to every query's logits for that key in both maskings and on the SDPA
         path (e.g. log(token size), proportional attention: a bias of log 2 counts a key twice); None
-        adds nothing. output_probs: also return the probabilities (eager attention then, never SDPA).
+        adds nothing. output_probs: also return the probabilities (B, H, Nq, Nk); in the ``"additive"``
+        masking they are computed beside SDPA, before dropout, and the output is the same as without them.
         """
         attn = self.self
         source = hidden if context is None else context
@@ -342,14 +348,13 @@ class MeterAttention(nn.Module):
             context_layer = probs @ v
         else:
             bias = _additive_bias(key_weight, key_bias, q.dtype)
+            p = attn.dropout.p if self.training else 0.0
+            # the output never depends on output_probs: an eager softmax differs from SDPA in the last bits
+            context_layer = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+            probs = None
             if output_probs:
                 scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
-                probs = attn.dropout((scores if bias is None else scores + bias).softmax(dim=-1))
-                context_layer = probs @ v
-            else:
-                probs = None
-                p = attn.dropout.p if self.training else 0.0
-                context_layer = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+                probs = (scores if bias is None else scores + bias).softmax(dim=-1)
         context_layer = context_layer.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1)  # (B, Nq, C)
         return MeterAttentionOutput(
             self.output(context_layer, hidden), k.mean(dim=1), probs if output_probs else None
