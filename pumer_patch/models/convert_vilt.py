@@ -71,7 +71,7 @@ Config facts (checked in the research code; where transformers cannot say it exa
   ``layer_norm_eps`` for every LayerNorm of the backbone, but the research text embeddings and MLM
   transform are ``BertEmbeddings`` / ``BertPredictionHeadTransform`` with BertConfig's 1e-12. With 1e-6
   there, the normalised text embeddings shrink by about 5e-7 / var (var: the per-token variance of
-  word + position + type embedding): 5.6e-4 max logit change measured on a ViLT-B/32 VQA model. So
+  word + position + type embedding), which moves a full-size model's logits measurably. So
   the converted config records ``text_layer_norm_eps = 1e-12`` and ``restore_text_layer_norm_eps``
   sets it on those two LayerNorms: the converter's model has it, and ``recipes.models.load_model``
   applies it after ``from_pretrained`` (a plain ``from_pretrained`` cannot: call the function
