@@ -385,3 +385,13 @@ def test_no_strict_writes_an_incomplete_checkpoint_and_reports_it(tmp_path, capl
     assert "missing vilt.encoder.layer.0.attention.attention.query.weight" in caplog.text
     loaded, info = ViltForQuestionAnswering.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
+def test_a_pumer_folder_with_a_malformed_config_is_refused_naming_it(tmp_path, caplog):
+    path = write_checkpoint(tmp_path, research_state_dict(tiny_model("vqa"), "vqa", "pumer"), "pumer")
+    (path / "config.json").write_text('{"num_heads": 2,')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        read_vilt_checkpoint(path)
+    with caplog.at_level(logging.ERROR, logger="pumer_patch.models.convert_vilt"):
+        assert main([str(path), str(tmp_path / "hf"), "--head", "vqa"]) == 1
+    assert str(path / "config.json") in caplog.text and not (tmp_path / "hf").exists()

@@ -354,6 +354,17 @@ def test_no_strict_writes_an_incomplete_checkpoint_and_reports_it(tmp_path, capl
                        source.meter.cross_modal_text_layers[2].attention.self.key.weight)
 
 
+def test_what_the_weights_cannot_tell_is_asked_of_config_by_name(tmp_path, caplog):
+    path = lightning_file(tmp_path / "meter.ckpt", original_layout(make(MeterForQuestionAnswering)))
+    with pytest.raises(ValueError, match=r"hidden_size=16 must be a multiple .*num_heads.*--config"):
+        convert_original_meter(read_checkpoint(path), "vqa")  # full-size METER's 12 heads do not fit 16
+    (tmp_path / "bad.json").write_text("{not json")
+    with caplog.at_level(logging.ERROR, logger="pumer_patch.models.convert_meter"):
+        assert main([str(path), str(tmp_path / "out"), "--head", "vqa", "--config", str(tmp_path / "bad.json")]) == 1
+    assert f"--config {tmp_path / 'bad.json'} is not a METER config.json" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
 class HyperParameters(dict):
     """Stands for Lightning's AttributeDict: a class torch.load(weights_only=True) refuses."""
 

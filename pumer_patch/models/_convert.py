@@ -146,9 +146,12 @@ def read_checkpoint(path: str | Path, *, weights_only: bool = True) -> dict[str,
     except pickle.UnpicklingError as error:
         if not weights_only:
             raise ValueError(f"{path} is not a checkpoint torch.load can read: {error}") from error
+        # torch's own message is a page of advice; the class it refused is what names the problem
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"it pickles {refused.group(1)}" if refused else str(error).splitlines()[0]
         raise ValueError(
             f"{path} holds Python objects besides tensors (a Lightning checkpoint's hyper-parameters or "
-            f"callbacks), which torch.load(weights_only=True) refuses to unpickle: {error}. Unpickling runs "
+            f"callbacks), which torch.load(weights_only=True) refuses to unpickle ({what}). Unpickling runs "
             "code from the file: if you trust it, pass weights_only=False (command line: --trust-pickle)"
         ) from error
     except Exception as error:  # torch.load and safetensors raise KeyError, EOFError, RuntimeError, ... here

@@ -325,6 +325,14 @@ def convert_checkpoint(
     return converted.report
 
 
+def _read_config(path: Path) -> MeterConfig:
+    """``--config``: a METER config.json, or a ``ValueError`` that names the file."""
+    try:
+        return MeterConfig.from_json_file(path)
+    except (ValueError, TypeError) as error:  # malformed JSON, or fields MeterConfig refuses
+        raise ValueError(f"--config {path} is not a METER config.json: {error}") from error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: ``python -m pumer_patch.models.convert_meter IN.ckpt OUT_DIR --head ...``.
 
@@ -353,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = None if args.config is None else MeterConfig.from_json_file(args.config)
+        config = None if args.config is None else _read_config(args.config)
         report = convert_checkpoint(
             args.checkpoint, args.out_dir, args.head, args.image_size, config, args.fusion_order,
             args.fusion_masking, strict=not args.no_strict, weights_only=not args.trust_pickle,
