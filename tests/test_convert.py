@@ -113,7 +113,8 @@ def test_check_names_every_problem_with_a_block_as_one_entry():
     with pytest.raises(ValueError) as error:
         report.check("Check --head.")
     message = str(error.value)
-    assert "missing (the 've' model needs them): meter.cross_modal_text_layers.1.* (6 keys), ve_classifier.0.bias" in message
+    missing = "meter.cross_modal_text_layers.1.* (6 keys), ve_classifier.0.bias"
+    assert f"missing (the 've' model needs them): {missing}" in message
     assert "unexpected (no place in the 've' model): extra.weight" in message
     assert "ve_classifier.3.weight: [4, 8] vs [3, 8]" in message
     assert "Check --head." in message and "--no-strict" in message

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
+from pumer_patch.models._convert import ConversionReport, grow_token_types, rank_from_itm_match_row, read_checkpoint
 from pumer_patch.models.meter import (
     FusionMasking,
     FusionOrder,
@@ -63,7 +64,6 @@ from pumer_patch.models.meter import (
     MeterForVisualReasoning,
     MeterPreTrainedModel,
 )
-from pumer_patch.models._convert import ConversionReport, grow_token_types, rank_from_itm_match_row, read_checkpoint
 
 __all__ = [
     "HEADS",
@@ -228,8 +228,25 @@ def convert_original_meter(
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     model_class = HEADS[head]
     report = ConversionReport(head=head, source="original METER")
+    state, origin = _renamed(state_dict, report)
+    _derive(state, head, image_size, report)
+
+    base = config if config is not None else MeterConfig()
+    new_config = _config_from_weights(state, base)
+    new_config.fusion_order, new_config.fusion_masking = fusion_order, fusion_masking
+    new_config.architectures = [model_class.__name__]
+    with torch.device("meta"):
+        target = {k: tuple(v.shape) for k, v in model_class(new_config).state_dict().items()}
+    out = _placed(state, origin, target, model_class.__name__, report)
+    if strict:
+        report.check(_FIX)
+    return ConvertedMeter(new_config, out, model_class, report)
+
+
+def _renamed(state_dict: Mapping[str, Tensor], report: ConversionReport) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The checkpoint under our names, and our name -> the checkpoint's; ignored keys go to ``report``."""
     state: dict[str, Tensor] = {}
-    origin: dict[str, str] = {}  # our key -> the checkpoint's
+    origin: dict[str, str] = {}
     for key, value in state_dict.items():
         new, why = rename_original_key(key)
         if new is None:
@@ -239,7 +256,11 @@ def convert_original_meter(
     for key in ("meter.vit_model.conv1.weight", _POSITIONS, _TOKEN_TYPES, "meter.cross_modal_text_transform.weight"):
         if key not in state:
             raise ValueError(f"not an original METER (CLIP + RoBERTa) checkpoint: no {key!r} after renaming")
+    return state, origin
 
+
+def _derive(state: dict[str, Tensor], head: str, image_size: int | None, report: ConversionReport) -> None:
+    """The weights METER's finetuning derives, in place: NLVR2's third token type, retrieval's score, positions."""
     if head == "nlvr2" and state[_TOKEN_TYPES].shape[0] == 2:
         state[_TOKEN_TYPES] = grow_token_types(state[_TOKEN_TYPES], 3)
         report.derived[_TOKEN_TYPES] = "2 -> 3 rows, row 2 := row 1 (NLVR2's second image starts as the first)"
@@ -247,7 +268,7 @@ def convert_original_meter(
         rank = rank_from_itm_match_row(state["itm_score.fc.weight"], state["itm_score.fc.bias"])
         for part, value in zip(("weight", "bias"), rank):
             state[f"rank_output.{part}"] = value
-            report.derived[f"rank_output.{part}"] = f"itm_score.fc.{part}[1:] (the ITM 'match' row), as METER's retrieval starts"
+            report.derived[f"rank_output.{part}"] = f"itm_score.fc.{part}[1:] (the ITM 'match' row), as METER starts"
     patch = state["meter.vit_model.conv1.weight"].shape[-1]
     old_size = math.isqrt(state[_POSITIONS].shape[0] - 1) * patch
     if image_size is not None and image_size != old_size:
@@ -256,27 +277,30 @@ def convert_original_meter(
         state[_POSITIONS] = resize_position_embedding(state[_POSITIONS], image_size // patch)
         report.derived[_POSITIONS] = f"{old_size} -> {image_size} pixels ([CLS] kept, grid resized bicubically)"
 
-    base = config if config is not None else MeterConfig()
-    new_config = _config_from_weights(state, base)
-    new_config.fusion_order, new_config.fusion_masking = fusion_order, fusion_masking
-    new_config.architectures = [model_class.__name__]
-    with torch.device("meta"):
-        target = {k: tuple(v.shape) for k, v in model_class(new_config).state_dict().items()}
 
+def _placed(
+    state: Mapping[str, Tensor],
+    origin: Mapping[str, str],
+    target: Mapping[str, tuple[int, ...]],
+    model_name: str,
+    report: ConversionReport,
+) -> dict[str, Tensor]:
+    """The tensors the target model holds with their shapes; every other key, either way, goes to ``report``."""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        if key in target and target[key] == tuple(value.shape):
+        if target.get(key) == tuple(value.shape):
             out[key] = value
             if key in origin:
                 report.mapped[origin[key]] = (key,)
         elif key in target:
             report.mismatched[key] = (tuple(value.shape), target[key])
         elif key.startswith(_HEAD_NAMES):
-            report.ignored[origin.get(key, key)] = f"{model_class.__name__} has no such head"
+            report.ignored[origin.get(key, key)] = f"{model_name} has no such head"
         else:
             report.unexpected.append(key)
-    # a task head started from the pretraining checkpoint starts fresh, as in METER's finetuning
-    from_pretraining = head != "pretrain" and any(k.startswith(_PRETRAIN_HEADS) for k in state)
+    # a task head started from a checkpoint with pretraining heads (ITM, MLM) starts fresh, as METER's
+    # finetuning does; anything else the target needs is missing
+    from_pretraining = report.head != "pretrain" and any(k.startswith(_PRETRAIN_HEADS) for k in state)
     for key in target:
         if key in out or key in report.mismatched:
             continue
@@ -284,9 +308,7 @@ def convert_original_meter(
             report.initialized.append(key)
         else:
             report.missing.append(key)
-    if strict:
-        report.check(_FIX)
-    return ConvertedMeter(new_config, out, model_class, report)
+    return out
 
 
 def save_converted(converted: ConvertedMeter, out_dir: str | Path) -> Path:
