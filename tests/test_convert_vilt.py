@@ -1,9 +1,10 @@
 """ViLT converters: original ViLT and PuMer ViLT checkpoints -> transformers ViLT, per head.
 
 The source checkpoints are written here from tiny transformers models through a small explicit inverse
-(``research_state_dict``), in both layouts, with the key names of the released checkpoints (``tests/data/pumer-keys``); the
-converted model must give the very logits of the model the weights came from. The real key lists
-(full-size shapes) are converted on the meta device to show every key is placed or explained.
+(``research_state_dict``), in both layouts, with the key names of the released checkpoints
+(``tests/data/pumer-keys``); the converted model must give the very logits of the model the weights
+came from. The real key lists (full-size shapes) are converted on the meta device to show every key
+is placed or explained.
 """
 
 from __future__ import annotations
@@ -376,7 +377,8 @@ def test_no_strict_writes_an_incomplete_checkpoint_and_reports_it(tmp_path, capl
     assert report.mismatched == {"classifier.3.weight": ((5, 63), (5, 64))}
     assert report.unexpected == ["vilt.transformer.extra.weight"]
     assert model.config.num_hidden_layers == LAYERS  # the missing first block is not a shallower model
-    assert torch.equal(model.vilt.encoder.layer[1].output.dense.weight, source.vilt.encoder.layer[1].output.dense.weight)
+    second = model.vilt.encoder.layer[1].output.dense.weight
+    assert torch.equal(second, source.vilt.encoder.layer[1].output.dense.weight)
 
     out = tmp_path / "hf"
     with caplog.at_level(logging.WARNING, logger="pumer_patch.models.convert_vilt"):
