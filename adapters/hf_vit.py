@@ -5,32 +5,35 @@ tower of a ``CLIPModel``, whose text tower is left alone), ``SiglipVisionModel``
 ``SiglipModel``), ``Dinov2Model``, ``Dinov2WithRegistersModel`` and ``ViTModel``, with the image
 classification heads of all of them.
 
-The library's own forwards run unchanged around the blocks: embeddings (``interpolate_pos_encoding``
-and other image sizes included), the padding mask each attention implementation takes
-(``create_bidirectional_mask``), the loop over the layers, ``capture_outputs``, the layers' own
-gradient checkpointing and the final norms. Only the instance class of each layer of the tower is
-switched, to a module-level subclass:
+The patch switches the instance class of the module that loops over the tower's layers, to a
+module-level subclass whose ``forward`` is the shared block loop (``_loop.run_blocks``): the encoder
+(``CLIPEncoder``, ``SiglipEncoder``, ``Dinov2Encoder``, ``Dinov2WithRegistersEncoder``), or
+``ViTModel`` itself, which loops over its layers in its own forward. The library's layers are not
+switched. Around the loop the library's own code runs: embeddings (``interpolate_pos_encoding`` and
+other image sizes included), the padding mask each attention implementation takes
+(``create_bidirectional_mask``), ``capture_outputs`` (reapplied where the library decorates the
+looping forward) and the final norms.
 
-* the first layer starts a token stream (sizes, padding mask, sources);
-* a plain layer calls the library's forward, with the library's attention mask while it still fits
-  the tokens and with the key bias of the stream after that: ``log(size)`` (proportional attention)
-  plus padding, as an additive (B, 1, 1, N) mask, which the eager and the SDPA attention both add to
-  their logits;
-* a reduce layer runs the attention half and the MLP half through the layer's own sub-modules
-  (norms, the attention module, layer scale, drop path, MLP) with ``_vit._reduce_block`` between
-  them (ToMe's and PuMer's place): relevance, merge metric and ``reduce_tokens``.
-
-The stream travels from one layer to the next with the hidden-state tensor itself (a weak dictionary
-keyed by the tensor, looked up before the layer's gradient checkpointing and handed to its forward as
-an argument), so each call, thread and batch has its own, and nothing is kept on a module.
+* A plain block is the library layer's own call, ``layer(x, mask, **kwargs)``: its hooks, its
+  output recording and its gradient checkpointing run as without the patch. Its mask is the
+  library's while it still fits the tokens, then the loop's key bias: ``log(size)`` (proportional
+  attention) plus padding, an additive (B, 1, 1, N) mask that the eager and the SDPA attention both
+  add to their logits.
+* A reduce block runs the layer's two halves through its own sub-modules (norms, the attention
+  module, layer scale, drop path, MLP) with the reduction between them (ToMe's and PuMer's place).
+  Its forward hooks then see its output, as they see a plain layer's (the library records
+  ``output_hidden_states`` there); forward pre-hooks do not run, the layer's input being the loop's.
+  In training with the library's gradient checkpointing, each half is checkpointed by the layer's own
+  checkpoint function (``every_n_layers`` and the checkpointing keywords apply as to the plain layers);
+  the reduction between them keeps the indices it chose, so a recompute never chooses again.
 
 Attention implementations: ``eager`` and ``sdpa``. The merge metric is the keys averaged over heads,
 read from the attention's own ``k_proj`` call. With ``eager``, pruning relevance comes from the
 probabilities the layer computed (in training they are the post-dropout ones); with ``sdpa`` it is
 computed from the query rows the relevance needs alone (the [CLS] row: ``2 B H N d`` FLOPs; for
-``"received"``, every non-prefix row), taken from the attention's own ``q_proj`` call
-(``_vit.attention_relevance``). Flash and flex attention are refused: the first takes no additive
-bias, the second returns no probabilities we could read and compiles per shape.
+``"received"``, every non-prefix row), taken from the attention's own ``q_proj`` call. Flash and flex
+attention are refused: the first takes no additive bias, the second returns no probabilities we
+could read and compiles per shape.
 
 ``output_hidden_states`` keeps the library's meaning: every layer's output, whose token count falls
 after each reduce layer (a tuple of tensors of different lengths); ``output_attentions`` (eager) gives
@@ -38,55 +41,60 @@ each layer's probabilities over its own tokens.
 
 Prefix tokens protected (never pruned or merged): [CLS] (CLIP, DINOv2, ViT) and DINOv2's register
 tokens. Relevance ``"auto"``: the [CLS] row, except SigLIP (no [CLS], attention-pooled): the
-size-weighted attention the tokens receive (see ``_vit``).
+size-weighted attention the tokens receive (see ``_loop``).
 
 Heads that average tokens count each by its size: SigLIP's ``SiglipMultiheadAttentionPoolingHead``
 gets ``log(size)`` as a key bias (proportional attention of its probe), and the DINOv2 and SigLIP
-image classifiers take the size-weighted mean of the tokens they average (``_vit.weighted_mean``). For
-that the tower's final norm passes the sizes on with its output (``_vit.sizes_of``); the pooling
-head's and the classifiers' forwards are repeated from transformers 5 (checked by the zero-reduction
-parity tests). [CLS]-pooled outputs (CLIP, ViT, DINOv2's pooler) need nothing.
+image classifiers take the size-weighted mean of the tokens they average. Within one forward the
+sizes go from the loop to the head in the root's per-call scope, whatever a hook between them (on
+the final norm, say) makes of the tensor; ``SiglipVisionModel`` also attaches them to the
+``last_hidden_state`` it returns (``pumer_patch.token_sizes``), for its head applied later. Where
+every size is one (nothing merged) the heads run the library's own lines. The pooling head's and the
+classifiers' forwards repeat transformers 5's, as does ``ViTModel.forward`` (checked by the
+zero-reduction parity tests). [CLS]-pooled outputs (CLIP, ViT, DINOv2's pooler) need no sizes.
 
-Text guidance (``text_guidance``) for ``CLIPModel`` and ``SiglipModel``: pruning can follow a text
-query, as open_clip's; the image embedding then depends on the query, so it cannot be cached.
+Text guidance (``pumer_patch.adapters.guidance.text_guidance``) for ``CLIPModel`` and
+``SiglipModel``: pruning can follow a text query; the image embedding then depends on the query.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 import transformers
-from packaging.version import Version
 from torch import Tensor, nn
-from torch.utils.weak import WeakTensorKeyDictionary
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.models.clip.modeling_clip import (
     CLIPAttention,
+    CLIPEncoder,
     CLIPEncoderLayer,
     CLIPModel,
     CLIPVisionModel,
 )
 from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2Attention,
+    Dinov2Encoder,
     Dinov2ForImageClassification,
     Dinov2Layer,
     Dinov2Model,
 )
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
     Dinov2WithRegistersAttention,
+    Dinov2WithRegistersEncoder,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersLayer,
     Dinov2WithRegistersModel,
 )
 from transformers.models.siglip.modeling_siglip import (
     SiglipAttention,
+    SiglipEncoder,
     SiglipEncoderLayer,
     SiglipForImageClassification,
     SiglipModel,
@@ -94,272 +102,277 @@ from transformers.models.siglip.modeling_siglip import (
     SiglipVisionModel,
 )
 from transformers.models.vit.modeling_vit import ViTAttention, ViTForMaskedImageModeling, ViTLayer, ViTModel
-from transformers.utils.generic import can_return_tuple
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
 
-from pumer_patch.core import Mode, Tokens, attention_bias
+from pumer_patch.core import Mode, attention_bias
 from pumer_patch.ratios import Ratios
+from pumer_patch.sizes import TokenSizesLost, require_token_sizes, with_token_sizes
 
-from ._loop import CallScope, Loop, Policy, key_bias, output_of, start
-from ._vit import (
-    Attended,
-    BlockOps,
-    VitOptions,
-    _block_ratios,
-    _reduce_block,
-    reduces,
-    remember_sizes,
-    resolve_vit_options,
-    sizes_of,
-    weighted_mean,
+from ._loop import Attended, CallScope, captured, run_blocks
+from ._vit import VitOptions, resolve_vit_options, weighted_mean
+from .base import (
+    SHARED_ATTR,
+    STATE_ATTR,
+    Adapter,
+    PatchState,
+    Plan,
+    ensure_class,
+    library_class,
+    record_trace,
+    warn_if_untested,
 )
-from .base import SHARED_ATTR, STATE_ATTR, Adapter, LayerCount, PatchState, Trace, ensure_class
+from .guidance import GuidedTower, guide_of, text_guidance
 
-__all__ = ["HfVitAdapter", "text_guidance"]
+__all__ = ["HfVitAdapter", "text_guidance"]  # text_guidance: guidance's, for every tower that takes a query
 
-_TESTED = (Version("5.0"), Version("6"))
+_TESTED = ("5.0", "6")
 _IMPLEMENTATIONS = ("eager", "sdpa")
-SPOT_ATTR = "_pumer_spot"  # the _Spot of each switched layer
+
+
+@dataclass
+class _TowerCall:
+    """What one forward of a root hands from its loop to the heads that average tokens."""
+
+    size: Tensor | None = None  # (B, N') the sizes of the tokens the loop returned
+
+
+_CALL: CallScope[_TowerCall] = CallScope("pumer_patch_hf_vit_call")
 
 
 # ---------------------------------------------------------------------------------------------
-# the token stream, from layer to layer
+# the library's layers, as the loop sees them
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Spot:
-    """Where a switched layer sits: its block index, whether it is the last, the protected prefix."""
-
-    index: int
-    last: bool
-    protected: int
+def _checkpointed(layer: nn.Module, half: Callable[..., Any], *args: Any) -> Any:
+    """``half(*args)``, checkpointed as the library checkpoints ``layer`` (its flag, its function) in training."""
+    if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(half, *args)
+    return half(*args)
 
 
-@dataclass(frozen=True)
-class _Stream:
-    """The state of the tokens leaving a layer, for one forward; never holds the hidden states themselves.
+def _forward_hooks(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Tensor:
+    """``out`` after the layer's forward hooks, as ``nn.Module.__call__`` runs them on what ``forward`` returned."""
+    for key, hook in layer._forward_hooks.items():
+        if key in layer._forward_hooks_with_kwargs:
+            result = hook(layer, args, kwargs, out)
+        else:
+            result = hook(layer, args, out)
+        out = out if result is None else result
+    return out
 
-    size / mask / source: (B, N) as in ``Tokens`` (mask: True for real tokens, None without padding).
-    bias: (B, 1, 1, N) the additive key bias of these tokens (log(size) and padding), None when zero.
-    own: the library's attention mask no longer fits (tokens went): plain layers get ``bias`` instead.
-    merged: a merge happened, so sizes differ from one.
-    counts: the counts after each reduce layer so far.
+
+class _LayerStep:
+    """The loop's view of one library's encoder layers, for one forward (``_loop.BlockStep``).
+
+    mask: the library's attention mask (4D, or None) for the ``n`` tokens entering the loop, which the
+    layers get while the token count is ``n``; after a reduction they get the loop's key bias.
+    kwargs: the encoder's keyword arguments, handed to each layer (and its attention) as the library does.
+    A subclass names the layer's attention module (``attention``) and repeats the library's lines of
+    its two halves as of transformers 5 (the zero-reduction parity tests check them):
+    ``_attention_half(layer, x, mask) -> (x, probs or None)`` and ``_mlp_half(layer, x) -> x``.
     """
 
-    size: Tensor | None
-    mask: Tensor | None
-    source: Tensor | None
-    bias: Tensor | None
-    own: bool
-    merged: bool
-    counts: tuple[LayerCount, ...]
+    attention: ClassVar[str]
 
-    def tokens(self, x: Tensor) -> Tokens:
-        return Tokens(x, size=self.size, source=self.source, mask=self.mask)
+    def __init__(self, mask: Tensor | None, n: int, kwargs: dict[str, Any]) -> None:
+        self.mask = mask
+        self.n = n
+        self.kwargs = kwargs
+        self._entering: tuple[Tensor, Tensor | None] | None = None  # a reduce layer's (input, mask), for its hooks
+
+    def _attention_half(self, layer: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def _mlp_half(self, layer: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _mask_for(self, x: Tensor, bias: Tensor | None) -> Tensor | None:
+        return self.mask if x.shape[1] == self.n else bias
+
+    def plain(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        return layer(x, self._mask_for(x, bias), **self.kwargs)
+
+    def attend(self, layer: nn.Module, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
+        """The attention half: x (B, N, C) -> (B, N, C), with the keys and the probabilities (eager) or q rows."""
+        mask = self._mask_for(x, bias)
+        self._entering = (x, mask)
+        attn = getattr(layer, self.attention)
+        with captured(attn.q_proj, attn.k_proj) as projected:
+            out, probs = _checkpointed(layer, self._attention_half, layer, x, mask)
+        b, n, _ = x.shape
+        d = attn.head_dim
+        k = projected[1].view(b, n, -1, d).transpose(1, 2)  # (B, N, H * d) -> (B, H, N, d)
+        q = None
+        if rows is not None and probs is None:
+            q = projected[0][:, rows].reshape(b, -1, k.shape[1], d).transpose(1, 2)  # (B, Q, H * d) -> (B, H, Q, d)
+        scale = attn.scale if hasattr(attn, "scale") else attn.scaling
+        return Attended(out, q, k, scale, probs)
+
+    def finish(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The MLP half on the reduced tokens (B, N', C), then the layer's forward hooks on its output."""
+        out = _checkpointed(layer, self._mlp_half, layer, x)
+        if not layer._forward_hooks:
+            return out
+        return _forward_hooks(layer, self._entering, self.kwargs, out)
 
 
-# hidden states a switched layer returned -> their stream; weak: a dropped tensor takes its entry along
-_STREAMS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-# relevance from a text query, per patched tower, set by ``text_guidance`` for its ``with`` block
-_GUIDANCE: CallScope[Callable[[Tensor], Tensor]] = CallScope("pumer_patch_hf_vit_guidance")
+class _ClipStep(_LayerStep):
+    """``CLIPEncoderLayer`` and ``SiglipEncoderLayer`` (the same lines)."""
+
+    attention = "self_attn"
+
+    def _attention_half(self, layer: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        out, probs = layer.self_attn(layer.layer_norm1(x), attention_mask=mask, **self.kwargs)
+        return x + out, probs
+
+    def _mlp_half(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return x + layer.mlp(layer.layer_norm2(x))
 
 
-def _key_mask(attention_mask: Tensor | None) -> Tensor | None:
-    """(B, N) bool, True for real keys, from the library's 4D mask (additive float or bool), or None."""
+class _Dinov2Step(_LayerStep):
+    """``Dinov2Layer`` and ``Dinov2WithRegistersLayer``: layer scale and drop path on both halves."""
+
+    attention = "attention"
+
+    def _attention_half(self, layer: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        out, probs = layer.attention(layer.norm1(x), attention_mask=mask, **self.kwargs)
+        return layer.drop_path(layer.layer_scale1(out)) + x, probs
+
+    def _mlp_half(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x
+
+
+class _VitStep(_LayerStep):
+    """``ViTLayer``: dropout on both halves."""
+
+    attention = "attention"
+
+    def _attention_half(self, layer: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        out, probs = layer.attention(layer.layernorm_before(x), mask, **self.kwargs)
+        return layer.dropout(out) + x, probs
+
+    def _mlp_half(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return layer.dropout(layer.mlp(layer.layernorm_after(x))) + x
+
+
+# ---------------------------------------------------------------------------------------------
+# the loops
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_padding(attention_mask: Tensor | None) -> Tensor | None:
+    """(B, N) bool, True for real keys, from the library's 4D mask (additive float or bool); None without one."""
     if attention_mask is None:
         return None
     row = attention_mask[:, 0, 0, :]  # bidirectional: the [CLS] query row carries the key padding
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
-def _start(policy: Policy, x: Tensor, attention_mask: Tensor | None, source: bool) -> _Stream:
-    """The stream entering the first layer: x (B, N, C), the library's mask (B, 1, N, N) or None."""
-    tokens = start(policy, x, _key_mask(attention_mask), source=source)
-    bias = None if tokens.mask is None else key_bias(policy, [tokens], x.dtype)
-    return _Stream(tokens.size, tokens.mask, tokens.source, bias, own=False, merged=False, counts=())
+class _ReducingLoop:
+    """What the patched looping modules share: the loop over their layers, for one forward.
 
-
-# ---------------------------------------------------------------------------------------------
-# the two halves of each library layer, through its own sub-modules
-# ---------------------------------------------------------------------------------------------
-
-
-class _Halves(NamedTuple):
-    """How one library layer class splits at the reduce point.
-
-    norm / attention: attribute names of the pre-attention norm and the attention module.
-    residual(layer, x, out) -> x: the attention output ``out`` (B, N, C) into the residual stream.
-    finish(layer, x) -> x: the MLP half.
+    ``_step``: the layers' ``_LayerStep`` class. ``_prefix``: the prefix tokens ([CLS], registers).
     """
 
-    norm: str
-    attention: str
-    residual: Callable[[nn.Module, Tensor, Tensor], Tensor]
-    finish: Callable[[nn.Module, Tensor], Tensor]
+    _step: ClassVar[type[_LayerStep]]
 
+    def _prefix(self) -> int:
+        return 1  # [CLS]
 
-# each repeats the library's lines as of transformers 5 (the zero-reduction parity tests check them)
-_CLIP = _Halves(
-    "layer_norm1",
-    "self_attn",
-    lambda layer, x, out: x + out,
-    lambda layer, x: x + layer.mlp(layer.layer_norm2(x)),
-)
-_DINOV2 = _Halves(
-    "norm1",
-    "attention",
-    lambda layer, x, out: layer.drop_path(layer.layer_scale1(out)) + x,
-    lambda layer, x: layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x,
-)
-_VIT = _Halves(
-    "layernorm_before",
-    "attention",
-    lambda layer, x, out: layer.dropout(out) + x,
-    lambda layer, x: layer.dropout(layer.mlp(layer.layernorm_after(x))) + x,
-)
-
-
-def _attend(
-    halves: _Halves, mask: Tensor | None, kwargs: dict[str, Any], layer: nn.Module, x: Tensor,
-    bias: Tensor | None, rows: slice | None,
-) -> Attended:
-    """The attention half: x (B, N, C) -> (B, N, C), with the keys and the probabilities (eager) or q rows.
-
-    mask: what the attention gets (the library's own mask while it fits, else the stream's bias);
-    ``bias`` (the stream's) is for the relevance of ``_vit._reduce_block`` only.
-    """
-    attn = getattr(layer, halves.attention)
-    h = getattr(layer, halves.norm)(x)
-    with output_of(attn.q_proj, h) as q_out, output_of(attn.k_proj, h) as k_out:
-        out, probs = attn(h, attention_mask=mask, **kwargs)
-    x = halves.residual(layer, x, out)
-    b, n, _ = x.shape
-    d = attn.head_dim
-    k = k_out["out"].view(b, n, -1, d).transpose(1, 2)  # (B, N, H * d) -> (B, H, N, d)
-    q = None
-    if rows is not None and probs is None:
-        q = q_out["out"][:, rows].reshape(b, -1, k.shape[1], d).transpose(1, 2)  # (B, Q, H * d) -> (B, H, Q, d)
-    scale = attn.scale if hasattr(attn, "scale") else attn.scaling
-    return Attended(x, q, k, scale, probs)
-
-
-def _forward(
-    layer: nn.Module, halves: _Halves, library: Callable[..., Tensor], x: Tensor,
-    attention_mask: Tensor | None, stream: _Stream | None, kwargs: dict[str, Any],
-) -> Tensor:
-    """A switched layer's forward: x (B, N, C) -> (B, N', C); the library's own when not reducing."""
-    if stream is None:
-        return library(x, attention_mask, **kwargs)
-    state: PatchState = getattr(layer, SHARED_ATTR)
-    spot: _Spot = getattr(layer, SPOT_ATTR)
-    plan = state.plan
-    mask = stream.bias if stream.own else attention_mask
-    ratios = _block_ratios(plan, spot.index, x.shape[1], spot.protected)
-    if ratios is None:
-        out = library(x, mask, **kwargs)
-    else:
-        ops = BlockOps(library, partial(_attend, halves, mask, kwargs), halves.finish)
-        cls_row = plan.options.relevance == "cls"
-        tokens, merged = _reduce_block(
-            layer, stream.tokens(x), stream.bias, ratios, ops, spot.protected, cls_row, _GUIDANCE.get(state)
+    def _run(
+        self, layers: Sequence[nn.Module], x: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]
+    ) -> Tensor:
+        """x (B, N, C) through ``layers``, reducing at the planned ones -> (B, N', C); hands the sizes to the heads."""
+        state: PatchState = getattr(self, SHARED_ATTR)
+        step = self._step(attention_mask, x.shape[1], kwargs)
+        tokens, trace = run_blocks(
+            layers, x, state.plan, step, protected=self._prefix(), guide=guide_of(state),
+            mask=_key_padding(attention_mask),
         )
-        policy = Policy.of(plan.mode)
-        bias = key_bias(policy, [tokens], x.dtype) if merged or stream.bias is not None else None
-        counts = (*stream.counts, LayerCount(spot.index, tokens.count, 0))
-        own = stream.own or tokens.count != x.shape[1]
-        out = tokens.x
-        stream = _Stream(tokens.size, tokens.mask, tokens.source, bias, own, stream.merged or merged, counts)
-    _STREAMS[out] = stream
-    if spot.last:
-        state.last = Loop(plan, counts=list(stream.counts)).trace(stream.tokens(out))
-    return out
+        record_trace(state, trace)
+        call = _CALL.get(state)
+        if call is not None:
+            call.size = tokens.size
+        return tokens.x
 
 
-def _call(layer: nn.Module, library: Callable[..., Tensor], x: Tensor, attention_mask: Tensor | None,
-          kwargs: dict[str, Any]) -> Tensor:
-    """A switched layer's ``__call__``: finds the stream of ``x`` before the layer's checkpointing, hands it on."""
-    state: PatchState = getattr(layer, SHARED_ATTR)
-    spot: _Spot = getattr(layer, SPOT_ATTR)
-    plan = state.plan
-    if not reduces(plan):
-        if spot.last:
-            state.last = Trace()
-        return library(x, attention_mask, **kwargs)
-    stream = _STREAMS.get(x)
-    if stream is None:
-        if spot.index != 0:
-            raise RuntimeError(
-                f"layer {spot.index} of a pumer_patch-reduced tower got hidden states that did not come from the "
-                f"layer before it, so their token sizes are unknown; run the model's own forward, or "
-                f"pumer_patch.remove(model) first to call its layers one by one"
-            )
-        stream = _start(Policy.of(plan.mode), x, attention_mask, plan.trace)
-    return library(x, attention_mask, _pumer_stream=stream, **kwargs)
-
-
-class PumerCLIPEncoderLayer(CLIPEncoderLayer):
-    """``CLIPEncoderLayer`` of an image tower, reducing at the planned blocks; see the module docstring."""
+class PumerCLIPEncoder(_ReducingLoop, CLIPEncoder):
+    """The image tower's ``CLIPEncoder``, reducing at the planned layers; see the module docstring."""
 
     _pumer_patched = True
+    _step = _ClipStep
 
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        return _call(self, super().__call__, hidden_states, attention_mask, kwargs)
-
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                _pumer_stream: _Stream | None = None, **kwargs: Any) -> Tensor:
-        return _forward(self, _CLIP, super().forward, hidden_states, attention_mask, _pumer_stream, kwargs)
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self._run(self.layers, inputs_embeds, attention_mask, kwargs))
 
 
-class PumerSiglipEncoderLayer(SiglipEncoderLayer):
-    """``SiglipEncoderLayer`` of an image tower, as above."""
+class PumerSiglipEncoder(_ReducingLoop, SiglipEncoder):
+    """The image tower's ``SiglipEncoder``, as above; no [CLS]."""
 
     _pumer_patched = True
+    _step = _ClipStep
 
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        return _call(self, super().__call__, hidden_states, attention_mask, kwargs)
+    def _prefix(self) -> int:
+        return 0
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                _pumer_stream: _Stream | None = None, **kwargs: Any) -> Tensor:
-        return _forward(self, _CLIP, super().forward, hidden_states, attention_mask, _pumer_stream, kwargs)
-
-
-class PumerDinov2Layer(Dinov2Layer):
-    """``Dinov2Layer``, as above."""
-
-    _pumer_patched = True
-
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        return _call(self, super().__call__, hidden_states, attention_mask, kwargs)
-
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                _pumer_stream: _Stream | None = None, **kwargs: Any) -> Tensor:
-        return _forward(self, _DINOV2, super().forward, hidden_states, attention_mask, _pumer_stream, kwargs)
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self._run(self.layers, inputs_embeds, attention_mask, kwargs))
 
 
-class PumerDinov2WithRegistersLayer(Dinov2WithRegistersLayer):
-    """``Dinov2WithRegistersLayer``, as above."""
+class PumerDinov2Encoder(_ReducingLoop, Dinov2Encoder):
+    """``Dinov2Encoder``, as above, under the library's decorators."""
 
     _pumer_patched = True
+    _step = _Dinov2Step
 
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        return _call(self, super().__call__, hidden_states, attention_mask, kwargs)
-
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                _pumer_stream: _Stream | None = None, **kwargs: Any) -> Tensor:
-        return _forward(self, _DINOV2, super().forward, hidden_states, attention_mask, _pumer_stream, kwargs)
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self._run(self.layer, hidden_states, attention_mask, kwargs))
 
 
-class PumerViTLayer(ViTLayer):
-    """``ViTLayer``, as above."""
+class PumerDinov2WithRegistersEncoder(_ReducingLoop, Dinov2WithRegistersEncoder):
+    """``Dinov2WithRegistersEncoder``, as above; the registers follow [CLS] and are protected with it."""
 
     _pumer_patched = True
+    _step = _Dinov2Step
 
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        return _call(self, super().__call__, hidden_states, attention_mask, kwargs)
+    def _prefix(self) -> int:
+        return 1 + self.config.num_register_tokens
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                _pumer_stream: _Stream | None = None, **kwargs: Any) -> Tensor:
-        return _forward(self, _VIT, super().forward, hidden_states, attention_mask, _pumer_stream, kwargs)
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self._run(self.layer, hidden_states, attention_mask, kwargs))
+
+
+class PumerViTModel(_ReducingLoop, ViTModel):
+    """``ViTModel``, whose own forward loops over its layers: that forward (transformers 5) with the reducing loop."""
+
+    _pumer_patched = True
+    _step = _VitStep
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self, pixel_values: Tensor | None = None, bool_masked_pos: Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None, attention_mask: Tensor | None = None, **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        embedding_output = self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+        )
+        hidden_states = self._run(self.layers, embedding_output, attention_mask, kwargs)
+        sequence_output = self.layernorm(hidden_states)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,16 +380,44 @@ class PumerViTLayer(ViTLayer):
 # ---------------------------------------------------------------------------------------------
 
 
-class PumerLayerNorm(nn.LayerNorm):
-    """A tower's final ``LayerNorm`` whose output remembers the token sizes of its input (``_vit.sizes_of``)."""
+def _merges(plan: Plan) -> bool:
+    """Whether the plan can merge tokens (so sizes may differ from one)."""
+    return any(r.merge > 0 for r in plan.schedule.values()) or plan.options.merge_schedule is not None
+
+
+def _pool_sizes(module: nn.Module, features: Tensor, consumer: str) -> Tensor | None:
+    """The sizes (B, N) of the tokens ``features`` (B, N, C) that ``consumer`` averages; None where all are one.
+
+    Inside a forward of the patched root, the sizes its loop returned (whatever became of the tensor
+    on its way here); called on its own, the sizes the features carry (``pumer_patch.token_sizes``).
+    """
+    state: PatchState = getattr(module, SHARED_ATTR)
+    call = _CALL.get(state)
+    if call is None:
+        size = require_token_sizes(features, consumer=consumer, merged=_merges(state.plan))
+    else:
+        size = call.size
+    if size is not None and tuple(size.shape) != tuple(features.shape[:2]):
+        raise TokenSizesLost(
+            f"{consumer} got {tuple(features.shape[:2])} (B, N) tokens where the pumer_patch-reduced tower returned "
+            f"{tuple(size.shape)}: something between them (a hook on the final norm?) changed the tokens, so their "
+            f"sizes are unknown"
+        )
+    # weights of one change nothing: the library's own lines then run (bit for bit); a sync only here
+    return None if size is None or bool((size == 1).all()) else size
+
+
+class PumerSiglipVisionModel(SiglipVisionModel):
+    """``SiglipVisionModel`` opening the per-call scope in which its loop hands the sizes to its pooling head."""
 
     _pumer_patched = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        stream = _STREAMS.get(x)
-        # sizes only once a merge made them differ from one: before that the heads run as the library's
-        size = None if stream is None or not stream.merged else stream.size
-        return remember_sizes(super().forward(x), size)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The library's forward; its ``last_hidden_state`` (the output's first field) carries the token sizes."""
+        with _CALL.open(getattr(self, STATE_ATTR), _TowerCall()) as call:
+            out = super().forward(*args, **kwargs)
+        with_token_sizes(out[0], call.size)
+        return out
 
 
 class PumerSiglipMultiheadAttentionPoolingHead(SiglipMultiheadAttentionPoolingHead):
@@ -386,7 +427,7 @@ class PumerSiglipMultiheadAttentionPoolingHead(SiglipMultiheadAttentionPoolingHe
 
     def forward(self, hidden_state: Tensor) -> Tensor:
         """hidden_state (B, N, C) -> (B, C); the library's lines with a key bias (transformers 5)."""
-        size = sizes_of(hidden_state)
+        size = _pool_sizes(self, hidden_state, "SigLIP's attention pooling head")
         if size is None:
             return super().forward(hidden_state)
         b, n = size.shape
@@ -401,16 +442,9 @@ class PumerSiglipMultiheadAttentionPoolingHead(SiglipMultiheadAttentionPoolingHe
         return hidden_state[:, 0]
 
 
-def _mean(tokens: Tensor) -> Tensor:
-    """The mean over tokens (B, N, C) -> (B, C), by size where a merge made sizes differ."""
-    size = sizes_of(tokens)
+def _mean(tokens: Tensor, size: Tensor | None) -> Tensor:
+    """The mean over tokens (B, N, C) -> (B, C), by ``size`` (B, N) where a merge made sizes differ."""
     return tokens.mean(dim=1) if size is None else weighted_mean(tokens, size)
-
-
-def _size_slice(features: Tensor, start: int) -> Tensor:
-    """``features[:, start:]`` (B, N - start, C), remembering the sizes of those tokens."""
-    size = sizes_of(features)
-    return remember_sizes(features[:, start:], None if size is None else size[:, start:])
 
 
 def _dinov2_classify(
@@ -418,11 +452,13 @@ def _dinov2_classify(
     attention_mask: Tensor | None, kwargs: dict[str, Any],
 ) -> ImageClassifierOutput:
     """``Dinov2(WithRegisters)ForImageClassification.forward`` (transformers 5) with the patch mean by size."""
-    outputs = tower(pixel_values, attention_mask=attention_mask, **kwargs)
-    sequence_output = outputs.last_hidden_state
+    with _CALL.open(getattr(model, STATE_ATTR), _TowerCall()):
+        outputs = tower(pixel_values, attention_mask=attention_mask, **kwargs)
+        sequence_output = outputs.last_hidden_state
+        size = _pool_sizes(model, sequence_output, f"{type(model).__name__}'s mean of the patch tokens")
     cls_token = sequence_output[:, 0]
-    linear_input = torch.cat([cls_token, _mean(_size_slice(sequence_output, start))], dim=1)
-    logits = model.classifier(linear_input)
+    patches = _mean(sequence_output[:, start:], None if size is None else size[:, start:])
+    logits = model.classifier(torch.cat([cls_token, patches], dim=1))
     loss = None
     if labels is not None:
         loss = model.loss_function(labels, logits, model.config, **kwargs)
@@ -463,8 +499,11 @@ class PumerSiglipForImageClassification(SiglipForImageClassification):
     def forward(self, pixel_values: Tensor | None = None, labels: Tensor | None = None,
                 interpolate_pos_encoding: bool = False, **kwargs: Any) -> ImageClassifierOutput:
         """``SiglipForImageClassification.forward`` (transformers 5) with the mean by size."""
-        outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
-        logits = self.classifier(_mean(outputs.last_hidden_state))
+        with _CALL.open(getattr(self, STATE_ATTR), _TowerCall()):
+            outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+            tokens = outputs.last_hidden_state
+            size = _pool_sizes(self, tokens, "SiglipForImageClassification's mean of the tokens")
+        logits = self.classifier(_mean(tokens, size))
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
@@ -476,50 +515,51 @@ class PumerSiglipForImageClassification(SiglipForImageClassification):
 # ``save_pretrained`` writes the instance class's ``__name__`` into config.architectures, which must name
 # the library's class; pickling resolves classes by ``__qualname__``, which stays ours (as ViLT's adapter)
 for _cls in (
-    PumerDinov2ForImageClassification, PumerDinov2WithRegistersForImageClassification, PumerSiglipForImageClassification
+    PumerViTModel, PumerSiglipVisionModel, PumerDinov2ForImageClassification,
+    PumerDinov2WithRegistersForImageClassification, PumerSiglipForImageClassification,
 ):
-    _cls.__name__ = _cls.__mro__[1].__name__
+    _cls.__name__ = _cls.__bases__[-1].__name__
 
 
 # ---------------------------------------------------------------------------------------------
-# the families
+# the towers
 # ---------------------------------------------------------------------------------------------
 
 
-class _Family(NamedTuple):
-    """One library's tower: where its layers are, what they are, what the patch switches around them.
+class _TowerKind(NamedTuple):
+    """What the adapter knows of one library's vision tower class.
 
-    tower: the vision model class (a root, or a classifier's backbone); layer / attention: the library's
-    classes of its blocks and their attention; patched_layer: ours. layers(tower): the blocks.
-    protected(tower): prefix tokens. halves: how a block splits. cls: pooled from [CLS].
-    final_norm: the tower's norm before a size-aware head ("" for none).
+    model: the tower class (a root, or a classifier's backbone). looping: the sub-module whose
+    forward loops over the layers ("encoder", or "" for ViTModel, which loops in its own forward),
+    switched to ``loop``; its layer list is its attribute ``layers``. layer / attention: the classes
+    of the layers and of their attention (``loop._step.attention``). cls: pooled from [CLS] (else
+    attention-pooled).
     """
 
-    tower: type[nn.Module]
+    model: type[nn.Module]
+    looping: str
+    loop: type[_ReducingLoop]
+    layers: str
     layer: type[nn.Module]
     attention: type[nn.Module]
-    patched_layer: type[nn.Module]
-    layers: Callable[[nn.Module], Sequence[nn.Module]]
-    protected: Callable[[nn.Module], int]
-    halves: _Halves
     cls: bool
-    final_norm: str = ""
+
+    def loop_of(self, tower: nn.Module) -> nn.Module:
+        return tower.get_submodule(self.looping)
+
+    def layers_of(self, tower: nn.Module) -> Sequence[nn.Module]:
+        return getattr(self.loop_of(tower), self.layers)
 
 
-_CLIP_FAMILY = _Family(CLIPVisionModel, CLIPEncoderLayer, CLIPAttention, PumerCLIPEncoderLayer,
-                       lambda t: t.encoder.layers, lambda t: 1, _CLIP, cls=True)
-_SIGLIP_FAMILY = _Family(SiglipVisionModel, SiglipEncoderLayer, SiglipAttention, PumerSiglipEncoderLayer,
-                         lambda t: t.encoder.layers, lambda t: 0, _CLIP, cls=False,
-                         final_norm="post_layernorm")
-_DINOV2_FAMILY = _Family(Dinov2Model, Dinov2Layer, Dinov2Attention, PumerDinov2Layer,
-                         lambda t: t.encoder.layer, lambda t: 1, _DINOV2, cls=True, final_norm="layernorm")
-_DINOV2_REG_FAMILY = _Family(Dinov2WithRegistersModel, Dinov2WithRegistersLayer, Dinov2WithRegistersAttention,
-                             PumerDinov2WithRegistersLayer, lambda t: t.encoder.layer,
-                             lambda t: 1 + t.config.num_register_tokens, _DINOV2, cls=True,
-                             final_norm="layernorm")
-_VIT_FAMILY = _Family(ViTModel, ViTLayer, ViTAttention, PumerViTLayer, lambda t: t.layers, lambda t: 1, _VIT, cls=True)
-
-_FAMILIES = (_CLIP_FAMILY, _SIGLIP_FAMILY, _DINOV2_FAMILY, _DINOV2_REG_FAMILY, _VIT_FAMILY)
+_KINDS = (
+    _TowerKind(CLIPVisionModel, "encoder", PumerCLIPEncoder, "layers", CLIPEncoderLayer, CLIPAttention, cls=True),
+    _TowerKind(SiglipVisionModel, "encoder", PumerSiglipEncoder, "layers", SiglipEncoderLayer, SiglipAttention,
+               cls=False),
+    _TowerKind(Dinov2Model, "encoder", PumerDinov2Encoder, "layer", Dinov2Layer, Dinov2Attention, cls=True),
+    _TowerKind(Dinov2WithRegistersModel, "encoder", PumerDinov2WithRegistersEncoder, "layer",
+               Dinov2WithRegistersLayer, Dinov2WithRegistersAttention, cls=True),
+    _TowerKind(ViTModel, "", PumerViTModel, "layers", ViTLayer, ViTAttention, cls=True),
+)
 
 # classifier -> (its patched class, the attribute holding its tower)
 _HEADS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
@@ -531,98 +571,37 @@ _HEADS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
 }
 
 
-def _library_class(module: nn.Module) -> type[nn.Module]:
-    """The library's class of ``module``, under our patch and under any class another tool put on top of it."""
-    for cls in type(module).__mro__:
-        if "_pumer_patched" in vars(cls):
-            return cls.__bases__[0]
-    return type(module)
-
-
 def _tower(root: nn.Module) -> nn.Module:
-    head = _HEADS.get(_library_class(root))
+    head = _HEADS.get(library_class(root))
     return root if head is None else getattr(root, head[1])
 
 
-def _family(tower: nn.Module) -> _Family:
-    return next(f for f in _FAMILIES if isinstance(tower, f.tower))
+def _kind(tower: nn.Module) -> _TowerKind:
+    return next(k for k in _KINDS if isinstance(tower, k.model))
 
 
 # ---------------------------------------------------------------------------------------------
-# text guidance
+# text guidance: each token through the model's own image head
 # ---------------------------------------------------------------------------------------------
 
 
-def _cosine(tokens: Tensor, text: Tensor) -> Tensor:
-    """Cosine (B, N) of token embeddings (B, N, D) with text features (B or 1, D)."""
-    if text.shape[0] not in (1, tokens.shape[0]):
-        raise ValueError(
-            f"text_guidance has {text.shape[0]} text features for a batch of {tokens.shape[0]} images; "
-            f"give one per image or one for all"
-        )
-    query = F.normalize(text.float(), dim=-1).expand(tokens.shape[0], -1)  # (B, D)
-    return torch.einsum("bnd,bd->bn", F.normalize(tokens.float(), dim=-1), query)
+def _clip_embed(tower: nn.Module, projection: nn.Linear, x: Tensor) -> Tensor:
+    """Each token of x (B, N, C) through CLIP's image head (``post_layernorm``, ``visual_projection``): (B, N, D)."""
+    return projection(tower.post_layernorm(x))
 
 
-def _clip_relevance(tower: nn.Module, projection: nn.Linear, text: Tensor, x: Tensor) -> Tensor:
-    """Each token of x (B, N, C) through CLIP's own image head (``post_layernorm``, ``visual_projection``)."""
-    return _cosine(projection(tower.post_layernorm(x)), text)
-
-
-def _siglip_relevance(tower: nn.Module, text: Tensor, x: Tensor) -> Tensor:
-    """Each token of x (B, N, C) through SigLIP's own head as if its probe attended to that token alone.
+def _siglip_embed(tower: nn.Module, x: Tensor) -> Tensor:
+    """Each token of x (B, N, C) through SigLIP's head as if its probe attended to that token alone: (B, N, C).
 
     ``post_layernorm``, the pooling attention's value and output projections, then the head's
-    residual MLP: the pooled embedding of an image made of this token (MaskCLIP's reading of a head).
+    residual MLP: the pooled embedding of an image made of this token.
     """
     head: SiglipMultiheadAttentionPoolingHead = tower.head
     attn = head.attention
     c = attn.embed_dim
     bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * c :]
     values = attn.out_proj(F.linear(tower.post_layernorm(x), attn.in_proj_weight[2 * c :], bias))  # (B, N, C)
-    return _cosine(values + head.mlp(head.layernorm(values)), text)
-
-
-@contextmanager
-def text_guidance(model: nn.Module, text_features: Tensor) -> Iterator[None]:
-    """Inside this ``with`` block, the patched CLIP / SigLIP image towers in ``model`` prune by a text query.
-
-    text_features: (B, D) one per image, or (D,) / (1, D) for the whole batch, in the joint space:
-    ``model.get_text_features(**text).pooler_output`` (normalized or not). Relevance of an image
-    token at a pruning block is its cosine with the text after the model's own image head (CLIP:
-    ``post_layernorm`` and ``visual_projection``; SigLIP: ``post_layernorm`` and the pooling head
-    with its probe on that token alone); merging is unchanged. The image embedding then depends on
-    the query, so it cannot be cached across queries as plain retrieval does. Needs a patch that
-    prunes. Holds in this thread and ``with`` block, for the models given, not for copies taken inside.
-    """
-    guides: list[tuple[nn.Module, Callable[[Tensor, Tensor], Tensor], int]] = []
-    for m in model.modules():
-        if isinstance(m, CLIPModel):
-            guides.append((m.vision_model, partial(_clip_relevance, m.vision_model, m.visual_projection),
-                           m.visual_projection.out_features))
-        elif isinstance(m, SiglipModel) and m.vision_model.use_head:
-            dim = m.config.vision_config.hidden_size
-            guides.append((m.vision_model, partial(_siglip_relevance, m.vision_model), dim))
-    guides = [g for g in guides if hasattr(g[0], STATE_ATTR)]
-    if not guides:
-        raise ValueError(
-            "text_guidance needs the image tower of a CLIPModel or a SiglipModel (with its pooling head) patched by "
-            "pumer_patch.apply; none found in model"
-        )
-    if not isinstance(text_features, Tensor) or not text_features.is_floating_point():
-        raise TypeError(
-            "text_features must be a floating Tensor (B, D), e.g. model.get_text_features(**text).pooler_output"
-        )
-    text = (text_features.reshape(1, -1) if text_features.dim() == 1 else text_features).detach()
-    for tower, _, dim in guides:
-        if text.dim() != 2 or text.shape[1] != dim:
-            raise ValueError(f"text_features must have shape (B, {dim}), got {tuple(text_features.shape)}")
-        if not any(r.prune > 0 for r in getattr(tower, STATE_ATTR).plan.schedule.values()):
-            raise ValueError("text guidance steers pruning, but this patch prunes nothing; apply with prune_ratio > 0")
-    with ExitStack() as stack:  # nested guidance is restored on exit
-        for tower, relevance, _ in guides:
-            stack.enter_context(_GUIDANCE.open(getattr(tower, STATE_ATTR), partial(relevance, text)))
-        yield
+    return values + head.mlp(head.layernorm(values))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,21 +623,23 @@ class HfVitAdapter(Adapter):
     def roots(self, model: nn.Module) -> list[nn.Module]:
         heads = [m for m in model.modules() if isinstance(m, tuple(_HEADS))]
         held = {id(_tower(head)) for head in heads}  # a classifier's tower is patched as part of the classifier
-        towers = [m for m in model.modules() if isinstance(m, tuple(f.tower for f in _FAMILIES)) and id(m) not in held]
+        towers = [m for m in model.modules() if isinstance(m, tuple(k.model for k in _KINDS)) and id(m) not in held]
         return heads + towers
 
     def blocks(self, root: nn.Module) -> Sequence[nn.Module]:
         tower = _tower(root)
-        return _family(tower).layers(tower)
+        return _kind(tower).layers_of(tower)
 
     def check(self, root: nn.Module) -> None:
         tower = _tower(root)
-        family = _family(tower)
+        kind = _kind(tower)
         name = type(tower).__name__
-        head = _HEADS.get(_library_class(root))
-        if head is not None:
-            ensure_class(root, _library_class(root), f"the {_library_class(root).__name__}")
-        ensure_class(tower, family.tower, f"the {name}", ())
+        swaps = self.swaps(root)
+        if all(module is not tower for module, _ in swaps):
+            ensure_class(tower, kind.model, f"the {name}", ())
+        for module, patched in swaps:
+            library = patched.__bases__[-1]
+            ensure_class(module, library, f"the {library.__name__}" + ("" if module is tower else f" of the {name}"))
         implementation = tower.config._attn_implementation
         if implementation not in _IMPLEMENTATIONS:
             raise ValueError(
@@ -666,21 +647,12 @@ class HfVitAdapter(Adapter):
                 f"only 'eager' and 'sdpa' take: model.set_attn_implementation('sdpa') (or build it with "
                 f"attn_implementation='sdpa'), then pumer_patch.apply"
             )
-        for i, layer in enumerate(family.layers(tower)):
+        for i, layer in enumerate(kind.layers_of(tower)):
             where = f"{name} layer {i}"
-            ensure_class(layer, family.layer, where)
-            ensure_class(getattr(layer, family.halves.attention), family.attention, f"{where}'s attention")
-        if family.final_norm:
-            ensure_class(getattr(tower, family.final_norm), nn.LayerNorm, f"{name}.{family.final_norm}")
-        if family is _SIGLIP_FAMILY and tower.use_head:
-            ensure_class(tower.head, SiglipMultiheadAttentionPoolingHead, f"{name}.head")
-        version = Version(transformers.__version__)
-        if not _TESTED[0] <= version < _TESTED[1]:
-            warnings.warn(
-                f"pumer_patch's transformers ViT adapter repeats the layers' halves and the averaging heads as of "
-                f"transformers {_TESTED[0]}..<{_TESTED[1]}; found {version}. Check zero-reduction parity.",
-                stacklevel=3,
-            )
+            ensure_class(layer, kind.layer, where)
+            ensure_class(getattr(layer, kind.loop._step.attention), kind.attention, f"{where}'s attention")
+        warn_if_untested("transformers", transformers.__version__, _TESTED,
+                         "the encoder loops, the layers' halves and the averaging heads")
 
     def resolve_options(
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
@@ -691,34 +663,46 @@ class HfVitAdapter(Adapter):
                 "does not keep; pumer_patch supports ViTModel and ViTForImageClassification"
             )
         tower = _tower(root)
-        family = _family(tower)
-        auto = "cls" if family.cls else "received"
-        return resolve_vit_options(options, len(family.layers(tower)), family.cls, auto, mode)
+        kind = _kind(tower)
+        auto = "cls" if kind.cls else "received"
+        return resolve_vit_options(options, len(kind.layers_of(tower)), kind.cls, auto, mode)
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
+        """The looping module, the root where it opens the per-call scope of sizes, the SigLIP pooling head.
+
+        A classifier opens the scope for its tower; a SigLIP tower patched on its own opens it itself.
+        """
         tower = _tower(root)
-        family = _family(tower)
-        swaps: list[tuple[nn.Module, type[nn.Module]]] = [(m, family.patched_layer) for m in family.layers(tower)]
-        head = _HEADS.get(_library_class(root))
+        kind = _kind(tower)
+        swaps: list[tuple[nn.Module, type[nn.Module]]] = [(kind.loop_of(tower), kind.loop)]
+        head = _HEADS.get(library_class(root))
         if head is not None:
             swaps.append((root, head[0]))
-        if family.final_norm:
-            swaps.append((getattr(tower, family.final_norm), PumerLayerNorm))
-        if family is _SIGLIP_FAMILY and tower.use_head:
+        elif kind.model is SiglipVisionModel:
+            swaps.append((root, PumerSiglipVisionModel))
+        if kind.model is SiglipVisionModel and tower.use_head:
             swaps.append((tower.head, PumerSiglipMultiheadAttentionPoolingHead))
         return swaps
 
     def patch(self, root: nn.Module, state: PatchState) -> None:
         super().patch(root, state)
-        tower = _tower(root)
-        family = _family(tower)
-        layers = family.layers(tower)
-        for i, layer in enumerate(layers):
-            setattr(layer, SPOT_ATTR, _Spot(i, i == len(layers) - 1, family.protected(tower)))
+        for module, _ in self.swaps(root):
+            if isinstance(module, PreTrainedModel):
+                # ``capture_outputs`` looks up what to record by the model's class, registered when a model
+                # is built (``post_init``); our class records what the library's does
+                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
 
-    def unpatch(self, root: nn.Module) -> None:
-        super().unpatch(root)
-        for layer in self.blocks(root):
-            if SPOT_ATTR in vars(layer):
-                delattr(layer, SPOT_ATTR)
-
+    def guided_towers(self, model: nn.Module) -> list[GuidedTower]:
+        """The patched image towers of the ``CLIPModel`` s and ``SiglipModel`` s (with a pooling head) in ``model``."""
+        towers = []
+        for m in model.modules():
+            state = getattr(m.vision_model, STATE_ATTR, None) if isinstance(m, (CLIPModel, SiglipModel)) else None
+            if state is None:
+                continue
+            if isinstance(m, CLIPModel):
+                embed = partial(_clip_embed, m.vision_model, m.visual_projection)
+                towers.append(GuidedTower(state, m.visual_projection.out_features, embed))
+            elif m.vision_model.use_head:
+                dim = m.config.vision_config.hidden_size
+                towers.append(GuidedTower(state, dim, partial(_siglip_embed, m.vision_model)))
+        return towers

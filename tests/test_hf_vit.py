@@ -1,5 +1,6 @@
 """transformers ViT adapter (hf_vit): registers and [CLS] protected, counts, attention implementations,
-other image sizes, padding, the SigLIP pooling head's sizes, text towers untouched, text guidance.
+other image sizes, padding, the SigLIP pooling head's sizes, text towers untouched, text guidance, the one
+loop (every layer through it, no layer class switched), sizes through hooks and their loss.
 
 The contract (parity, remove, copies, bad input, training, checkpointing, compile, precision, threads)
 runs on the ``hf-*`` entries of contract_models.py.
@@ -7,14 +8,19 @@ runs on the ``hf-*`` entries of contract_models.py.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import CLIPModel, CLIPVisionModel, Dinov2Model, SiglipModel, SiglipVisionModel
+from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+from transformers.models.vit.modeling_vit import ViTLayer
 
 import pumer_patch
-from contract_models import _hf_builder, _hf_image_text, _hf_images, by_name
+from contract_models import ENTRIES, _hf_builder, _hf_checkpointing, _hf_image_text, _hf_images, by_name
 from model_state import same, snapshot
-from pumer_patch.adapters.hf_vit import text_guidance
+from pumer_patch.adapters._loop import watching
+from pumer_patch.adapters.guidance import text_guidance
 
 
 def counts(model: torch.nn.Module) -> list[tuple[int, int]]:
@@ -180,7 +186,144 @@ def test_text_guidance_steers_pruning(cls):
             pass
 
 
-def test_layers_called_out_of_order_are_an_error():
-    model = pumer_patch.apply(by_name("hf-ViTModel").build(), layers=[1], merge_ratio=0.3)
-    with pytest.raises(RuntimeError, match="did not come from the layer before it"):
-        model.layers[2](torch.randn(2, 17, 32))
+def test_a_layer_called_on_its_own_is_the_librarys():
+    # the patch switches the loop, not the layers: a layer called by hand is the library's own
+    model = by_name("hf-ViTModel").build()
+    before = copy.deepcopy(model)
+    pumer_patch.apply(model, layers=[1], merge_ratio=0.3)
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model.layers[2](x), before.layers[2](x))
+    assert all(type(layer) is ViTLayer for layer in model.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# one loop: every layer runs through ``run_blocks``, and the patch switches no layer class
+# ---------------------------------------------------------------------------------------------
+
+HF = [e for e in ENTRIES if e.family == "hf_vit"]
+
+# the modules whose class the patch switches, by name: the module that loops over the layers, the
+# root where it opens the per-call scope of sizes (classifiers, a SigLIP tower of its own), SigLIP's head
+SWITCHED = {
+    "hf-CLIPVisionModel": {"encoder"},
+    "hf-CLIPVisionModelWithProjection-sdpa": {"vision_model.encoder"},
+    "hf-CLIPModel-sdpa": {"vision_model.encoder"},
+    "hf-SiglipVisionModel": {"", "encoder", "head"},
+    "hf-SiglipModel-sdpa": {"vision_model", "vision_model.encoder", "vision_model.head"},
+    "hf-SiglipForImageClassification": {"", "vision_model.encoder", "vision_model.head"},
+    "hf-Dinov2Model-sdpa": {"encoder"},
+    "hf-Dinov2ForImageClassification": {"", "dinov2.encoder"},
+    "hf-Dinov2WithRegistersForImageClassification-sdpa": {"", "dinov2_with_registers.encoder"},
+    "hf-ViTModel": {""},  # ViTModel loops over its layers in its own forward
+    "hf-ViTForImageClassification-sdpa": {"vit"},
+}
+
+
+def test_every_entry_has_its_switched_modules_listed():
+    assert sorted(SWITCHED) == sorted(e.name for e in HF)
+
+
+@pytest.mark.parametrize("entry", HF, ids=str)
+def test_every_layer_runs_through_the_one_loop(entry):
+    model = pumer_patch.apply(entry.build(), **entry.patch)
+    layers = list(pumer_patch.adapters.get_adapter("hf_vit").blocks(pumer_patch.patched_roots(model)[0]))
+    with torch.no_grad(), watching() as seen:
+        entry.output(model, entry.inputs())
+    assert seen == layers  # each layer once, in order: plain and reduce layers alike
+
+
+@pytest.mark.parametrize("entry", HF, ids=str)
+def test_the_patch_switches_the_loop_and_the_heads_never_a_layer(entry):
+    model = entry.build()
+    before = {name: type(m) for name, m in model.named_modules()}
+    pumer_patch.apply(model, **entry.patch)
+    switched = {name for name, m in model.named_modules() if type(m) is not before[name]}
+    assert switched == SWITCHED[entry.name]
+    assert not any("layer." in name or "layers." in name for name in switched)
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes from the loop to the heads: through a hook between them, and their loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _probe_pool(head: SiglipMultiheadAttentionPoolingHead, tokens: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """SigLIP's attention pooling of tokens (B, N, C) with log(size) on its probe's logits -> (B, C)."""
+    bias = size.log().repeat_interleave(head.attention.num_heads, dim=0)[:, None, :]  # (B * H, 1, N)
+    pooled = head.attention(head.probe.repeat(tokens.shape[0], 1, 1), tokens, tokens, attn_mask=bias)[0]
+    return (pooled + head.mlp(head.layernorm(pooled)))[:, 0]
+
+
+def test_a_hook_on_the_final_norm_keeps_the_siglip_pool_size_weighted():
+    model = pumer_patch.apply(by_name("hf-SiglipVisionModel").build(), layers=[1, 2], merge_ratio=0.4, trace=True)
+    handle = model.post_layernorm.register_forward_hook(lambda _m, _i, out: out * 2 + 1)  # a new tensor
+    with torch.no_grad():
+        out = model(**_hf_images())
+        handle.remove()
+        size = pumer_patch.last_trace(model).image.size
+        tokens = out.last_hidden_state  # what the hook made of the final norm's output
+        expected = _probe_pool(model.head, tokens, size)
+        unweighted = SiglipMultiheadAttentionPoolingHead.forward(model.head, tokens)
+    assert size.max() > 1
+    torch.testing.assert_close(out.pooler_output, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out.pooler_output, unweighted, rtol=1e-3, atol=1e-4)  # the test can tell
+
+
+def test_the_siglip_head_applied_later_reads_the_sizes_the_features_carry():
+    model = pumer_patch.apply(by_name("hf-SiglipVisionModel").build(), layers=[1, 2], merge_ratio=0.4)
+    with torch.no_grad():
+        out = model(**_hf_images())
+        assert pumer_patch.token_sizes(out.last_hidden_state) is not None
+        assert torch.equal(model.head(out.last_hidden_state), out.pooler_output)
+        with pytest.raises(pumer_patch.TokenSizesLost, match="SigLIP's attention pooling head got features whose"):
+            model.head(out.last_hidden_state.clone())
+
+
+def test_a_hook_that_changes_the_token_count_is_a_clear_error():
+    model = pumer_patch.apply(by_name("hf-SiglipVisionModel").build(), layers=[1, 2], merge_ratio=0.4)
+    model.post_layernorm.register_forward_hook(lambda _m, _i, out: out[:, 1:])
+    with pytest.raises(pumer_patch.TokenSizesLost, match="changed the tokens, so their sizes are unknown"):
+        pooled(model, **_hf_images())
+
+
+def test_a_hook_on_the_final_norm_keeps_the_dinov2_mean_size_weighted():
+    entry = by_name("hf-Dinov2ForImageClassification")
+    model = pumer_patch.apply(entry.build(), layers=[1], merge_ratio=0.4, trace=True)
+    handle = model.dinov2.layernorm.register_forward_hook(lambda _m, _i, out: out * 2 + 1)
+    with torch.no_grad():
+        out = model(**entry.inputs(), output_hidden_states=True)
+        handle.remove()
+        sequence = model.dinov2.layernorm(out.hidden_states[-1]) * 2 + 1  # (B, N', C): the hook's effect
+        size = pumer_patch.last_trace(model).image.size[:, 1:, None]
+        mean = (sequence[:, 1:] * size).sum(dim=1) / size.sum(dim=1)
+        expected = model.classifier(torch.cat([sequence[:, 0], mean], dim=1))
+        unweighted = model.classifier(torch.cat([sequence[:, 0], sequence[:, 1:].mean(dim=1)], dim=1))
+    torch.testing.assert_close(out.logits, expected)
+    assert not torch.allclose(out.logits, unweighted, rtol=1e-3, atol=1e-4)
+
+
+def _guided_grads(checkpointing: bool, guided: bool) -> dict[str, torch.Tensor]:
+    model = _hf_builder(CLIPModel, "eager")().train()
+    if checkpointing:
+        _hf_checkpointing(model)
+    pumer_patch.apply(model, layers=[1], prune_ratio=0.5)
+    inputs = _hf_image_text()
+    with torch.no_grad():
+        query = model.get_text_features(input_ids=inputs["input_ids"]).pooler_output
+    if guided:
+        with text_guidance(model, query):
+            loss = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.square().sum()
+    else:
+        loss = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.square().sum()
+    loss.backward()  # outside the guidance: a recompute must still prune the tokens the query chose
+    return {name: p.grad for name, p in model.vision_model.named_parameters() if p.grad is not None}
+
+
+def test_text_guidance_holds_through_a_checkpointing_recompute():
+    plain, checkpointed = _guided_grads(False, True), _guided_grads(True, True)
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in checkpointed.items():
+        torch.testing.assert_close(grad, plain[name], msg=name)
+    unguided = _guided_grads(True, False)
+    assert any(not torch.allclose(unguided[n], plain[n]) for n in plain)  # the guidance chose other tokens
