@@ -14,14 +14,13 @@ from .base import Adapter, LayerCount, PatchState, Plan, Trace
 __all__ = ["Adapter", "LayerCount", "PatchState", "Plan", "Trace", "REGISTRY", "get_adapter", "loaded_adapters"]
 
 # name -> (library that must be imported, module, class), in the order roots are searched; a root nested
-# inside another family's root is left to that owner (see base.py), so the order only settles a module
-# that two adapters both claim
+# inside another family's root is left to that owner (see base.py), and no two adapters claim one module
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "meter": ("pumer_patch.models.meter", "pumer_patch.adapters.meter", "MeterAdapter"),
     "vilt": ("transformers", "pumer_patch.adapters.vilt", "ViltAdapter"),
     "hf_vit": ("transformers", "pumer_patch.adapters.hf_vit", "HfVitAdapter"),
     "open_clip": ("open_clip", "pumer_patch.adapters.open_clip", "OpenClipAdapter"),
-    "timm_eva": ("timm", "pumer_patch.adapters.timm_eva", "TimmEvaAdapter"),  # before timm, which refuses Eva / Beit
+    "timm_eva": ("timm", "pumer_patch.adapters.timm_eva", "TimmEvaAdapter"),
     "timm": ("timm", "pumer_patch.adapters.timm", "TimmAdapter"),
 }
 

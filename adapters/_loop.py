@@ -1,22 +1,41 @@
-"""What every adapter's block loop shares: the mode policy, the token streams, the bias, checkpointing.
+"""What every adapter's block loop shares, and the one loop of the single-tower ViTs.
 
-An adapter's loop is a short ``for`` over its model's blocks that names the model's own steps. It
-hands the parts that are the same everywhere to this module:
+An adapter's loop is a short ``for`` over its model's blocks that names the model's own steps. The
+single-tower ViTs (timm ``VisionTransformer``, ``Eva`` and ``Beit``, open_clip, METER's CLIP tower,
+the transformers towers) all run ``run_blocks``; the two-stream models (ViLT, METER's fusion) keep
+their own short loop on the same pieces:
 
-* ``Policy``: where reference mode (the research code's arithmetic) differs from the default, in one
-  place. The core (``pumer_patch.core.reduce_tokens``) owns the differences inside one reduce step.
+* ``Policy``: how a mode threads tokens through a loop (sizes, the text mask's type). The core
+  (``pumer_patch.core.reduce_tokens``) owns every difference inside one reduce step.
 * ``start``: a token stream (``Tokens``) with its initial sizes, mask and sources for the mode.
 * ``key_bias``: the additive attention bias of one or more streams: padding, and ``log(size)``
   (proportional attention) in default mode.
-* ``Loop``: runs a plain block or a reduce block, checkpointing both kinds in training when the
-  model asks for gradient checkpointing, and records the counts and the ``Trace``.
-* ``output_of``: what a sub-module returned for this call's input (the keys a block computes anyway),
-  read by a hook that ignores every other caller of the module (another thread's forward).
+* ``Recorder``: one forward's pass over the blocks: runs each block under checkpointing when the
+  model asks for it, and records the counts and the ``Trace``.
+* ``captured``: what sub-modules returned in this call (the keys a block computes anyway), read by
+  hooks that ignore every other caller of the modules (another thread's forward).
 * ``CallScope``: the per-call hand-over between the patched sub-modules of one root (ViLT's
-  embeddings tell its encoder where text ends; open_clip's transformer tells its pooling the token
-  sizes). It lives in a context variable for exactly one forward of the root, so one model served by
-  several threads gives each call its own state, and nothing leaks from one batch to the next. Per-call
-  state never lives on a module.
+  embeddings tell its encoder where text ends). It lives in a context variable for exactly one
+  forward of the root, so one model served by several threads gives each call its own state, and
+  nothing leaks from one batch to the next. Per-call state never lives on a module.
+* ``BlockStep`` / ``PlacedStep``: what one library's block looks like to ``run_blocks``.
+
+``run_blocks``: pre-norm blocks ``x + attn(norm1(x)); x + mlp(norm2(x))`` over image tokens whose
+first ``protected`` are prefix tokens ([CLS], distillation, registers). A reduce block runs its
+attention half, reduces the tokens with ``reduce_tokens`` and runs its MLP half on the survivors
+(ToMe's and PuMer's place). Relevance without text (pruning):
+
+* ``"cls"``: the [CLS] row of the attention, mean over heads (EViT), for towers pooled from [CLS].
+* ``"received"``: the attention each token receives from the non-prefix queries, mean over heads,
+  each query weighted by its size. For towers that pool over their tokens (``avg``, ``map``) it
+  plays the [CLS] row's part: the mean of the attention outputs over the pooled queries is
+  ``sum_j received_j v_j``, so ``received_j`` is token j's share of what the pooled feature reads
+  at this layer (Learned Token Pruning, Kim et al. 2022, scores tokens this way; for ``map`` it is
+  a proxy, the latent query being learned). It costs one extra ``q k^T`` (2 B H N^2 d FLOPs) at
+  each pruning block; the [CLS] row costs 2 B H N d.
+
+Merge metric: the attention keys averaged over heads (ToMe). Both are computed without gradient:
+they only choose indices.
 """
 
 from __future__ import annotations
@@ -24,45 +43,49 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pumer_patch.core import Mode, Tokens, attention_bias, init_source
+from pumer_patch.core import Mode, Tokens, attention_bias, init_source, merge_count, reduce_tokens
+from pumer_patch.ratios import Ratios
 
 from .base import LayerCount, Plan, Trace
 
-__all__ = ["Policy", "start", "key_bias", "Loop", "CallScope", "output_of"]
+__all__ = [
+    "Attended",
+    "BlockStep",
+    "CallScope",
+    "PlacedStep",
+    "Policy",
+    "Recorder",
+    "attention_relevance",
+    "captured",
+    "key_bias",
+    "probability_relevance",
+    "run_blocks",
+    "start",
+    "watching",
+]
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Policy:
-    """How a mode threads tokens through a loop (the parts of DESIGN.md's reference list outside the core).
+    """How a mode threads tokens through a loop (inside one reduce step the core decides the rest by ``mode``).
 
     sizes: carry token sizes; later attention adds ``log(size)`` (proportional attention).
     float_text_mask: the text mask is a float that text merging makes fractional (a real token merged
         with a pad weighs 0.5) and that then weights attention; else a bool mask.
-    reset_image_mask: after a reduction the image mask is all ones (the research code), else carried.
-    protect_prefix: leading prefix tokens ([CLS], distillation, registers) are never pruned or merged.
-    coupled_prune_merge: METER's research code prunes only when the merge ratio is > 0 too, and merges
-        (text or image) only when the prune ratio is > 0.
-
-    Inside one reduce step the core decides the rest by ``mode``: ratios of all image tokens against
-    the unprotected ones, relevance order against spatial order, ToMe's ``[unmerged A ; B]`` layout,
-    plain means, pad text rows in the relevance, "a layer that prunes nothing reduces nothing".
     """
 
     mode: Mode
     sizes: bool
     float_text_mask: bool
-    reset_image_mask: bool
-    protect_prefix: bool
-    coupled_prune_merge: bool
 
     @staticmethod
     def of(mode: Mode) -> Policy:
@@ -74,10 +97,8 @@ class Policy:
 
 
 _POLICIES: dict[str, Policy] = {
-    "default": Policy("default", sizes=True, float_text_mask=False, reset_image_mask=False, protect_prefix=True,
-                      coupled_prune_merge=False),
-    "reference": Policy("reference", sizes=False, float_text_mask=True, reset_image_mask=True, protect_prefix=False,
-                        coupled_prune_merge=True),
+    "default": Policy("default", sizes=True, float_text_mask=False),
+    "reference": Policy("reference", sizes=False, float_text_mask=True),
 }
 
 
@@ -109,9 +130,27 @@ def key_bias(policy: Policy, streams: Sequence[Tokens], dtype: torch.dtype) -> T
     return attention_bias(size, mask, dtype)
 
 
+# the blocks the recorders of this context ran, while a ``watching`` block is open
+_WATCH: ContextVar[list[nn.Module] | None] = ContextVar("pumer_patch_watch", default=None)
+
+
+@contextmanager
+def watching() -> Iterator[list[nn.Module]]:
+    """Inside the ``with`` block, the list holds every block a ``Recorder`` of this thread ran, in order.
+
+    For tests and tools that check which loop a forward went through; nothing reads it otherwise.
+    """
+    seen: list[nn.Module] = []
+    token = _WATCH.set(seen)
+    try:
+        yield seen
+    finally:
+        _WATCH.reset(token)
+
+
 @dataclass
-class Loop:
-    """One forward's pass over the blocks: which to reduce, checkpointing, counts, trace.
+class Recorder:
+    """One forward's pass over the blocks: checkpointing, counts, trace.
 
     plan: the validated plan; checkpointing: recompute every block, reduce blocks included, in
     backward (the model's gradient checkpointing, in training with gradients on).
@@ -125,19 +164,19 @@ class Loop:
     def policy(self) -> Policy:
         return Policy.of(self.plan.mode)
 
-    @property
-    def source(self) -> bool:
-        return self.plan.trace
-
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, under non-reentrant checkpointing when asked; ``fn`` gets all it needs as arguments.
+    def run(self, fn: Callable[..., T], block: nn.Module, *args: Any, library_checkpoints: bool = False) -> T:
+        """``fn(block, *args)``, under non-reentrant checkpointing when asked; ``fn`` gets all it needs as arguments.
 
         A reduce step recomputed in backward makes the same choices (its indices come from the same
         inputs, and checkpoint restores the dropout RNG), so its outputs have the same shapes.
+        library_checkpoints: the block checkpoints itself (a transformers layer asked to), so not again here.
         """
-        if self.checkpointing:
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        seen = _WATCH.get()
+        if seen is not None:
+            seen.append(block)
+        if self.checkpointing and not library_checkpoints:
+            return checkpoint(fn, block, *args, use_reentrant=False)
+        return fn(block, *args)
 
     def count(self, layer: int, image: Tokens, text: Tokens | None = None) -> None:
         self.counts.append(LayerCount(layer, image.count, 0 if text is None else text.count))
@@ -177,22 +216,226 @@ class CallScope(Generic[T]):
         return self._var.get().get(id(key))
 
 
+_CAPTURE: ContextVar[dict[int, Tensor] | None] = ContextVar("pumer_patch_capture", default=None)
+
+
 @contextmanager
-def output_of(module: nn.Module, given: Tensor) -> Iterator[dict[str, Tensor]]:
-    """Inside the ``with`` block, ``captured["out"]`` is what ``module`` returned when called on ``given`` itself.
+def captured(*modules: nn.Module) -> Iterator[dict[int, Tensor]]:
+    """Inside the ``with`` block, ``out[i]`` is what ``modules[i]`` returned in this call (its last call).
 
     While registered, a forward hook sees every caller of the module, another thread's forward of the
-    same model included; keeping only the call whose first input *is* ``given`` (by identity) reads
-    this call's output and never a concurrent one's.
+    same model included; the hooks write only where this context opened the dict, so a concurrent
+    call (which has no dict, or its own) is never read.
     """
-    captured: dict[str, Tensor] = {}
+    out: dict[int, Tensor] = {}
 
-    def hook(_module: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> None:
+    def hook(i: int) -> Callable[..., None]:
+        def write(_module: nn.Module, _inputs: tuple[Any, ...], value: Tensor) -> None:
+            if _CAPTURE.get() is out:
+                out[i] = value
+
+        return write
+
+    handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(modules)]
+    token = _CAPTURE.set(out)
+    try:
+        yield out
+    finally:
+        _CAPTURE.reset(token)
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# the single-tower loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Attended(NamedTuple):
+    """What the attention half of a block hands back.
+
+    x: (B, N, C) after the attention residual. q: (B, H, Q, d) the query rows asked for (after any
+    q norm), or None. k: (B, H, N, d) the keys (after any k norm). scale: the logit scale.
+    probs: (B, H, N, N) the attention probabilities the block computed anyway (eager attention), or
+    None; when given, relevance reads its rows instead of recomputing them from ``q``.
+    logit_bias: what the attention added to the logits of the query rows, (B or 1, H or 1, Q or 1, N)
+    (BEiT's position bias with the key bias); None: the key bias alone.
+    """
+
+    x: Tensor
+    q: Tensor | None
+    k: Tensor
+    scale: float
+    probs: Tensor | None = None
+    logit_bias: Tensor | None = None
+
+
+class BlockStep(Protocol):
+    """One library's block as ``run_blocks`` sees it; ``bias`` is the key bias (B, 1, 1, N) or None.
+
+    plain: the library's own forward of the whole block. attend: the attention half, with ``q`` for
+    the query ``rows`` (a slice) or None. finish: the MLP half.
+    """
+
+    def plain(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    def attend(self, block: nn.Module, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended: ...
+
+    def finish(self, block: nn.Module, x: Tensor) -> Tensor: ...
+
+
+class PlacedStep(Protocol):
+    """A family whose blocks read where each token stands (EVA's rotary rows, BEiT's relative bias).
+
+    ``at(i, carry)`` is block i's ``BlockStep`` for tokens at ``carry`` (the per-token values handed
+    to ``run_blocks``, moved through every reduction), or at their own places while ``carry`` is None.
+    """
+
+    def at(self, i: int, carry: tuple[Tensor, ...] | None) -> BlockStep: ...
+
+
+def attention_relevance(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, query_size: Tensor | None) -> Tensor:
+    """Relevance (B, N): attention paid to each key, mean over heads and over the query rows.
+
+    q: (B, H, Q, d) query rows; k: (B, H, N, d); bias: key bias as in the forward, broadcast to
+    (B, H, Q, N); query_size: (B, Q) weights of the query rows (their sizes), None for a plain mean.
+    float32.
+    """
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Q, N)
+    if bias is not None:
+        logits = logits + bias.float()
+    return probability_relevance(logits.softmax(dim=-1), query_size)
+
+
+def probability_relevance(probs: Tensor, query_size: Tensor | None) -> Tensor:
+    """Relevance (B, N) from attention probabilities (B, H, Q, N): mean over heads, then over the query rows.
+
+    query_size: (B, Q) weights of the query rows (their sizes), None for a plain mean. float32.
+    """
+    probs = probs.float().mean(dim=1)  # (B, Q, N)
+    if query_size is None:
+        return probs.mean(dim=1)
+    weight = query_size.float()
+    return (probs * weight.unsqueeze(-1)).sum(dim=1) / weight.sum(dim=1, keepdim=True)
+
+
+def _block_ratios(plan: Plan, i: int, n: int, protected: int) -> tuple[Ratios, int] | None:
+    """Block ``i``'s ratios and ToMe's r from ``merge_schedule`` (0 without); None to run it plainly.
+
+    A block without ratios reduces only where its r merges something on these ``n`` tokens.
+    """
+    ratios = plan.schedule.get(i)
+    schedule = plan.options.merge_schedule
+    extra = 0 if schedule is None else schedule[i]
+    if ratios is None and merge_count(n, extra, protected) == 0:
+        return None
+    return ratios or Ratios(), extra
+
+
+def _reduce_block(
+    block: nn.Module,
+    tokens: Tokens,
+    bias: Tensor | None,
+    ratios: Ratios,
+    extra_merges: int,
+    step: BlockStep,
+    protected: int,
+    cls_row: bool,
+    guide: Callable[[Tensor], Tensor] | None,
+    carry: tuple[Tensor, ...],
+) -> tuple[Tokens, tuple[Tensor, ...], bool]:
+    """One reduce block: attention half, relevance and metric, ``reduce_tokens``, MLP half.
+
+    Returns the reduced ``Tokens``, the carry moved with them, and whether a merge happened (from
+    then on sizes differ from one).
+    """
+    prune = ratios.prune > 0
+    rows = None if not prune or guide is not None else (slice(0, 1) if cls_row else slice(protected, None))
+    att = step.attend(block, tokens.x, bias, rows)
+    relevance = None
+    with torch.no_grad():  # indices only
+        if prune and guide is not None:
+            relevance = guide(att.x)
+        elif prune:
+            weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
+            if att.probs is not None:
+                relevance = probability_relevance(att.probs[:, :, rows], weights)
+            else:
+                logit_bias = bias if att.logit_bias is None else att.logit_bias
+                relevance = attention_relevance(att.q, att.k, att.scale, logit_bias, weights)
+        metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
+    reduced = reduce_tokens(
+        relevance, replace(tokens, x=att.x), ratios, image_metric=metric, image_protected=protected,
+        extra_merges=extra_merges, carry=carry,
+    )
+    image = reduced.image
+    return replace(image, x=step.finish(block, image.x)), reduced.carry, reduced.image_plan is not None
+
+
+def run_blocks(
+    blocks: Sequence[nn.Module],
+    x: Tensor,
+    plan: Plan,
+    step: BlockStep | PlacedStep,
+    *,
+    protected: int,
+    guide: Callable[[Tensor], Tensor] | None = None,
+    checkpointing: bool = False,
+    carry: tuple[Tensor, ...] | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tokens, Trace]:
+    """Run ``blocks`` on x (B, N, C), reducing at the planned blocks (default mode).
+
+    step: the library's ``BlockStep``. protected: leading prefix tokens never pruned or merged.
+    guide: relevance (B, N) from the post-attention tokens (text guidance); None uses
+    ``plan.options.relevance``. checkpointing: recompute every block, reduce blocks included, in
+    backward. carry: per-token values (B, N) or (B, N, K) the blocks read (where each token stands),
+    moved through pruning and merging as the tokens are; ``step`` is then a ``PlacedStep``, asked for
+    each block's ``BlockStep`` (at None while no token has moved, so the library's own positions run).
+    mask: (B, N) real (True) against padding of the entering tokens; it travels with them (padding is
+    pruned first and never merges with real tokens) and enters the key bias after the first reduction.
+    Returns the final ``Tokens`` (with sizes, and sources with ``plan.trace``) and the ``Trace``.
+    """
+    policy = Policy.of(plan.mode)
+    recorder = Recorder(plan, checkpointing)
+    tokens = start(policy, x, mask, source=plan.trace)
+    cls_row = plan.options.relevance == "cls"
+    moved: tuple[Tensor, ...] | None = None  # the carry once a reduction moved a token
+    bias: Tensor | None = None  # no key bias until a merge makes sizes differ from one
+    for i, block in enumerate(blocks):
+        here: BlockStep = step if carry is None else step.at(i, moved)
+        ratios = _block_ratios(plan, i, tokens.count, protected)
+        if ratios is None:
+            tokens = replace(tokens, x=recorder.run(here.plain, block, tokens.x, bias))
+            continue
+        before = tokens.count
+        tokens, moving, merged = recorder.run(
+            _reduce_block, block, tokens, bias, *ratios, here, protected, cls_row, guide,
+            (moved if moved is not None else carry) or (),
+        )
+        if carry is not None and tokens.count < before:
+            moved = moving
+        if merged or bias is not None or tokens.mask is not None:
+            bias = key_bias(policy, [tokens], x.dtype)
+        recorder.count(i, tokens)
+    return tokens, recorder.trace(tokens)
+
+
+# hf_vit's names from before ``Recorder`` and ``captured``; they go when it runs ``run_blocks``
+Loop = Recorder
+
+
+@contextmanager
+def output_of(module: nn.Module, given: Tensor) -> Iterator[dict[str, Tensor]]:
+    """``captured["out"]`` is what ``module`` returned when called on ``given`` itself (by identity)."""
+    out: dict[str, Tensor] = {}
+
+    def hook(_module: nn.Module, inputs: tuple[Any, ...], value: Tensor) -> None:
         if inputs and inputs[0] is given:
-            captured["out"] = out
+            out["out"] = value
 
     handle = module.register_forward_hook(hook)
     try:
-        yield captured
+        yield out
     finally:
         handle.remove()

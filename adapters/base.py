@@ -1,6 +1,6 @@
 """The adapter contract: what a model family tells ``pumer_patch.apply`` about itself.
 
-An adapter answers five questions and nothing else:
+An adapter answers these questions (``patch`` / ``unpatch`` are generic, driven by ``swaps``):
 
 * ``roots(model)``: which sub-modules of ``model`` it patches (every ``ViltModel`` inside a head, the
   image tower of an open_clip model, ...). Empty when the model is not of its family.
@@ -9,14 +9,18 @@ An adapter answers five questions and nothing else:
   adapter's business, the maths (``pumer_patch.core.reduce_tokens``) is the same.
 * ``check(root)``: raise if this root cannot be patched (patched by something else, a subclass we do
   not know); it must not change anything.
-* ``resolve_options(model, root, options, mode)``: the adapter's options (an instance of its
-  ``Options`` dataclass) with their defaults, checked.
-* ``patch(root, state)`` / ``unpatch(root)``: switch instance classes to module-level subclasses
-  (never assign to a library class), attach ``state`` as ``root._pumer``; undo all of it.
+* ``resolve_options(model, root, options, mode, schedule)``: the adapter's options (an instance of
+  its ``Options`` dataclass) with their defaults, checked.
+* ``swaps(root)``: the modules whose instance class the patch switches to a module-level subclass
+  (never assigning to a library class); ``patch`` / ``unpatch`` switch them and attach ``state`` as
+  ``root._pumer``, and undo all of it.
+* optionally ``paper_layers`` (a paper config's layer numbers as block indices) and
+  ``config_reduction`` (the reduction a PuMer checkpoint's config names).
 
-The adapter owns the loop over its blocks (a short ``for`` on the shared pieces of ``_loop``),
-threading typed ``Tokens`` through them; the core owns the arithmetic; ``pumer_patch.patch`` owns
-validation, the registry and removal.
+The adapter owns the loop over its blocks (``_loop.run_blocks`` for a single tower, a short ``for``
+on the shared pieces of ``_loop`` for two streams), threading typed ``Tokens`` through them; the
+core owns the arithmetic; ``pumer_patch.patch`` owns validation, the registry and removal. Each
+root's forward hands its ``Trace`` to ``record_trace``, which keeps it for the calling thread only.
 
 Ownership: an adapter that claims a root owns its whole subtree. ``apply`` collects the candidate
 roots of every loaded adapter, then leaves out any candidate nested inside another candidate: the
@@ -27,18 +31,24 @@ A wrapper holding models of several families side by side gets each patched by i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
-
+from packaging.version import Version
 from torch import nn
 
 from pumer_patch.core import Mode, Tokens
 from pumer_patch.ratios import Ratios
 
-__all__ = ["Adapter", "Plan", "PatchState", "Trace", "LayerCount", "swap_class", "restore_classes", "check_restorable", "ensure_class"]
+__all__ = [
+    "Adapter", "Plan", "PatchState", "Trace", "LayerCount", "swap_class", "restore_classes", "check_restorable",
+    "ensure_class", "library_class", "warn_if_untested", "record_trace", "own_trace", "collecting_traces",
+]
 
 STATE_ATTR = "_pumer"  # the PatchState on a patched root
 SHARED_ATTR = "_pumer_state"  # the same PatchState on each sub-module whose class the patch switched
@@ -84,13 +94,52 @@ class Trace:
 class PatchState:
     """Attached to every patched root as ``root._pumer``; shared by the sub-modules an adapter swaps.
 
-    Configuration only (the plan) and the trace of the last forward, a record for inspection that
-    no computation reads. Per-call hand-over travels in ``_loop.CallScope``, never here.
+    Configuration only (the plan). Per-call state travels in ``_loop.CallScope`` and the trace of a
+    forward in ``record_trace``, never here.
     """
 
     adapter: str
     plan: Plan
-    last: Trace | None = None
+
+    # hf_vit still writes ``state.last``; it records that trace for this call until it calls record_trace
+    last = property(lambda self: own_trace(self), lambda self, trace: record_trace(self, trace))
+
+
+# traces per call: id(PatchState) -> (state, its last Trace) for this thread / context only
+_LAST: ContextVar[dict[int, tuple[PatchState, Trace]]] = ContextVar("pumer_patch_last_trace", default={})
+# the open ``collecting_traces`` blocks of this context: (the states they watch, the list they fill)
+_COLLECTING: ContextVar[tuple[tuple[frozenset[int], list[Trace]], ...]] = ContextVar(
+    "pumer_patch_collecting", default=()
+)
+
+
+def record_trace(state: PatchState, trace: Trace) -> None:
+    """Record ``trace`` as the last forward of the root ``state`` belongs to, for the calling context only.
+
+    A new mapping each time (never one mutated in place), so threads and tasks that share a copied
+    context never see each other's traces; every open ``collecting_traces`` of ``state`` gets it too.
+    """
+    _LAST.set({**_LAST.get(), id(state): (state, trace)})
+    for watched, traces in _COLLECTING.get():
+        if id(state) in watched:
+            traces.append(trace)
+
+
+def own_trace(state: PatchState) -> Trace | None:
+    """The trace ``record_trace`` last recorded for ``state`` in this context, None before any forward."""
+    entry = _LAST.get().get(id(state))
+    return entry[1] if entry is not None and entry[0] is state else None
+
+
+@contextmanager
+def collecting_traces(states: Sequence[PatchState]) -> Iterator[list[Trace]]:
+    """Inside the ``with`` block, the list gets the trace of every forward of these roots in this context, in order."""
+    traces: list[Trace] = []
+    token = _COLLECTING.set((*_COLLECTING.get(), (frozenset(id(s) for s in states), traces)))
+    try:
+        yield traces
+    finally:
+        _COLLECTING.reset(token)
 
 
 class Adapter:
@@ -150,6 +199,11 @@ class Adapter:
                     delattr(module, attr)
 
 
+def _patched_base(patched: type[nn.Module]) -> type[nn.Module]:
+    """The library class a patched class subclasses: its last base (mixins of ours come first)."""
+    return patched.__bases__[-1]
+
+
 def swap_class(module: nn.Module, patched: type[nn.Module]) -> None:
     """Switch one instance to ``patched`` (a module-level subclass of its class); pickling keeps working."""
     module.__class__ = patched
@@ -174,7 +228,7 @@ def restore_classes(*modules: nn.Module) -> None:
     check_restorable(*modules)
     for module in modules:
         if "_pumer_patched" in vars(type(module)):
-            module.__class__ = type(module).__bases__[0]
+            module.__class__ = _patched_base(type(module))
 
 
 def ensure_class(
@@ -187,11 +241,33 @@ def ensure_class(
     silently shadow our patch. Stacking on either would drop their change or ours.
     """
     cls = type(module)
-    ours = "_pumer_patched" in vars(cls) and cls.__bases__[0] is expected
+    ours = "_pumer_patched" in vars(cls) and _patched_base(cls) is expected
     bound = [name for name in overrides if name in vars(module)]
     if (cls is not expected and not ours) or bound:
         found = cls.__qualname__ + (f" with an instance-bound {', '.join(bound)}" if bound else "")
         raise ValueError(
             f"{where} is {found}, not {expected.__module__}.{expected.__qualname__}: it looks patched by "
             f"something else. Remove that patch first (or rebuild the model), then call pumer_patch.apply."
+        )
+
+
+def library_class(module: nn.Module) -> type[nn.Module]:
+    """The library's class of ``module``, under our patch and under any class another tool put on top of it."""
+    for cls in type(module).__mro__:
+        if "_pumer_patched" in vars(cls):
+            return _patched_base(cls)
+    return type(module)
+
+
+def warn_if_untested(library: str, version: str, tested: tuple[str, str], what: str) -> None:
+    """Warn (at the ``apply`` call) when ``library``'s ``version`` lies outside ``tested`` = [low, high).
+
+    what: the library code our patch repeats, e.g. ``"Block.forward"``: what zero-reduction parity checks.
+    """
+    low, high = Version(tested[0]), Version(tested[1])
+    found = Version(version)
+    if not low <= found < high:
+        warnings.warn(
+            f"pumer_patch repeats {what} as of {library} {low}..<{high}; found {found}. Check zero-reduction parity.",
+            stacklevel=4,
         )

@@ -2,7 +2,7 @@
 
 A METER fusion block is a text layer and an image layer, each self-attention, cross-attention and FFN.
 PuMer reduces inside the *text* layer of a planned block, after its cross-attention and before its
-FFN (DESIGN.md section 2):
+FFN (``docs/design.md``, "Models"):
 
 * relevance of image token j: the text-to-image cross-attention of that layer, mean over heads,
   summed over the text rows, divided by the real text length;
@@ -19,15 +19,16 @@ the reduction a PuMer checkpoint folder's config names.
 Modes: ``reference`` reproduces the research code (sizes not carried, survivors in relevance order,
 so the image pooler reads the most relevant survivor; the fractional text mask in both
 cross-attentions; a block prunes only when its merge count is > 0 too, and merges text or image only
-when its prune ratio is > 0). One edge differs: where 0 < p but round(p * N) == 0 (only N < 1 / (2p),
-tiny models) the research code still sorts the image by relevance and merges; here the block
-reduces nothing, ViLT's rule in the shared core. ``default`` carries sizes into proportional attention (``log(size)`` on
+when its prune ratio is > 0: the core's ``research="meter"`` rules). One edge differs: where 0 < p
+but round(p * N) == 0 (only N < 1 / (2p), tiny models) the research code still sorts the image by
+relevance and merges; here the block reduces nothing, as in ViLT's research code. ``default`` carries sizes into proportional attention (``log(size)`` on
 the keys of self- and cross-attention), protects the image [CLS] and keeps spatial order.
 
 Option ``encoder_merge_schedule`` (default mode only): ToMe's r per block of the CLIP image tower
 (an int for every block, or one per block). The tower is most of METER's FLOPs at 384 pixels and the
 paper's configs leave it alone; merged image tokens enter the fusion blocks with their sizes, which
-travel with the features ``encode_image`` returns (a feature cache keeps them only in memory).
+travel with the features ``encode_image`` returns (``pumer_patch.token_sizes``), and ``fuse`` raises
+``TokenSizesLost`` for image features that lost them (a copy; attach them with ``with_token_sizes``).
 
 NLVR2's two passes each reduce on their own. The fusion order (sequential / parallel) and masking
 (pumer / additive) are the model config's; the adapter calls each layer's own parts.
@@ -43,14 +44,15 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
-from pumer_patch.core import Mode, Tokens, apply_merge, merge_plan, reduce_tokens, text_merge_count, text_to_image_relevance
+from pumer_patch.core import Mode, Tokens, reduce_tokens, reduces_layer, text_to_image_relevance
 from pumer_patch.models.meter import MeterAttention, MeterFusionLayer, MeterModel, MeterVisionTower
 from pumer_patch.ratios import Ratios
+from pumer_patch.sizes import require_token_sizes, with_token_sizes
 
-from ._loop import CallScope, Loop, Policy, start
-from ._vit import VitOptions, remember_sizes, run_blocks, sizes_of
-from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Plan, Trace, ensure_class
-from .open_clip import OPS as CLIP_BLOCK_OPS
+from ._loop import CallScope, Policy, Recorder, run_blocks, start
+from ._vit import VitOptions, resolve_vit_options
+from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Plan, Trace, ensure_class, record_trace
+from .open_clip import OpenClipBlockStep
 
 __all__ = ["MeterAdapter", "MeterOptions", "PumerMeterModel", "PumerMeterVisionTower"]
 
@@ -70,6 +72,9 @@ class _ImageCall:
 _IMAGE_CALL: CallScope[_ImageCall] = CallScope("pumer_patch_meter_image_call")
 
 
+_CLIP_STEP = OpenClipBlockStep()
+
+
 class PumerMeterVisionTower(MeterVisionTower):
     """The CLIP tower with ToMe merging in its blocks (``encoder_merge_schedule``)."""
 
@@ -81,7 +86,7 @@ class PumerMeterVisionTower(MeterVisionTower):
         if encoder is None:
             return super().run_blocks(x)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        tokens, _ = run_blocks(self.transformer.resblocks, x, encoder, CLIP_BLOCK_OPS, protected=1,
+        tokens, _ = run_blocks(self.transformer.resblocks, x, encoder, _CLIP_STEP, protected=1,
                                checkpointing=checkpointing)
         call = _IMAGE_CALL.get(state)
         if call is not None:
@@ -102,8 +107,8 @@ def _key_weight(tokens: Tokens) -> Tensor | None:
     return None if tokens.mask is None else tokens.mask.float()
 
 
-def _key_bias(policy: Policy, tokens: Tokens) -> Tensor | None:
-    """log(size) per key (B, N) for proportional attention (default mode), None while all sizes are one."""
+def _log_sizes(policy: Policy, tokens: Tokens) -> Tensor | None:
+    """log(size) per key (B, N), the ``key_bias`` a METER attention adds (proportional attention, default mode)."""
     if not policy.sizes or tokens.size is None:
         return None
     return tokens.size.log()
@@ -123,8 +128,8 @@ def _text_layer(
     Returns the text layer's output tokens (B, T', C) and the image states (B, N', C) the block's
     image layer will read (reduced, or ``image`` unchanged).
     """
-    text_bias = _key_bias(policy, text) if sized else None
-    image_bias = _key_bias(policy, image) if sized else None
+    text_bias = _log_sizes(policy, text) if sized else None
+    image_bias = _log_sizes(policy, image) if sized else None
     own = layer.attention(text.x, key_weight=_key_weight(text), key_bias=text_bias)
     prunes = ratios is not None and ratios.prune > 0  # only pruning reads the probabilities (SDPA otherwise)
     cross = layer.crossattention(
@@ -132,47 +137,25 @@ def _text_layer(
     )
     text = replace(text, x=cross.hidden)
     if ratios is not None:
-        text, image = _reduce(text, image, ratios, policy, cross.probs, cross.keys, own.keys)
+        relevance = None
+        if cross.probs is not None:
+            with torch.no_grad():
+                relevance = text_to_image_relevance(cross.probs, text.mask, policy.mode)
+        reduced = reduce_tokens(
+            relevance, image, ratios, image_metric=cross.keys, text_tokens=text, text_metric=own.keys,
+            mode=policy.mode, research="meter",
+        )
+        text, image = reduced.text, reduced.image
     return replace(text, x=layer.feed_forward(text.x)), image
-
-
-def _reduce(
-    text: Tokens, image: Tokens, ratios: Ratios, policy: Policy, probs: Tensor | None, image_keys: Tensor, text_keys: Tensor
-) -> tuple[Tokens, Tokens]:
-    """PuMer's step inside a text layer. probs: (B, H, T, N) text-to-image (None: no pruning); keys: (B, N, d) / (B, T, d)."""
-    relevance = None
-    if probs is not None:
-        with torch.no_grad():
-            relevance = text_to_image_relevance(probs, text.mask, policy.mode)
-    if policy.coupled_prune_merge and round(ratios.merge * image.count) == 0:
-        # the research code drops its pruning when nothing merges, yet still merges the text
-        return _merge_text_reference(text, ratios, text_keys), image
-    reduced = reduce_tokens(
-        relevance, image, ratios, img_metric=image_keys, text_tokens=text, text_metric=text_keys, mode=policy.mode
-    )
-    return reduced.text, reduced.image
-
-
-def _merge_text_reference(text: Tokens, ratios: Ratios, text_keys: Tensor) -> Tokens:
-    """Text merging alone, as ``reduce_tokens`` does it in reference mode ([CLS] kept, plain means, ToMe layout)."""
-    r = text_merge_count(text.count, ratios.text_merge, 1)
-    return apply_merge(text, merge_plan(text_keys, r, 1, keep_order=False), weighted=False)
 
 
 def _image_layer(layer: nn.Module, image: Tokens, text: Tokens, policy: Policy, sized: bool) -> Tokens:
     """One fusion image layer: image (B, N, C) attends to itself and to ``text`` (B, T, C)."""
-    own = layer.attention(image.x, key_weight=_key_weight(image), key_bias=_key_bias(policy, image) if sized else None)
+    own = layer.attention(image.x, key_weight=_key_weight(image), key_bias=_log_sizes(policy, image) if sized else None)
     cross = layer.crossattention(
-        own.hidden, context=text.x, key_weight=_key_weight(text), key_bias=_key_bias(policy, text) if sized else None
+        own.hidden, context=text.x, key_weight=_key_weight(text), key_bias=_log_sizes(policy, text) if sized else None
     )
     return replace(image, x=layer.feed_forward(cross.hidden))
-
-
-def _block_ratios(plan: Plan, k: int, policy: Policy) -> Ratios | None:
-    ratios = plan.schedule.get(k)
-    if ratios is None or (policy.coupled_prune_merge and ratios.prune == 0):
-        return None  # the research code reduces nothing in a block that prunes nothing
-    return ratios
 
 
 class PumerMeterModel(MeterModel):
@@ -183,24 +166,18 @@ class PumerMeterModel(MeterModel):
     def encode_image(self, pixel_values: Tensor, image_token_type_idx: int = 1) -> Tensor:
         with _IMAGE_CALL.open(getattr(self, STATE_ATTR), _ImageCall()) as call:
             image = super().encode_image(pixel_values, image_token_type_idx)
-        return remember_sizes(image, call.size)
+        return with_token_sizes(image, call.size)
 
     def fuse(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         state: PatchState = getattr(self, STATE_ATTR)
         plan = state.plan
-        size = sizes_of(image)
-        if size is None and _encoder_plan(plan) is not None:
-            raise ValueError(
-                "these image features did not come straight from this model's encode_image (detached, copied or "
-                "cached elsewhere), so the sizes of the tokens the CLIP tower merged are unknown; pass encode_image's "
-                "output as it is, or apply without encoder_merge_schedule"
-            )
+        size = require_token_sizes(image, consumer="MeterModel.fuse", merged=_encoder_plan(plan) is not None)
         if not plan.schedule and size is None:
-            state.last = Trace()
+            record_trace(state, Trace())
             return super().fuse(text, text_mask, image, image_mask)
         policy = Policy.of(plan.mode)
-        loop = Loop(plan, checkpointing=bool(getattr(self, "gradient_checkpointing", False)) and self.training
-                    and torch.is_grad_enabled())
+        loop = Recorder(plan, checkpointing=bool(getattr(self, "gradient_checkpointing", False)) and self.training
+                        and torch.is_grad_enabled())
         t = start(policy, text, text_mask, text=True, source=plan.trace)
         v = start(policy, image, image_mask, source=plan.trace)
         if size is not None:
@@ -208,14 +185,16 @@ class PumerMeterModel(MeterModel):
         sized = size is not None  # log(size) enters attention once some token stands for several
         sequential = self.config.fusion_order == "sequential"
         for k, (text_layer, image_layer) in enumerate(zip(self.cross_modal_text_layers, self.cross_modal_image_layers)):
-            ratios = _block_ratios(plan, k, policy)
+            ratios = plan.schedule.get(k)
+            if ratios is not None and not reduces_layer(ratios, plan.mode, "meter"):
+                ratios = None
             t_out, v = loop.run(_text_layer, text_layer, t, v, ratios, policy, sized)
             if ratios is not None:
                 sized = sized or policy.sizes
                 loop.count(k, v, t_out)
             v = loop.run(_image_layer, image_layer, v, t_out if sequential else t, policy, sized)
             t = t_out
-        state.last = loop.trace(v, t)
+        record_trace(state, loop.trace(v, t))
         return t.x, v.x
 
 
@@ -271,8 +250,6 @@ class MeterAdapter(Adapter):
                 "encoder_merge_schedule is ToMe's schedule, which the research code (mode='reference') has not; "
                 "use mode='default'"
             )
-        from ._vit import resolve_vit_options
-
         n_blocks = len(root.vit_model.transformer.resblocks)
         resolved = resolve_vit_options({"merge_schedule": given.encoder_merge_schedule}, n_blocks, True, "cls", mode)
         return MeterOptions(encoder_merge_schedule=resolved.merge_schedule)

@@ -3,11 +3,11 @@
 The text tower uses the same ``Transformer`` and ``ResidualAttentionBlock`` classes, so only the
 image tower's instances are switched (towers with a timm trunk belong to the timm adapter):
 
-* ``visual.transformer`` -> ``PumerTransformer``: the reducing block loop (``_vit.run_blocks``),
+* ``visual.transformer`` -> ``PumerTransformer``: the reducing block loop (``_loop.run_blocks``),
   calling the library's own blocks at plain blocks and their sub-modules at reduce blocks.
   Proportional attention goes through the block's ``attn_mask``: ``nn.MultiheadAttention`` takes a
   float (B * H, N, N) mask, built as a stride-0 expansion of (B * H, 1, N), so no N^2 memory.
-* ``visual`` -> ``PumerVisionTransformer``: ``avg`` pooling (CLIPA) becomes the size-weighted mean,
+* ``visual`` -> ``PumerOpenClipVisionTransformer``: ``avg`` pooling (CLIPA) becomes the size-weighted mean,
   equal to the mean over the tokens the merged ones stand for. ``tok`` reads [CLS], never merged;
   the attentional pooler (CoCa) takes no mask, so it sees merged tokens unweighted.
 
@@ -27,7 +27,6 @@ token sizes to the pooling. ``forward_intermediates`` is refused while the patch
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -39,19 +38,20 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock, Transformer
 from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
-from packaging.version import Version
 from torch import Tensor, nn
 
 from pumer_patch.core import Mode
 from pumer_patch.ratios import Ratios
 
-from ._loop import CallScope
-from ._vit import Attended, BlockOps, VitOptions, reduces, resolve_vit_options, run_blocks, weighted_mean
-from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class
+from ._loop import Attended, CallScope, run_blocks
+from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
+from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, record_trace, warn_if_untested
 
-__all__ = ["OpenClipAdapter", "PumerTransformer", "PumerVisionTransformer", "text_guidance"]
+__all__ = [
+    "OpenClipAdapter", "OpenClipBlockStep", "PumerTransformer", "PumerOpenClipVisionTransformer", "text_guidance",
+]
 
-_TESTED = (Version("2.24"), Version("4"))
+_TESTED = ("2.24", "4")
 
 
 @dataclass
@@ -79,31 +79,31 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, N, C) -> (B, H, N, d)
 
 
-def _plain(block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None) -> Tensor:
-    return block(x, attn_mask=_mha_mask(bias, block.attn.num_heads))
+class OpenClipBlockStep:
+    """open_clip's ``ResidualAttentionBlock`` for ``run_blocks`` (the image tower's, METER's CLIP tower's)."""
+
+    def plain(self, block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None) -> Tensor:
+        return block(x, attn_mask=_mha_mask(bias, block.attn.num_heads))
+
+    def attend(self, block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
+        """``ResidualAttentionBlock.forward``'s attention line, then k (and q rows) from the fused in-projection."""
+        attn: nn.MultiheadAttention = block.attn
+        h = block.ln_1(x)
+        x = x + block.ls_1(block.attention(q_x=h, attn_mask=_mha_mask(bias, attn.num_heads)))
+        c, heads = attn.embed_dim, attn.num_heads
+        weight, in_bias = attn.in_proj_weight, attn.in_proj_bias
+        k_bias = None if in_bias is None else in_bias[c : 2 * c]
+        k = _heads(F.linear(h, weight[c : 2 * c], k_bias), heads)
+        q = None
+        if rows is not None:
+            q = _heads(F.linear(h[:, rows], weight[:c], None if in_bias is None else in_bias[:c]), heads)
+        return Attended(x, q, k, (c // heads) ** -0.5)
+
+    def finish(self, block: ResidualAttentionBlock, x: Tensor) -> Tensor:
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def _attend(block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
-    """``ResidualAttentionBlock.forward``'s attention line, then k (and q rows) from the fused in-projection."""
-    attn: nn.MultiheadAttention = block.attn
-    h = block.ln_1(x)
-    x = x + block.ls_1(block.attention(q_x=h, attn_mask=_mha_mask(bias, attn.num_heads)))
-    c, heads = attn.embed_dim, attn.num_heads
-    weight, in_bias = attn.in_proj_weight, attn.in_proj_bias
-    k_bias = None if in_bias is None else in_bias[c : 2 * c]
-    k = _heads(F.linear(h, weight[c : 2 * c], k_bias), heads)
-    q = None
-    if rows is not None:
-        q = _heads(F.linear(h[:, rows], weight[:c], None if in_bias is None else in_bias[:c]), heads)
-    return Attended(x, q, k, (c // heads) ** -0.5)
-
-
-def _finish(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
-#: the block ops of open_clip's ResidualAttentionBlock, for any loop over such blocks (METER's CLIP tower too)
-OPS = BlockOps(_plain, _attend, _finish)
+_STEP = OpenClipBlockStep()
 
 
 class PumerTransformer(Transformer):
@@ -114,21 +114,22 @@ class PumerTransformer(Transformer):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         state: PatchState = getattr(self, SHARED_ATTR)
         if not reduces(state.plan):
-            state.last = Trace()
+            record_trace(state, Trace())
             return super().forward(x, attn_mask)
         if attn_mask is not None:
             raise ValueError("the image tower of a pumer_patch-reduced open_clip model takes no attn_mask")
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        tokens, state.last = run_blocks(
-            self.resblocks, x, state.plan, OPS, protected=1, guide=_GUIDANCE.get(state), checkpointing=checkpointing
+        tokens, trace = run_blocks(
+            self.resblocks, x, state.plan, _STEP, protected=1, guide=_GUIDANCE.get(state), checkpointing=checkpointing
         )
+        record_trace(state, trace)
         call = _CALL.get(state)
         if call is not None:
             call.size = tokens.size
         return tokens.x
 
 
-class PumerVisionTransformer(OpenClipVisionTransformer):
+class PumerOpenClipVisionTransformer(OpenClipVisionTransformer):
     """open_clip ``VisionTransformer`` whose ``avg`` pooling weighs merged tokens by their sizes."""
 
     _pumer_patched = True
@@ -239,13 +240,7 @@ class OpenClipAdapter(Adapter):
                 raise ValueError(f"{where}.attn must be a batch-first nn.MultiheadAttention with a fused in-projection")
             if hasattr(block, "ln_1_kv"):
                 raise ValueError(f"{where} is a cross-attention block; only self-attention towers are supported")
-        version = Version(open_clip.__version__)
-        if not _TESTED[0] <= version < _TESTED[1]:
-            warnings.warn(
-                f"pumer_patch's open_clip adapter repeats ResidualAttentionBlock.forward as of open_clip "
-                f"{_TESTED[0]}..<{_TESTED[1]}; found {version}. Check zero-reduction parity.",
-                stacklevel=3,
-            )
+        warn_if_untested("open_clip", open_clip.__version__, _TESTED, "ResidualAttentionBlock.forward")
 
     def resolve_options(
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
@@ -255,4 +250,4 @@ class OpenClipAdapter(Adapter):
         return resolve_vit_options(options, len(root.transformer.resblocks), True, auto, mode)
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
-        return [(root, PumerVisionTransformer), (root.transformer, PumerTransformer)]
+        return [(root, PumerOpenClipVisionTransformer), (root.transformer, PumerTransformer)]

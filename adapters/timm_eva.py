@@ -16,20 +16,15 @@ inside every block, so a reducing loop must carry, for every patch token, where 
   (B, H, N, N) bias per block for a position BEiT never saw.
   ``"destination"``: the position of the token the others merge into (ToMe's B token).
 
-Measured (``python -m benchmarks.merge_position``: tiny ViTs, 64 tokens, no absolute position
-embedding, trained 300 steps to regress the displacement between two blobs, one seed, 256 test
-images): mean distance in patches between the reduced and the unreduced model's answers, mean /
-destination. EVA02-like (RoPE ``cat``, unreduced error 0.37): merge 0.3 at blocks 1, 2: 0.82 / 1.06;
-ToMe r=8 every block: 0.82 / 0.93; prune 0.2 + merge 0.3: 1.18 / 1.36 (feature cosine 0.974 / 0.955,
-0.976 / 0.970, 0.952 / 0.931). DINOv3-like (RoPE ``dinov3``, 4 registers, error 0.51): 0.24 / 0.27,
-0.42 / 0.58, 0.68 / 0.69. The PE-like and BEiT models did not learn the task in 300 steps (error
-2.3 and 3.4 against 3.6 for a constant answer) and show no difference (BEiT: 0.32 / 0.32, 0.63 /
-0.62); on random weights the two agree to 0.003 in cosine. So ``"mean"`` is the default; for BEiT
-the measurement does not decide, and ``"mean"`` (rounded) keeps one rule for both families.
+Which rule keeps a reduced model closer to its unreduced answers was measured on tiny position-regression
+ViTs (``python -m benchmarks.merge_position``): on the RoPE models ``"mean"`` came closer at every
+setting tried, while for BEiT the measurement does not decide. So ``"mean"`` is the default, and
+(rounded) it keeps one rule for both families.
 
 Register tokens and [CLS] (``num_prefix_tokens``) are protected: never pruned or merged, and no
-rotary (as timm). Relevance, merge metric, ``merge_schedule`` and pooling by sizes follow
-``_vit`` and ``timm``: the metric is the keys the attention used (after q/k norm and rotary),
+rotary (as timm). The blocks run through ``_loop.run_blocks`` with the positions as its carry (each
+token's cell and coordinate, moved by ``reduce_tokens`` with the tokens). Relevance, merge metric,
+``merge_schedule`` and pooling by sizes follow ``_loop``, ``_vit`` and ``timm``: the metric is the keys the attention used (after q/k norm and rotary),
 captured from ``attn.q_norm`` / ``attn.k_norm`` (EVA) or recomputed from ``attn.qkv`` (BEiT's attention
 calls its projection through ``F.linear``; 2 N C^2 extra FLOPs at each reduce block).
 
@@ -45,17 +40,13 @@ reducing: timm's ``_pos_embed`` does not hand back which cells it kept.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-import timm
 import torch
 import torch.nn.functional as F
-from packaging.version import Version
 from timm.layers import AttentionPoolLatent, AttentionRope
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.beit import Attention as BeitAttention
@@ -64,42 +55,24 @@ from timm.models.beit import Block as BeitBlock
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor, nn
 
-from pumer_patch.core import (
-    Mode,
-    Tokens,
-    apply_merge,
-    attention_bias,
-    gather_tokens,
-    merge_plan,
-    prune_count,
-    prune_indices,
-    take_rows,
-)
+from pumer_patch.core import Mode, attention_bias
 from pumer_patch.ratios import Ratios
+from pumer_patch.sizes import with_token_sizes
 
-from ._loop import CallScope, Loop, Policy, key_bias, start
-from ._vit import (
-    Attended,
-    VitOptions,
-    _block_ratios,
-    attention_relevance,
-    reduces,
-    remember_sizes,
-    resolve_vit_options,
-    sizes_of,
-    weighted_mean,
-)
-from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class
+from ._loop import Attended, BlockStep, CallScope, captured, run_blocks
+from ._timm_common import PumerTimmRoot, pooling_sizes, refuse_masks, warn_if_untested_timm
+from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
+from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, library_class, record_trace
 
 __all__ = [
     "TimmEvaAdapter", "EvaOptions", "Positions", "PumerEva", "PumerBeit", "PumerBeitAttention",
-    "rope_slope", "rope_rows",
+    "EvaStep", "BeitStep", "rope_slope", "rope_rows",
 ]
 
-_TESTED = (Version("1.0"), Version("2"))
 _SUPPORTED = "timm Eva (EVA, EVA02, DINOv3, Perception Encoder, ViT-RoPE) and Beit"
 
 MergePosition = Literal["mean", "destination"]
+
 
 
 @dataclass(frozen=True)
@@ -139,45 +112,22 @@ def _cell_coord(cell: Tensor, width: int) -> Tensor:
     return torch.stack([cell.div(width, rounding_mode="floor"), cell % width], dim=-1).float()
 
 
-def _reduce(
-    tokens: Tokens,
-    pos: Positions | None,
-    relevance: Tensor | None,
-    metric: Tensor,
-    ratios: Ratios,
-    protected: int,
-    merge_position: MergePosition,
-    grid: tuple[int, int],
-) -> tuple[Tokens, Positions | None, bool]:
-    """``core.reduce_tokens``'s default-mode step (prune, then merge), carrying the positions along.
+def _grid_carry(batch: int, protected: int, grid: tuple[int, int], device: torch.device, mean: bool) -> tuple[Tensor, ...]:
+    """The loop's carry for tokens at their own cells: cell (B, N) long and, for ``"mean"``, coord (B, N, 2).
 
-    The core's step hands back no merge plan, which the positions need; this one calls the same
-    primitives with the same counts. ``pos`` None: every token at its own cell, kept so while
-    nothing is removed (the library's own position arguments then run). Returns the tokens, their
-    positions and whether a merge happened.
+    The ``protected`` prefix rows are zeros (prefix tokens never move and have no cell).
     """
-    n = tokens.count
-    n_keep = n - prune_count(n, ratios.prune, protected)
-    r = round(ratios.merge * (n - protected))  # of the tokens before pruning, as the core counts
-    if n_keep < n:
-        pos = pos if pos is not None else Positions.grid(tokens.x.shape[0], grid, tokens.x.device)
-        keep = prune_indices(relevance, n_keep, protected, keep_order=True, mask=tokens.mask)
-        tokens, metric = gather_tokens(tokens, keep), take_rows(metric, keep)
-        patches = keep[:, protected:] - protected  # (B, K - protected) into the patch tokens
-        pos = Positions(pos.cell.gather(1, patches), take_rows(pos.coord, patches))
-    plan = merge_plan(metric, r, protected, keep_order=True, mask=tokens.mask)
-    if plan is None:
-        return tokens, pos, False
-    pos = pos if pos is not None else Positions.grid(tokens.x.shape[0], grid, tokens.x.device)
-    kept = plan.kept[:, protected:] - protected
-    cell = pos.cell.gather(1, kept)
-    if merge_position == "mean":
-        padded = torch.cat([pos.coord.new_zeros(pos.coord.shape[0], protected, 2), pos.coord], dim=1)  # (B, N, 2)
-        size = tokens.size if tokens.size is not None else torch.ones_like(padded[..., 0])
-        coord = apply_merge(Tokens(padded, size=size), plan).x[:, protected:]
-    else:
-        coord = take_rows(pos.coord, kept)
-    return apply_merge(tokens, plan), Positions(cell, coord), True
+    pos = Positions.grid(batch, grid, device)
+    cell = torch.cat([pos.cell.new_zeros(batch, protected), pos.cell], dim=1)
+    if not mean:
+        return (cell,)
+    return cell, torch.cat([pos.coord.new_zeros(batch, protected, 2), pos.coord], dim=1)
+
+
+def _positions(carry: tuple[Tensor, ...], protected: int, width: int) -> Positions:
+    """The patch tokens' ``Positions`` from the loop's carry (``"destination"`` carries cells alone)."""
+    cell = carry[0][:, protected:]
+    return Positions(cell, carry[1][:, protected:] if len(carry) > 1 else _cell_coord(cell, width))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,67 +178,67 @@ def rope_rows(table: Tensor, pos: Positions, width: int, slope: Tensor | None) -
     return turned.to(rows.dtype)
 
 
-_CAPTURE: ContextVar[dict[int, Tensor] | None] = ContextVar("pumer_eva_capture", default=None)
 
+class _EvaBlock(NamedTuple):
+    """An ``EvaBlock`` / ``EvaBlockPostNorm`` for ``run_blocks``, with the rotary rows of its tokens (or None)."""
 
-@contextmanager
-def _captured(*modules: nn.Module) -> Iterator[dict[int, Tensor]]:
-    """Inside the ``with`` block, ``captured[i]`` is what ``modules[i]`` returned in this call.
+    rope: Tensor | None
 
-    The hooks see every caller of the modules; they write only where this context set the dict, so
-    another thread's forward of the same model (which has no dict, or its own) is never read.
-    """
-    captured: dict[int, Tensor] = {}
+    def plain(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        return block(x, rope=self.rope, attn_mask=bias)
 
-    def hook(i: int) -> Callable[..., None]:
-        def write(_module: nn.Module, _inputs: tuple[Any, ...], out: Tensor) -> None:
-            target = _CAPTURE.get()
-            if target is captured:
-                target[i] = out
+    def attend(self, block: nn.Module, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
+        """The attention half, with the q/k the attention used.
 
-        return write
+        q and k are the ``q_norm`` / ``k_norm`` outputs (B, H, N, d), turned by ``rope`` past the prefix
+        as ``attn`` turns them; grouped-query keys are repeated to the query heads.
+        """
+        attn, rope = block.attn, self.rope
+        with captured(attn.q_norm, attn.k_norm) as out:
+            if isinstance(block, EvaBlockPostNorm):
+                x = x + block.drop_path1(block.norm1(attn(x, rope=rope, attn_mask=bias)))
+            else:
+                h = attn(block.norm1(x), rope=rope, attn_mask=bias)
+                x = x + block.drop_path1(h if block.gamma_1 is None else block.gamma_1 * h)
+        q, k = out[0], out[1]
+        if rope is not None:
+            npt, half = attn.num_prefix_tokens, attn.rotate_half
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention: (B, H, N, d)
+        return Attended(x, None if rows is None else q[:, :, rows], k, attn.scale)
 
-    handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(modules)]
-    token = _CAPTURE.set(captured)
-    try:
-        yield captured
-    finally:
-        _CAPTURE.reset(token)
-        for handle in handles:
-            handle.remove()
-
-
-def _eva_plain(block: nn.Module, x: Tensor, rope: Tensor | None, bias: Tensor | None) -> Tensor:
-    return block(x, rope=rope, attn_mask=bias)
-
-
-def _eva_attend(block: nn.Module, x: Tensor, rope: Tensor | None, bias: Tensor | None, rows: slice | None) -> Attended:
-    """The attention half of ``EvaBlock`` / ``EvaBlockPostNorm``, with the q/k the attention used.
-
-    q and k are the ``q_norm`` / ``k_norm`` outputs (B, H, N, d), turned by ``rope`` past the prefix
-    as ``attn`` turns them; grouped-query keys are repeated to the query heads.
-    """
-    attn = block.attn
-    with _captured(attn.q_norm, attn.k_norm) as captured:
+    def finish(self, block: nn.Module, x: Tensor) -> Tensor:
         if isinstance(block, EvaBlockPostNorm):
-            x = x + block.drop_path1(block.norm1(attn(x, rope=rope, attn_mask=bias)))
-        else:
-            out = attn(block.norm1(x), rope=rope, attn_mask=bias)
-            x = x + block.drop_path1(out if block.gamma_1 is None else block.gamma_1 * out)
-    q, k = captured[0], captured[1]
-    if rope is not None:
-        npt, half = attn.num_prefix_tokens, attn.rotate_half
-        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
-        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention: (B, H, N, d)
-    return Attended(x, None if rows is None else q[:, :, rows], k, attn.scale)
+            return x + block.drop_path2(block.norm2(block.mlp(x)))
+        h = block.mlp(block.norm2(x))
+        return x + block.drop_path2(h if block.gamma_2 is None else block.gamma_2 * h)
 
 
-def _eva_finish(block: nn.Module, x: Tensor) -> Tensor:
-    if isinstance(block, EvaBlockPostNorm):
-        return x + block.drop_path2(block.norm2(block.mlp(x)))
-    out = block.mlp(block.norm2(x))
-    return x + block.drop_path2(out if block.gamma_2 is None else block.gamma_2 * out)
+class EvaStep:
+    """EVA's blocks for one forward (a ``PlacedStep``): each block reads its tokens' rotary rows.
+
+    rope: ``_pos_embed``'s table, (N0, 2D), or one per block (depth, heads, N0, 2D) for mixed RoPE,
+    or None. The per-step slopes (``rope_slope``) are read once per table and forward.
+    """
+
+    def __init__(self, root: Eva, rope: Tensor | None, grid: tuple[int, int], merge_position: MergePosition) -> None:
+        self.rope, self.grid, self.protected = rope, grid, root.num_prefix_tokens
+        self.mixed = getattr(root, "rope_mixed", False) and rope is not None
+        self.mean = merge_position == "mean"
+        self._slopes: dict[int, Tensor] = {}
+
+    def at(self, i: int, carry: tuple[Tensor, ...] | None) -> BlockStep:
+        table = self.rope[i] if self.mixed else self.rope
+        if table is None or carry is None:
+            return _EvaBlock(table)
+        slope = None
+        if self.mean:
+            key = i if self.mixed else 0
+            if key not in self._slopes:
+                self._slopes[key] = rope_slope(table, self.grid)
+            slope = self._slopes[key]
+        return _EvaBlock(rope_rows(table, _positions(carry, self.protected, self.grid[1]), self.grid[1], slope))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +270,7 @@ class PumerBeitAttention(BeitAttention):
 
     def _get_rel_pos_bias(self) -> Tensor:
         full = super()._get_rel_pos_bias()  # (1, heads, N0 + 1, N0 + 1)
-        cells = _BEIT_CELLS.get(getattr(self, "_pumer_state", None))
+        cells = _BEIT_CELLS.get(getattr(self, SHARED_ATTR, None))
         return full if cells is None else _gather_bias(full[0], cells)
 
 
@@ -341,7 +291,7 @@ def _beit_bias(where: _BeitWhere | None, shared_full: Tensor | None, bias: Tenso
 
 @contextmanager
 def _beit_cells(block: nn.Module, where: _BeitWhere | None) -> Iterator[None]:
-    state = getattr(block.attn, "_pumer_state", None)
+    state = getattr(block.attn, SHARED_ATTR, None)
     if where is None or state is None:
         yield
         return
@@ -349,155 +299,22 @@ def _beit_cells(block: nn.Module, where: _BeitWhere | None) -> Iterator[None]:
         yield
 
 
-# ---------------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------------
+class _BeitBlock(NamedTuple):
+    """A BEiT ``Block`` for ``run_blocks``, with its tokens' cells and the shared bias for them (or None)."""
 
+    where: _BeitWhere | None
+    shared_full: Tensor | None
 
-class _Family(NamedTuple):
-    """What differs between EVA and BEiT in the loop.
+    def plain(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        with _beit_cells(block, self.where):
+            return block(x, shared_rel_pos_bias=_beit_bias(self.where, self.shared_full, bias))
 
-    where(i, pos): block i's positional argument for tokens at ``pos`` (None: all at their own
-    cells, the library's own). plain(block, x, where, bias) -> x. attend(block, x, where, bias, rows)
-    -> (Attended, logit bias (B, heads, Q or 1, N) for the relevance or None). finish(block, x) -> x.
-    """
-
-    where: Callable[[int, Positions | None], Any]
-    plain: Callable[[nn.Module, Tensor, Any, Tensor | None], Tensor]
-    attend: Callable[[nn.Module, Tensor, Any, Tensor | None, slice | None], tuple[Attended, Tensor | None]]
-    finish: Callable[[nn.Module, Tensor], Tensor]
-
-
-def _reduce_block(
-    block: nn.Module,
-    tokens: Tokens,
-    pos: Positions | None,
-    where: Any,
-    bias: Tensor | None,
-    ratios: Ratios,
-    family: _Family,
-    protected: int,
-    cls_row: bool,
-    merge_position: MergePosition,
-    grid: tuple[int, int],
-) -> tuple[Tokens, Positions | None, bool]:
-    """Attention half, relevance and metric, ``_reduce``, MLP half (``_vit._reduce_block`` with positions)."""
-    prune = ratios.prune > 0
-    rows = None if not prune else (slice(0, 1) if cls_row else slice(protected, None))
-    att, logit_bias = family.attend(block, tokens.x, where, bias, rows)
-    relevance = None
-    with torch.no_grad():  # indices only
-        if prune:
-            weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
-            relevance = attention_relevance(att.q, att.k, att.scale, logit_bias, weights)
-        metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
-    reduced, pos, merged = _reduce(
-        replace(tokens, x=att.x), pos, relevance, metric, ratios, protected, merge_position, grid
-    )
-    return replace(reduced, x=family.finish(block, reduced.x)), pos, merged
-
-
-def _run_blocks(
-    blocks: Sequence[nn.Module],
-    x: Tensor,
-    state: PatchState,
-    family: _Family,
-    protected: int,
-    grid: tuple[int, int],
-    checkpointing: bool,
-) -> tuple[Tokens, Trace]:
-    """Run ``blocks`` on x (B, N, C), reducing at the planned blocks; positions travel with the tokens."""
-    plan = state.plan
-    policy = Policy.of(plan.mode)
-    loop = Loop(plan, checkpointing)
-    tokens = start(policy, x, source=plan.trace)
-    pos: Positions | None = None  # None until the first reduction: every token at its own cell
-    cls_row = plan.options.relevance == "cls"
-    bias: Tensor | None = None
-    for i, block in enumerate(blocks):
-        ratios = _block_ratios(plan, i, tokens.count, protected)
-        where = family.where(i, pos)
-        if ratios is None:
-            tokens = replace(tokens, x=loop.run(family.plain, block, tokens.x, where, bias))
-            continue
-        tokens, pos, merged = loop.run(
-            _reduce_block, block, tokens, pos, where, bias, ratios, family, protected, cls_row,
-            plan.options.merge_position, grid,
-        )
-        if merged or bias is not None:
-            bias = key_bias(policy, [tokens], x.dtype)
-        loop.count(i, tokens)
-    return tokens, loop.trace(tokens, grid=grid)
-
-
-def _grid_of(root: nn.Module, embedded: Tensor) -> tuple[int, int]:
-    """The patch grid (H, W): from the NHWC patch embedding (dynamic image size) or the patch embed."""
-    if embedded.dim() == 4:
-        return tuple(embedded.shape[1:3])
-    return tuple(root.patch_embed.grid_size)
-
-
-def _refuse_masks(attn_mask: Tensor | None, is_causal: bool) -> None:
-    if attn_mask is not None or is_causal:
-        raise ValueError(
-            "attn_mask / is_causal cover the original tokens, which a pumer_patch-reduced ViT does not keep; "
-            "call without them, or pumer_patch.remove(model) first"
-        )
-
-
-def _eva_family(root: Eva, rope: Tensor | None, grid: tuple[int, int], merge_position: MergePosition) -> _Family:
-    """EVA's loop pieces for one forward.
-
-    rope: ``_pos_embed``'s table, (N0, 2D), or one per block (depth, heads, N0, 2D) for mixed RoPE.
-    """
-    mixed = getattr(root, "rope_mixed", False) and rope is not None
-    slopes: dict[int, Tensor] = {}
-
-    def table(i: int) -> Tensor | None:
-        return rope[i] if mixed else rope
-
-    def where(i: int, pos: Positions | None) -> Tensor | None:
-        t = table(i)
-        if t is None or pos is None:
-            return t
-        slope = None
-        if merge_position == "mean":
-            key = i if mixed else 0
-            if key not in slopes:
-                slopes[key] = rope_slope(t, grid)
-            slope = slopes[key]
-        return rope_rows(t, pos, grid[1], slope)
-
-    def attend(block: nn.Module, x: Tensor, where: Tensor | None, bias: Tensor | None,
-               rows: slice | None) -> tuple[Attended, Tensor | None]:
-        return _eva_attend(block, x, where, bias, rows), bias
-
-    return _Family(where, _eva_plain, attend, _eva_finish)
-
-
-def _beit_family(root: Beit, shared_full: Tensor | None) -> _Family:
-    """BEiT's loop pieces for one forward; ``shared_full`` is ``rel_pos_bias()`` (heads, N0 + 1, N0 + 1) or None."""
-    width = root.patch_embed.grid_size[1]
-    positional = shared_full is not None or any(b.attn.relative_position_bias_table is not None for b in root.blocks)
-
-    def where(i: int, pos: Positions | None) -> _BeitWhere | None:
-        if pos is None or not positional:
-            return None
-        # a merged token's mean coordinate, rounded to the nearest cell (the bias is learned per cell offset)
-        rounded = pos.coord.round().long()
-        cells = torch.cat([pos.cell.new_zeros(pos.cell.shape[0], 1), 1 + rounded[..., 0] * width + rounded[..., 1]], 1)
-        return _BeitWhere(cells, None if shared_full is None else _gather_bias(shared_full, cells))
-
-    def plain(block: nn.Module, x: Tensor, where: _BeitWhere | None, bias: Tensor | None) -> Tensor:
-        with _beit_cells(block, where):
-            return block(x, shared_rel_pos_bias=_beit_bias(where, shared_full, bias))
-
-    def attend(block: nn.Module, x: Tensor, where: _BeitWhere | None, bias: Tensor | None,
-               rows: slice | None) -> tuple[Attended, Tensor | None]:
+    def attend(self, block: nn.Module, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
+        """The attention half; the relevance's logit bias is the position biases of the query rows and the key bias."""
         attn: BeitAttention = block.attn
         h = block.norm1(x)
-        shared = _beit_bias(where, shared_full, bias)
-        with _beit_cells(block, where):
+        shared = _beit_bias(self.where, self.shared_full, bias)
+        with _beit_cells(block, self.where):
             out = attn(h, shared_rel_pos_bias=shared)
             has_own = attn.relative_position_bias_table is not None
             own = attn._get_rel_pos_bias() if rows is not None and has_own else None
@@ -507,21 +324,49 @@ def _beit_family(root: Beit, shared_full: Tensor | None) -> _Family:
         k = F.linear(h, attn.qkv.weight[inner: 2 * inner], attn.k_bias)
         k = k.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (B, N, A) -> (B, H, N, d)
         if rows is None:
-            return Attended(x, None, k, attn.scale), None
+            return Attended(x, None, k, attn.scale)
         q = F.linear(h[:, rows], attn.qkv.weight[:inner], attn.q_bias)
         q = q.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (B, Q, A) -> (B, H, Q, d)
-        logits = None  # the position biases of the query rows, and the key bias: (B, H, Q, N)
+        logits = None  # (B, H, Q, N)
         for part in (own, shared):
             if part is not None:
                 part = part[..., rows, :] if part.shape[-2] > 1 else part
                 logits = part if logits is None else logits + part
-        return Attended(x, q, k, attn.scale), logits
+        return Attended(x, q, k, attn.scale, logit_bias=logits)
 
-    def finish(block: nn.Module, x: Tensor) -> Tensor:
+    def finish(self, block: nn.Module, x: Tensor) -> Tensor:
         out = block.mlp(block.norm2(x))
         return x + block.drop_path2(out if block.gamma_2 is None else block.gamma_2 * out)
 
-    return _Family(where, plain, attend, finish)
+
+class BeitStep:
+    """BEiT's blocks for one forward (a ``PlacedStep``): each reads the relative bias of its tokens' cells.
+
+    shared_full: ``rel_pos_bias()`` (heads, N0 + 1, N0 + 1) or None.
+    """
+
+    def __init__(self, root: Beit, shared_full: Tensor | None) -> None:
+        self.shared_full, self.width = shared_full, root.patch_embed.grid_size[1]
+        self.positional = shared_full is not None or any(
+            b.attn.relative_position_bias_table is not None for b in root.blocks
+        )
+
+    def at(self, i: int, carry: tuple[Tensor, ...] | None) -> BlockStep:
+        if carry is None or not self.positional:
+            return _BeitBlock(None, self.shared_full)
+        pos = _positions(carry, 1, self.width)
+        # a merged token's mean coordinate, rounded to the nearest cell (the bias is learned per cell offset)
+        rounded = pos.coord.round().long()
+        cells = torch.cat([pos.cell.new_zeros(pos.cell.shape[0], 1), 1 + rounded[..., 0] * self.width + rounded[..., 1]], 1)
+        shared = None if self.shared_full is None else _gather_bias(self.shared_full, cells)
+        return _BeitBlock(_BeitWhere(cells, shared), self.shared_full)
+
+
+def _grid_of(root: nn.Module, embedded: Tensor) -> tuple[int, int]:
+    """The patch grid (H, W): from the NHWC patch embedding (dynamic image size) or the patch embed."""
+    if embedded.dim() == 4:
+        return tuple(embedded.shape[1:3])
+    return tuple(root.patch_embed.grid_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,98 +374,55 @@ def _beit_family(root: Beit, shared_full: Tensor | None) -> _Family:
 # ---------------------------------------------------------------------------------------------
 
 
-def _eva_forward_features(
-    eva: Eva, library: Callable[..., Tensor], x: Tensor, attn_mask: Tensor | None, is_causal: bool
-) -> Tensor:
-    """``Eva.forward_features`` (B, 3, H, W) -> (B, N', C); the features remember their token sizes."""
-    state: PatchState = getattr(eva, STATE_ATTR)
-    if not reduces(state.plan):
-        state.last = Trace()
-        return library(x, attn_mask=attn_mask, is_causal=is_causal)
-    _refuse_masks(attn_mask, is_causal)
-    if eva.patch_drop is not None and eva.training:
-        raise ValueError(
-            "patch dropout (patch_drop_rate) in training drops cells that timm's _pos_embed does not name, so a "
-            "pumer_patch-reduced Eva cannot place its tokens; train with patch_drop_rate=0, or remove the patch"
-        )
-    embedded = eva.patch_embed(x)
-    grid = _grid_of(eva, embedded)
-    x, rope = eva._pos_embed(embedded)
-    x = eva.norm_pre(x)
-    family = _eva_family(eva, rope, grid, state.plan.options.merge_position)
-    checkpointing = eva.grad_checkpointing and torch.is_grad_enabled()
-    tokens, state.last = _run_blocks(eva.blocks, x, state, family, eva.num_prefix_tokens, grid, checkpointing)
-    return remember_sizes(eva.norm(tokens.x), tokens.size)
-
-
-def _merges(root: nn.Module) -> bool:
-    plan = getattr(root, STATE_ATTR).plan
-    return plan.options.merge_schedule is not None or any(r.merge > 0 for r in plan.schedule.values())
-
-
-def _unknown_sizes(root: nn.Module, what: str) -> ValueError:
-    return ValueError(
-        "these features are not the tensor this pumer_patch-reduced model's forward_features returned "
-        "(detached, sliced, copied or from elsewhere), so their merged tokens' sizes are unknown and the "
-        f"{what} pooling would weigh them wrongly; pass forward_features' output as it is"
-    )
-
-
-def _eva_pool(eva: Eva, library: Callable[..., Tensor], x: Tensor, pool_type: str | None) -> Tensor:
-    """``Eva.pool`` (B, N', C) -> (B, C), counting each token by its size where the pooling averages."""
-    pool_type = eva.global_pool if pool_type is None else pool_type
-    latent = isinstance(eva.attn_pool, AttentionPoolLatent)
-    averages = latent or pool_type in ("avg", "avgmax")
-    size = sizes_of(x)
-    if size is None:
-        if averages and _merges(eva):
-            raise _unknown_sizes(eva, pool_type or "attention")
-        return library(x, pool_type)
-    if latent:  # timm's Eva pools prefix tokens too
-        return eva.attn_pool(x, attn_mask=attention_bias(size, None, x.dtype))
-    if pool_type in ("avg", "avgmax"):
-        start = eva.num_prefix_tokens
-        mean = weighted_mean(x[:, start:], size[:, start:])
-        return mean if pool_type == "avg" else 0.5 * (x[:, start:].amax(dim=1) + mean)
-    return library(x, pool_type)
-
-
-def _forward_intermediates(root: nn.Module, library: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    if reduces(getattr(root, STATE_ATTR).plan):
-        raise ValueError(
-            "forward_intermediates (and features_only models) return feature maps on the full patch grid, which a "
-            "pumer_patch-reduced ViT does not keep; pumer_patch.remove(model) first, or use forward_features"
-        )
-    return library(*args, **kwargs)
-
-
-def _no_script(root: nn.Module) -> None:
-    raise TypeError(
-        "torch.jit.script cannot compile a pumer_patch-patched timm model (its loop uses data-dependent Python); "
-        "use torch.compile, or pumer_patch.remove(model) before scripting"
-    )
-
-
-class PumerEva(Eva):
+class PumerEva(PumerTimmRoot, Eva):
     """``Eva`` whose features come from the reducing loop; see the module docstring."""
 
     _pumer_patched = True
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        return _eva_forward_features(self, super().forward_features, x, attn_mask, is_causal)
+        """(B, 3, H, W) -> (B, N', C); the features carry their token sizes."""
+        state: PatchState = getattr(self, STATE_ATTR)
+        if not reduces(state.plan):
+            record_trace(state, Trace())
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        refuse_masks(attn_mask, is_causal)
+        if self.patch_drop is not None and self.training:
+            raise ValueError(
+                "patch dropout (patch_drop_rate) in training drops cells that timm's _pos_embed does not name, so a "
+                "pumer_patch-reduced Eva cannot place its tokens; train with patch_drop_rate=0, or remove the patch"
+            )
+        embedded = self.patch_embed(x)
+        grid = _grid_of(self, embedded)
+        x, rope = self._pos_embed(embedded)
+        x = self.norm_pre(x)
+        position = state.plan.options.merge_position
+        step = EvaStep(self, rope, grid, position)
+        carry = _grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, position == "mean")
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        tokens, trace = run_blocks(
+            self.blocks, x, state.plan, step, protected=self.num_prefix_tokens, checkpointing=checkpointing, carry=carry
+        )
+        trace.grid = grid
+        record_trace(state, trace)
+        return with_token_sizes(self.norm(tokens.x), tokens.size)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        return _eva_pool(self, super().pool, x, pool_type)
+        """(B, N', C) -> (B, C), counting each token by its size where the pooling averages."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        latent = isinstance(self.attn_pool, AttentionPoolLatent)
+        if not latent and pool_type not in ("avg", "avgmax"):
+            return super().pool(x, pool_type)
+        size = pooling_sizes(self, x, "attention" if latent else pool_type)
+        if size is None:
+            return super().pool(x, pool_type)
+        if latent:  # timm's Eva pools prefix tokens too
+            return self.attn_pool(x, attn_mask=attention_bias(size, None, x.dtype))
+        start = self.num_prefix_tokens
+        mean = weighted_mean(x[:, start:], size[:, start:])
+        return mean if pool_type == "avg" else 0.5 * (x[:, start:].amax(dim=1) + mean)
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        return _forward_intermediates(self, super().forward_intermediates, *args, **kwargs)
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        _no_script(self)
-        return self
-
-
-class PumerBeit(Beit):
+class PumerBeit(PumerTimmRoot, Beit):
     """``Beit`` whose features come from the reducing loop and whose head pools by token sizes.
 
     ``forward_features`` and ``forward_head`` repeat timm 1.0's embedding and head lines around the
@@ -632,7 +434,7 @@ class PumerBeit(Beit):
     def forward_features(self, x: Tensor) -> Tensor:
         state: PatchState = getattr(self, STATE_ATTR)
         if not reduces(state.plan):
-            state.last = Trace()
+            record_trace(state, Trace())
             return super().forward_features(x)
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
@@ -640,30 +442,27 @@ class PumerBeit(Beit):
             x = x + self.pos_embed
         x = self.pos_drop(x)
         shared = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        family = _beit_family(self, shared)
-        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         grid = tuple(self.patch_embed.grid_size)
-        tokens, state.last = _run_blocks(self.blocks, x, state, family, self.num_prefix_tokens, grid, checkpointing)
-        return remember_sizes(self.norm(tokens.x), tokens.size)
+        mean = state.plan.options.merge_position == "mean"
+        carry = _grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, mean)
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        tokens, trace = run_blocks(
+            self.blocks, x, state.plan, BeitStep(self, shared), protected=self.num_prefix_tokens,
+            checkpointing=checkpointing, carry=carry,
+        )
+        trace.grid = grid
+        record_trace(state, trace)
+        return with_token_sizes(self.norm(tokens.x), tokens.size)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool != "avg":
             return super().forward_head(x, pre_logits)
-        size = sizes_of(x)
+        size = pooling_sizes(self, x, "avg")
         if size is None:
-            if _merges(self):
-                raise _unknown_sizes(self, "avg")
             return super().forward_head(x, pre_logits)
         x = weighted_mean(x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:])
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        return _forward_intermediates(self, super().forward_intermediates, *args, **kwargs)
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        _no_script(self)
-        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,14 +471,6 @@ class PumerBeit(Beit):
 
 _ROOTS: dict[type[nn.Module], type[nn.Module]] = {Eva: PumerEva, Beit: PumerBeit}
 _OVERRIDES = ("forward", "forward_features", "forward_head", "pool", "forward_intermediates")
-
-
-def _library_class(module: nn.Module) -> type[nn.Module]:
-    """timm's class of ``module``, under our patch and under any class another tool put on top of it."""
-    for cls in type(module).__mro__:
-        if "_pumer_patched" in vars(cls):
-            return cls.__bases__[0]
-    return type(module)
 
 
 class TimmEvaAdapter(Adapter):
@@ -694,28 +485,22 @@ class TimmEvaAdapter(Adapter):
         return root.blocks
 
     def check(self, root: nn.Module) -> None:
-        library = _library_class(root)
+        library = library_class(root)
         expected = Eva if isinstance(root, Eva) else Beit
         ensure_class(root, expected, f"timm {library.__qualname__}", _OVERRIDES)
         name = expected.__qualname__
         for i, block in enumerate(root.blocks):
             if expected is Eva:
-                block_class = EvaBlockPostNorm if _library_class(block) is EvaBlockPostNorm else EvaBlock
+                block_class = EvaBlockPostNorm if library_class(block) is EvaBlockPostNorm else EvaBlock
                 ensure_class(block, block_class, f"{name}.blocks[{i}]")
-                attn_class = AttentionRope if _library_class(block.attn) is AttentionRope else EvaAttention
+                attn_class = AttentionRope if library_class(block.attn) is AttentionRope else EvaAttention
                 ensure_class(block.attn, attn_class, f"{name}.blocks[{i}].attn")
             else:
                 ensure_class(block, BeitBlock, f"{name}.blocks[{i}]")
                 ensure_class(block.attn, BeitAttention, f"{name}.blocks[{i}].attn")
         if expected is Eva and isinstance(root.attn_pool, AttentionPoolLatent) and root.attn_pool.pos_embed is not None:
             raise ValueError("this Eva's attention pool adds a position embedding per token, which a reduced ViT lacks")
-        version = Version(timm.__version__)
-        if not _TESTED[0] <= version < _TESTED[1]:
-            warnings.warn(
-                f"pumer_patch's timm_eva adapter repeats Eva / Beit forward_features lines as of timm "
-                f"{_TESTED[0]}..<{_TESTED[1]}; found {version}. Check zero-reduction parity.",
-                stacklevel=3,
-            )
+        warn_if_untested_timm("Eva / Beit forward_features")
 
     def resolve_options(
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
@@ -729,8 +514,8 @@ class TimmEvaAdapter(Adapter):
         return EvaOptions(vit.merge_schedule, vit.relevance, position)
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
-        found: list[tuple[nn.Module, type[nn.Module]]] = [(root, _ROOTS[_library_class(root)])]
-        if _library_class(root) is Beit:
+        found: list[tuple[nn.Module, type[nn.Module]]] = [(root, _ROOTS[library_class(root)])]
+        if library_class(root) is Beit:
             own = [b.attn for b in root.blocks if b.attn.relative_position_bias_table is not None]
             found += [(attn, PumerBeitAttention) for attn in own]
         return found

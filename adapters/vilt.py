@@ -16,9 +16,9 @@ Two instance classes are switched per patched ``ViltModel``:
 Option ``attention="sdpa"`` (default ``"eager"``, ViLT's own): every layer of the loop computes its
 self-attention with ``F.scaled_dot_product_attention`` from the layer's own query/key/value/output
 projections, and a reduce layer computes only the text query rows of the attention probabilities
-for its relevance (``2 B H T L d`` more FLOPs). On a 2-core CPU, one ViLT-B/32 attention module at
-batch 8 runs 1.33x faster at 185 tokens and 1.0-1.1x at 53-120 tokens; outputs agree with eager to
-about 1e-6 relative in float32 (``test_sdpa_matches_eager``). Attention dropout still applies in
+for its relevance (``2 B H T L d`` more FLOPs). On CPU it pays off at long sequences and about
+breaks even at short ones (README, "Benchmarks"); outputs agree with eager to float32 rounding
+(``test_sdpa_matches_eager``). Attention dropout still applies in
 training; the relevance rows are taken before dropout. ``output_attentions=True`` runs that forward
 eagerly (SDPA returns no probabilities). With ``attention="sdpa"`` the loop runs even when nothing
 is reduced (``layers=[]``), so SDPA alone can be had.
@@ -41,16 +41,13 @@ When the plan reduces nothing (and attention is eager), both fall through to the
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 import transformers
-from packaging.version import Version
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.vilt.modeling_vilt import (
@@ -66,12 +63,12 @@ from transformers.models.vilt.modeling_vilt import (
 from pumer_patch.core import Mode, Tokens, masked_softmax, reduce_tokens, take_rows, text_to_image_relevance, unmerge
 from pumer_patch.ratios import Ratios
 
-from ._loop import CallScope, Loop, Policy, key_bias, output_of, start
-from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class
+from ._loop import CallScope, Policy, Recorder, captured, key_bias, start
+from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, record_trace, warn_if_untested
 
 __all__ = ["ViltAdapter", "ViltOptions", "PumerViltModel", "PumerViltEmbeddings", "PumerViltEncoder", "unmerge_hidden"]
 
-_TESTED = (Version("4.40"), Version("6"))
+_TESTED = ("4.40", "6")
 
 
 @dataclass(frozen=True)
@@ -184,7 +181,7 @@ class PumerViltEncoder(ViltEncoder):
         plan, options = state.plan, state.plan.options
         sdpa = options.attention == "sdpa" and not output_attentions
         if not plan.schedule and not sdpa:  # nothing to reduce (reference mode included: the library's own attention)
-            state.last = Trace()
+            record_trace(state, Trace())
             return super().forward(hidden_states, attention_mask, output_attentions, output_hidden_states, return_dict)
         call = _CALL.get(state)
         if call is None or call.text_len is None:
@@ -193,7 +190,7 @@ class PumerViltEncoder(ViltEncoder):
                 "call the model (or pumer_patch.remove it first to use the encoder alone)"
             )
         policy = Policy.of(plan.mode)
-        loop = Loop(plan, checkpointing=_checkpointing(self))
+        loop = Recorder(plan, checkpointing=_checkpointing(self))
         n_text0 = call.text_len
         sources = plan.trace or options.unmerge_text
         real = _key_mask(attention_mask, hidden_states)
@@ -214,8 +211,8 @@ class PumerViltEncoder(ViltEncoder):
             attn = None
             if ratios is None and kind == "eager":
                 # transformers >= 4.52: a ViltLayer checkpoints itself when asked
-                run = layer if getattr(layer, "gradient_checkpointing", False) else partial(loop.run, layer)
-                out = run(h, bias, output_attentions)
+                itself = bool(getattr(layer, "gradient_checkpointing", False))
+                out = loop.run(_library_layer, layer, h, bias, output_attentions, library_checkpoints=itself)
                 h, attn = out[0], (out[1] if output_attentions else None)
             elif ratios is None:
                 h, attn = loop.run(_own_layer, layer, h, bias, kind)
@@ -232,9 +229,9 @@ class PumerViltEncoder(ViltEncoder):
                 all_attn += (attn,)
 
         n_image = image.count
-        state.last = loop.trace(
+        record_trace(state, loop.trace(
             replace(image, x=h[:, -n_image:]), replace(text, x=h[:, :-n_image]), patch_index=call.patch_index, grid=call.grid
-        )
+        ))
         if options.unmerge_text and text.count != n_text0:
             # dense text outputs (masked LM, token classification) read every original text position
             h = torch.cat([unmerge(h[:, : text.count], text.source), h[:, text.count :]], dim=1)
@@ -320,9 +317,14 @@ def _attention_half(
         return layer.attention.output(context, h) + h, keys, probs
     x = layer.layernorm_before(h)
     # the keys are the merge metric; read from this call's key projection, not computed twice
-    with output_of(self_attn.key, x) as captured:
+    with captured(self_attn.key) as out:
         attn_out, probs = layer.attention(x, bias, output_attentions=True)
-    return attn_out + h, captured["out"], probs
+    return attn_out + h, out[0], probs
+
+
+def _library_layer(layer: ViltLayer, h: Tensor, bias: Tensor | None, output_attentions: bool) -> tuple[Tensor, ...]:
+    """The library's own ``ViltLayer`` call (eager attention, nothing to reduce)."""
+    return layer(h, bias, output_attentions)
 
 
 def _mlp_half(layer: ViltLayer, h: Tensor) -> Tensor:
@@ -366,7 +368,7 @@ def _reduce_layer(
         relevance,
         replace(image, x=h[:, n_text:]),
         ratios,
-        img_metric=metric[:, n_text:],
+        image_metric=metric[:, n_text:],
         text_tokens=replace(text, x=h[:, :n_text]),
         text_metric=metric[:, :n_text],
         mode=policy.mode,
@@ -415,13 +417,7 @@ class ViltAdapter(Adapter):
         ensure_class(root.encoder, ViltEncoder, "ViltModel.encoder")
         for i, layer in enumerate(root.encoder.layer):
             ensure_class(layer, ViltLayer, f"ViltModel.encoder.layer[{i}]")
-        version = Version(transformers.__version__)
-        if not _TESTED[0] <= version < _TESTED[1]:
-            warnings.warn(
-                f"pumer_patch's ViLT reduce layer repeats ViltLayer.forward as of transformers "
-                f"{_TESTED[0]}..<{_TESTED[1]}; found {version}. Check zero-reduction parity.",
-                stacklevel=3,
-            )
+        warn_if_untested("transformers", transformers.__version__, _TESTED, "ViltLayer.forward")
 
     def resolve_options(
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]

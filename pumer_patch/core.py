@@ -12,11 +12,15 @@ Two modes (see README, "Reference and default mode"):
 * ``"reference"``: the arithmetic of the PuMer research code, which its released checkpoints were
   trained with (ratios of all image tokens, prunable image [CLS], survivors sorted by relevance,
   ToMe's [unmerged A ; B] layout, plain means, no sizes, a layer that prunes nothing reduces nothing).
+  The research code's ViLT and METER differ in one rule, so reference mode has two rule sets
+  (``Research``): ``"meter"`` also prunes only where the layer merges image tokens (the text still
+  merges), and reduces nothing at all, nor counts as a reduce layer, where the prune ratio is 0.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
@@ -42,6 +46,10 @@ __all__ = [
     "gather_tokens",
     "take_rows",
     "reduce_tokens",
+    "reduces_layer",
+    "check_mode",
+    "query_relevance",
+    "Research",
     "text_to_image_relevance",
     "attention_bias",
     "masked_softmax",
@@ -51,6 +59,9 @@ __all__ = [
 
 Mode = Literal["default", "reference"]
 _MODES = ("default", "reference")
+#: whose research code ``mode="reference"`` reproduces (the module docstring says where they differ)
+Research = Literal["vilt", "meter"]
+_RESEARCH = ("vilt", "meter")
 
 
 @dataclass
@@ -91,11 +102,20 @@ class MergePlan(NamedTuple):
 
 @dataclass
 class Reduced:
-    """What ``reduce_tokens`` returns: the image tokens and, when given, the text tokens."""
+    """What ``reduce_tokens`` returns: the tokens, and the plans it applied to them.
+
+    image / text: the reduced tokens (text None when none were given). keep_idx: (B, K) image
+    indices kept by pruning, None if nothing was pruned. image_plan / text_plan: the merges applied
+    after pruning (indices into the K survivors), None where nothing merged. carry: the image
+    attachments given to ``reduce_tokens``, moved by the same indices and plans.
+    """
 
     image: Tokens
     text: Tokens | None
-    keep_idx: Tensor | None  # (B, K) image indices kept by pruning, None if nothing was pruned
+    keep_idx: Tensor | None
+    image_plan: MergePlan | None = None
+    text_plan: MergePlan | None = None
+    carry: tuple[Tensor, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,9 +123,11 @@ class Reduced:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: object) -> None:
+    """Raise ``ValueError`` unless ``mode`` is ``"default"`` or ``"reference"``."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+
 
 
 def _check_ratio(name: str, ratio: float) -> None:
@@ -138,6 +160,47 @@ def text_merge_count(n_text: int, ratio: float, protected: int = 1) -> int:
     return merge_count(n_text, round(ratio * n_text), protected)
 
 
+class _Counts(NamedTuple):
+    """What one reduce layer asks of the image: keep ``keep`` tokens, then ``merge`` merges.
+
+    ``merge`` is requested: ``merge_plan`` caps it at half of the mergeable survivors.
+    """
+
+    keep: int
+    merge: int
+
+
+def reduces_layer(ratios: RatiosLike, mode: Mode = "default", research: Research = "vilt") -> bool:
+    """Whether a planned layer is a reduce layer at all (else it runs, and is traced, as a plain one).
+
+    Only METER's research code says no: a layer whose prune ratio is 0 reduces nothing there.
+    """
+    return not (mode == "reference" and research == "meter" and Ratios.parse(ratios).prune == 0)
+
+
+def _layer_counts(
+    n: int, ratios: Ratios, mode: Mode, protected: int, research: Research, extra_merges: int = 0
+) -> tuple[_Counts | None, bool]:
+    """The image counts of one reduce layer on ``n`` tokens (None: the image stays as it is), and whether
+    the text merges (where its ratio asks).
+
+    default: prune ``round(p * M)`` of the ``M = n - protected`` unprotected tokens (at least one
+    left), merge ``round(m * M)`` (M before pruning) plus ToMe's ``extra_merges``.
+    reference: ``round(p * n)`` pruned (at least one kept), ``round(m * n)`` merged; a layer that
+    prunes nothing reduces nothing; METER's prunes only where it merges, and merges its text anyway.
+    """
+    if not reduces_layer(ratios, mode, research):
+        return None, False
+    if mode == "default":
+        return _Counts(n - prune_count(n, ratios.prune, protected), round(ratios.merge * (n - protected)) + extra_merges), True
+    n_prune, r = round(ratios.prune * n), round(ratios.merge * n)
+    if research == "meter" and r == 0:
+        return None, True
+    if n_prune == 0:
+        return None, False
+    return _Counts(max(n - n_prune, 1), r), True
+
+
 def reduced_counts(
     n_image: int,
     n_text: int,
@@ -145,6 +208,7 @@ def reduced_counts(
     mode: Mode = "default",
     image_protected: int = 1,
     text_protected: int = 1,
+    research: Research = "vilt",
 ) -> tuple[int, int]:
     """(image, text) token counts after one reduce layer, exactly as ``reduce_tokens`` produces them.
 
@@ -153,21 +217,19 @@ def reduced_counts(
     ``round(t * n_text)`` capped at half of the unprotected text tokens.
     reference: ``round(p * n_image)`` pruned (nothing protected, at least one kept); if that is zero
     the layer does nothing; else ``round(m * n_image)`` merged, capped at ``(kept - 1) // 2`` (the most
-    relevant survivor is never merged), and the text as in default mode.
+    relevant survivor is never merged), and the text as in default mode. ``research="meter"``: the
+    image stays whole where ``round(m * n_image)`` is zero, and nothing changes where ``p`` is 0.
     """
-    _check_mode(mode)
+    check_mode(mode)
     ratios = Ratios.parse(ratios)
-    if mode == "reference":
-        n_prune = round(ratios.prune * n_image)
-        if n_prune == 0:
-            return n_image, n_text
-        kept = max(n_image - n_prune, 1)
-        r = merge_count(kept, round(ratios.merge * n_image), 1)
-        return kept - r, n_text - text_merge_count(n_text, ratios.text_merge, 1)
-    mergeable = n_image - image_protected
-    kept = n_image - prune_count(n_image, ratios.prune, image_protected)
-    r = merge_count(kept, round(ratios.merge * mergeable), image_protected)
-    return kept - r, n_text - text_merge_count(n_text, ratios.text_merge, text_protected)
+    reference = mode == "reference"
+    counts, text_merges = _layer_counts(n_image, ratios, mode, image_protected, research)
+    image, text = n_image, n_text
+    if counts is not None:
+        image = counts.keep - merge_count(counts.keep, counts.merge, 1 if reference else image_protected)
+    if text_merges:
+        text = n_text - text_merge_count(n_text, ratios.text_merge, 1 if reference else text_protected)
+    return image, text
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,7 +536,7 @@ def text_to_image_relevance(attn: Tensor, text_mask: Tensor | None = None, mode:
     """
     if attn.dim() != 4:
         raise ValueError(f"attn must have shape (B, H, T, N), got {tuple(attn.shape)}")
-    _check_mode(mode)
+    check_mode(mode)
     if text_mask is not None and tuple(text_mask.shape) != tuple(attn.shape[::2]):
         raise ValueError(f"text_mask must have shape (B, T) = {tuple(attn.shape[::2])}, got {tuple(text_mask.shape)}")
     probs = attn.float().mean(dim=1)  # (B, T, N)
@@ -538,119 +600,202 @@ def unmerge(x: Tensor, source: Tensor, fill: float = 0.0) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _query_relevance(query: Tensor, keys: Tensor) -> Tensor:
-    """Softmax attention (B, N) of one query vector (B, C) over keys (B, N, C)."""
+def query_relevance(query: Tensor, keys: Tensor) -> Tensor:
+    """Relevance (B, N) from one query vector per sample: its softmax attention over the keys.
+
+    query: (B, C) or (B, 1, C), e.g. a text [CLS]; keys: (B, N, C), e.g. the image merge metric.
+    Scaled by ``1 / sqrt(C)``, computed in float32.
+    """
+    if query.dim() == 3 and query.shape[1] == 1:
+        query = query[:, 0]
+    if query.dim() != 2 or keys.dim() != 3 or query.shape[0] != keys.shape[0] or query.shape[1] != keys.shape[2]:
+        raise ValueError(
+            f"query must be (B, C) or (B, 1, C) for keys (B, N, C) = {tuple(keys.shape)}, got {tuple(query.shape)}"
+        )
     logits = torch.einsum("bc,bnc->bn", query.float(), keys.float()) / math.sqrt(keys.shape[-1])
     return logits.softmax(dim=-1)
 
 
-def _relevance_from_guide(text_cls: Tensor, image: Tokens, img_metric: Tensor | None) -> Tensor:
-    b, n = image.x.shape[:2]
-    if not isinstance(text_cls, Tensor) or not text_cls.is_floating_point():
-        raise TypeError("text_cls must be a floating Tensor: relevance (B, N) or a text query (B, C) / (B, 1, C)")
-    if text_cls.shape[0] != b:
-        raise ValueError(f"text_cls has batch {text_cls.shape[0]} but img_tokens has batch {b}")
-    keys = img_metric if img_metric is not None else image.x
-    if text_cls.dim() == 3 and text_cls.shape[1] == 1 and text_cls.shape[2] == keys.shape[-1]:
-        return _query_relevance(text_cls[:, 0], keys)
-    if text_cls.dim() == 2 and text_cls.shape[1] == n:  # read as relevance even when N == C
-        return text_cls
-    if text_cls.dim() == 2 and text_cls.shape[1] == keys.shape[-1]:
-        return _query_relevance(text_cls, keys)
-    raise ValueError(
-        f"text_cls must be relevance (B, N) = ({b}, {n}) or a query (B, C) with C = {keys.shape[-1]}; "
-        f"got {tuple(text_cls.shape)}"
-    )
+class _ImageStep(NamedTuple):
+    """The image half of a reduce step: the pruned tokens, and what merges them."""
+
+    pruned: Tokens
+    keep_idx: Tensor | None
+    plan: MergePlan | None
+
+
+def _check_inputs(
+    relevance: Tensor | None,
+    image_tokens: Tensor | Tokens,
+    ratios: RatiosLike,
+    image_metric: Tensor | None,
+    text_tokens: Tensor | Tokens | None,
+    text_metric: Tensor | None,
+    mode: Mode,
+    image_protected: int,
+    text_protected: int,
+    merge_style: str,
+    research: str,
+    extra_merges: int,
+    carry: tuple[Tensor, ...],
+) -> tuple[Ratios, Tokens, Tokens | None]:
+    """Every argument of ``reduce_tokens`` checked; the parsed ratios and the image and text ``Tokens``."""
+    check_mode(mode)
+    if merge_style not in ("tome", "tip"):
+        raise ValueError(f"merge_style must be 'tome' or 'tip', got {merge_style!r}")
+    if merge_style == "tip" and mode != "reference":
+        raise ValueError("merge_style='tip' is the research code's arithmetic: use it with mode='reference'")
+    if research not in _RESEARCH:
+        raise ValueError(f"research must be one of {_RESEARCH}, got {research!r}")
+    if isinstance(extra_merges, bool) or not isinstance(extra_merges, int) or extra_merges < 0:
+        raise ValueError(f"extra_merges must be a non-negative int (ToMe's r), got {extra_merges!r}")
+    if extra_merges and mode != "default":
+        raise ValueError("extra_merges is ToMe's schedule, which the research code (mode='reference') has not")
+    ratios = Ratios.parse(ratios)
+    image = _as_tokens("image_tokens", image_tokens)
+    b, n, _ = image.x.shape
+    if image_metric is not None:
+        _check_scores("image_metric", image_metric, b, n, rank=3)
+    text = None if text_tokens is None else _as_tokens("text_tokens", text_tokens)
+    if text is not None:
+        if text.x.shape[0] != b:
+            raise ValueError(f"text_tokens has batch {text.x.shape[0]} but image_tokens has batch {b}")
+        if text_metric is not None:
+            _check_scores("text_metric", text_metric, b, text.x.shape[1], rank=3)
+        _check_protected(text_protected, text.x.shape[1], "text_protected")
+    if relevance is None and ratios.prune > 0:
+        raise ValueError("pruning needs guidance: pass relevance (B, N) (e.g. query_relevance(text_cls, keys)), or prune=0")
+    if relevance is not None:
+        if not isinstance(relevance, Tensor) or not relevance.is_floating_point():
+            raise TypeError("relevance must be a floating Tensor (B, N); for a text query use query_relevance(query, keys)")
+        if tuple(relevance.shape) != (b, n):
+            raise ValueError(
+                f"relevance must be (B, N) = ({b}, {n}), one score per image token; got {tuple(relevance.shape)} "
+                f"(for a text query (B, C) pass query_relevance(query, keys))"
+            )
+    _check_protected(image_protected, n, "image_protected")
+    for value in carry:
+        if not isinstance(value, Tensor) or value.dim() not in (2, 3) or tuple(value.shape[:2]) != (b, n):
+            raise ValueError(f"each carry must be (B, N) or (B, N, K) with B, N = {b}, {n}, one row per image token")
+    return ratios, image, text
+
+
+def _image_step_default(image: Tokens, relevance: Tensor | None, metric: Tensor, counts: _Counts, protected: int) -> _ImageStep:
+    """Prune to the ``counts.keep`` most relevant, then match ``counts.merge`` pairs.
+
+    Protected tokens stay first and whole; survivors keep their spatial order.
+    """
+    keep_idx = None
+    if counts.keep < image.count:
+        keep_idx = prune_indices(relevance, counts.keep, protected, keep_order=True, mask=image.mask)
+        image, metric = gather_tokens(image, keep_idx), take_rows(metric, keep_idx)
+    plan = merge_plan(metric, counts.merge, protected, keep_order=True, mask=image.mask)
+    return _ImageStep(image, keep_idx, plan)
+
+
+def _image_step_reference(
+    image: Tokens, relevance: Tensor | None, metric: Tensor, counts: _Counts, merge_style: str
+) -> _ImageStep:
+    """The research code's: nothing protected from pruning, survivors sorted by relevance, ToMe's layout.
+
+    Its ToMe (``class_token=True``) on relevance-sorted survivors protects the most relevant one.
+    ``"tip"`` matches keys scaled by each survivor's relevance. The image mask is reset to ones.
+    """
+    image = replace(image, mask=None)
+    keep_idx = None
+    if counts.keep < image.count:
+        keep_idx = prune_indices(relevance, counts.keep, 0, keep_order=False)
+        image, metric = gather_tokens(image, keep_idx), take_rows(metric, keep_idx)
+    if merge_style == "tip":  # (B, K, D) keys scaled by the survivors' relevance, in relevance order
+        kept_relevance = relevance if keep_idx is None else relevance.gather(1, keep_idx)
+        metric = metric * kept_relevance.unsqueeze(-1)
+    plan = merge_plan(metric, counts.merge, 1, keep_order=False)
+    return _ImageStep(image, keep_idx, plan)
+
+
+def _text_step(text: Tokens, metric: Tensor, ratio: float, mode: Mode, protected: int) -> tuple[Tokens, MergePlan | None]:
+    """Merge ``text_merge_count`` text tokens within the text (the reference mode: [CLS] only kept, plain means,
+    ToMe's layout, the mask averaged like the features but ignored by the matching)."""
+    reference = mode == "reference"
+    protected = 1 if reference else protected
+    r = text_merge_count(text.count, ratio, protected)
+    plan = merge_plan(metric, r, protected, keep_order=not reference, mask=None if reference else text.mask)
+    return apply_merge(text, plan, weighted=not reference), plan
+
+
+def _carried(value: Tensor, step: _ImageStep, weighted: bool) -> Tensor:
+    """An attachment (B, N) or (B, N, K) moved as the image tokens: pruned rows dropped; a merged group takes the
+    (size-weighted) mean of its members' values when they are floating, the surviving destination's otherwise."""
+    flat = value.dim() == 2
+    value = value.unsqueeze(-1) if flat else value  # (B, N, K)
+    if step.keep_idx is not None:
+        value = take_rows(value, step.keep_idx)
+    if step.plan is not None:
+        if value.is_floating_point():
+            value = apply_merge(replace(step.pruned, x=value, source=None), step.plan, weighted).x
+        else:
+            value = take_rows(value, step.plan.kept)
+    return value.squeeze(-1) if flat else value
 
 
 def reduce_tokens(
-    text_cls: Tensor | None,
-    img_tokens: Tensor | Tokens,
+    relevance: Tensor | None,
+    image_tokens: Tensor | Tokens,
     ratios: RatiosLike,
     *,
-    img_metric: Tensor | None = None,
+    image_metric: Tensor | None = None,
     text_tokens: Tensor | Tokens | None = None,
     text_metric: Tensor | None = None,
     mode: Mode = "default",
     image_protected: int = 1,
     text_protected: int = 1,
     merge_style: Literal["tome", "tip"] = "tome",
+    research: Research = "vilt",
+    extra_merges: int = 0,
+    carry: Sequence[Tensor] = (),
 ) -> Reduced:
     """One PuMer reduce step: text-informed pruning, then merging within each modality.
 
-    text_cls: the text-side guide, one of
-        * (B, N) relevance of each image token, e.g. ``text_to_image_relevance(attn, text_mask)``;
-          this is what the model adapters pass;
-        * (B, C) or (B, 1, C) a text query (e.g. the text [CLS]); relevance is then its softmax
-          attention over ``img_metric`` (or the image features). A (B, N) tensor is read as
-          relevance even when N == C: pass (B, 1, C) for a query then;
-        * None: no guidance; only allowed with ``ratios.prune == 0``.
-    img_tokens: (B, N, C) or ``Tokens``, the image [CLS] (if any) first.
+    relevance: (B, N) how much each image token matters, higher kept, e.g.
+        ``text_to_image_relevance(attn, text_mask)`` or, from a text query, ``query_relevance(query,
+        keys)``; None: no guidance, only allowed with ``ratios.prune == 0``.
+    image_tokens: (B, N, C) or ``Tokens``, the image [CLS] (if any) first.
     ratios: ``Ratios``, ``"p0.1-r0.3-t0.2"``, a mapping or a 3-tuple.
-    img_metric: (B, N, D) merge similarity features (attention keys averaged over heads); defaults
+    image_metric: (B, N, D) merge similarity features (attention keys averaged over heads); defaults
         to the image features. text_tokens / text_metric: (B, T, C) / (B, T, D), text [CLS] first;
         merged within the text only when ``ratios.text_merge > 0``.
     image_protected / text_protected: leading tokens never pruned or merged (default mode only; the
         reference mode protects the most relevant image survivor and the text [CLS], as the paper).
-    merge_style: how image tokens merge; ``"tome"`` (ToMe: cosine of ``img_metric``, means) or, in
+    merge_style: how image tokens merge; ``"tome"`` (ToMe: cosine of ``image_metric``, means) or, in
         reference mode only, ``"tip"`` (the research code's ViLT option): the match compares
-        ``img_metric`` scaled by each survivor's relevance, and a merged group becomes the *sum* of its
+        ``image_metric`` scaled by each survivor's relevance, and a merged group becomes the *sum* of its
         members. Text always merges ToMe's way.
+    research: the reference rule set, ``"vilt"`` or ``"meter"`` (module docstring).
+    extra_merges: ToMe's r, image merges on top of the merge ratio's in the same matching (default mode).
+    carry: attachments of the image tokens, (B, N) or (B, N, K) each (grid positions, cells), moved
+        like the tokens: ``Reduced.carry`` (floating ones are averaged over a merged group as the
+        features are, others keep the surviving destination's value).
 
-    Counts follow ``reduced_counts``. Returns ``Reduced(image, text, keep_idx)``.
+    Counts follow ``reduced_counts``. Returns ``Reduced`` with the tokens and the plans used.
     """
-    _check_mode(mode)
-    if merge_style not in ("tome", "tip"):
-        raise ValueError(f"merge_style must be 'tome' or 'tip', got {merge_style!r}")
-    if merge_style == "tip" and mode != "reference":
-        raise ValueError("merge_style='tip' is the research code's arithmetic: use it with mode='reference'")
-    ratios = Ratios.parse(ratios)
-    image = _as_tokens("img_tokens", img_tokens)
-    b, n, _ = image.x.shape
-    if img_metric is not None:
-        _check_scores("img_metric", img_metric, b, n, rank=3)
-    text = None if text_tokens is None else _as_tokens("text_tokens", text_tokens)
-    if text is not None:
-        if text.x.shape[0] != b:
-            raise ValueError(f"text_tokens has batch {text.x.shape[0]} but img_tokens has batch {b}")
-        if text_metric is not None:
-            _check_scores("text_metric", text_metric, b, text.x.shape[1], rank=3)
-        _check_protected(text_protected, text.x.shape[1], "text_protected")
-    if text_cls is None and ratios.prune > 0:
-        raise ValueError("pruning needs guidance: pass text_cls (relevance (B, N) or a text query), or prune=0")
-    _check_protected(image_protected, n, "image_protected")
-    relevance = None if text_cls is None else _relevance_from_guide(text_cls, image, img_metric)
-
+    carry = tuple(carry)
+    ratios, image, text = _check_inputs(
+        relevance, image_tokens, ratios, image_metric, text_tokens, text_metric, mode, image_protected,
+        text_protected, merge_style, research, extra_merges, carry,
+    )
     reference = mode == "reference"
-    if reference:
-        n_prune = round(ratios.prune * n)
-        if n_prune == 0:  # the research code reduces nothing in a layer that prunes nothing
-            return Reduced(image, text, None)
-        n_keep, protected_img, r_img = max(n - n_prune, 1), 0, round(ratios.merge * n)
-        image = replace(image, mask=None)  # the research code resets image masks to ones
-    else:
-        n_keep = n - prune_count(n, ratios.prune, image_protected)
-        protected_img, r_img = image_protected, round(ratios.merge * (n - image_protected))
-
-    keep_idx = None
-    metric = img_metric if img_metric is not None else image.x
-    if n_keep < n:
-        keep_idx = prune_indices(relevance, n_keep, protected_img, keep_order=not reference, mask=image.mask)
-        image = gather_tokens(image, keep_idx)
-        metric = take_rows(metric, keep_idx)
-
-    # reference: ToMe with class_token=True on relevance-sorted survivors protects the most relevant one
-    merge_protected = 1 if reference else protected_img
-    if merge_style == "tip":  # (B, K, D) keys scaled by the survivors' relevance, in relevance order
-        kept_relevance = relevance if keep_idx is None else relevance.gather(1, keep_idx)
-        metric = metric * kept_relevance.unsqueeze(-1)
-    plan = merge_plan(metric, r_img, merge_protected, keep_order=not reference, mask=image.mask)
-    image = apply_merge(image, plan, weighted=not reference, reduce="sum" if merge_style == "tip" else "mean")
-
-    if text is not None and ratios.text_merge > 0:
-        t_protected = 1 if reference else text_protected
-        r_text = text_merge_count(text.x.shape[1], ratios.text_merge, t_protected)
+    counts, text_merges = _layer_counts(image.count, ratios, mode, image_protected, research, extra_merges)
+    reduced = Reduced(image, text, None, carry=carry)
+    if counts is not None:
+        metric = image_metric if image_metric is not None else image.x
+        if reference:
+            step = _image_step_reference(image, relevance, metric, counts, merge_style)
+        else:
+            step = _image_step_default(image, relevance, metric, counts, image_protected)
+        merged = apply_merge(step.pruned, step.plan, weighted=not reference, reduce="sum" if merge_style == "tip" else "mean")
+        carried = tuple(_carried(value, step, not reference) for value in carry)
+        reduced = Reduced(merged, text, step.keep_idx, step.plan, carry=carried)
+    if text is not None and text_merges and ratios.text_merge > 0:
         t_metric = text_metric if text_metric is not None else text.x
-        t_plan = merge_plan(t_metric, r_text, t_protected, keep_order=not reference, mask=None if reference else text.mask)
-        text = apply_merge(text, t_plan, weighted=not reference)
-    return Reduced(image, text, keep_idx)
+        reduced.text, reduced.text_plan = _text_step(text, t_metric, ratios.text_merge, mode, text_protected)
+    return reduced

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
 from .adapters import REGISTRY, get_adapter, loaded_adapters
-from .adapters.base import STATE_ATTR, Adapter, PatchState, Plan, Trace, check_restorable
-from .core import _MODES, Mode
+from .adapters.base import STATE_ATTR, Adapter, PatchState, Plan, Trace, check_restorable, collecting_traces, own_trace
+from .core import Mode, check_mode
 from .ratios import Ratios, RatiosLike, parse_config
 
-__all__ = ["apply", "apply_from_config", "remove", "is_patched", "last_trace", "patched_roots"]
+__all__ = ["apply", "apply_from_config", "remove", "is_patched", "last_trace", "recording", "patched_roots"]
 
 LayerSchedule = Mapping[int, RatiosLike]
 
@@ -108,6 +109,25 @@ def _find_roots(model: nn.Module) -> list[tuple[Adapter, nn.Module]]:
     return [(adapter, root) for adapter, root in found if id(root) not in nested]
 
 
+def _refuse_unknown_timm_vits(model: nn.Module, roots: list[tuple[Adapter, nn.Module]]) -> None:
+    """Refuse a timm ViT-like model that no adapter claimed (its own block classes: ``VisionTransformerRelPos``, ...).
+
+    Left alone, it would run unreduced while the user asked for a reduction.
+    """
+    owned = {id(m) for _, root in roots for m in root.modules()}
+    for module in model.modules():
+        if (
+            id(module) not in owned
+            and type(module).__module__.startswith("timm.models.")
+            and hasattr(module, "blocks")
+            and hasattr(module, "patch_embed")
+        ):
+            supported = "; ".join(get_adapter(name).supports for name in ("timm", "timm_eva"))
+            raise ValueError(
+                f"timm's {type(module).__qualname__} has its own block classes; pumer_patch supports {supported}"
+            )
+
+
 def apply(
     model: nn.Module,
     layers: Sequence[int] | str | None = None,
@@ -134,7 +154,7 @@ def apply(
             ``"reference"`` (the research code's arithmetic, for PuMer's released checkpoints).
 
     To tinker with:
-        trace: record per-token sizes and source maps of the last forward (``last_trace``).
+        trace: record per-token sizes and source maps in each forward's trace (``last_trace``, ``recording``).
         **options: adapter options, e.g. ViLT ``fixed_patch_order``, ``unmerge_text`` and
             ``attention="sdpa"``, timm and open_clip ``merge_schedule`` and ``relevance``; an unknown
             one is an error that lists the accepted ones.
@@ -142,14 +162,14 @@ def apply(
     Validates everything before changing anything; a model already patched by pumer_patch is
     re-patched (the old patch removed first), never stacked. The state_dict does not change.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    check_mode(mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(trace, bool):
         raise TypeError(f"trace must be True or False, got {trace!r}")
     schedule, from_paper = _resolve_schedule(layers, ratios, prune_ratio, merge_ratio, text_merge_ratio, bool(options))
     roots = _find_roots(model)
+    _refuse_unknown_timm_vits(model, roots)
     if not roots:
         supported = "; ".join(get_adapter(name).supports for name in REGISTRY)
         raise TypeError(
@@ -226,9 +246,30 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def last_trace(model: nn.Module) -> Trace | list[Trace | None] | None:
-    """The ``Trace`` of the last forward of each patched root (one, or a list if several)."""
-    traces = [getattr(root, STATE_ATTR).last for root in patched_roots(model)]
-    if not traces:
+def _states(model: nn.Module) -> list[PatchState]:
+    states = [getattr(root, STATE_ATTR) for root in patched_roots(model)]
+    if not states:
         raise ValueError("the model is not patched; call pumer_patch.apply first")
+    return states
+
+
+def last_trace(model: nn.Module) -> Trace | list[Trace | None] | None:
+    """The ``Trace`` of this thread's last forward of each patched root (one, or a list if several).
+
+    Traces are recorded per call: another thread's forwards, or a forward in another asyncio task,
+    never show here. None for a root this thread has not run since the patch. A head that runs a root
+    twice (NLVR2's two images) keeps the second pass here; ``recording`` keeps every pass.
+    """
+    traces = [own_trace(state) for state in _states(model)]
     return traces[0] if len(traces) == 1 else traces
+
+
+@contextmanager
+def recording(model: nn.Module) -> Iterator[list[Trace]]:
+    """``with pumer_patch.recording(model) as traces:``: every forward of a patched root of ``model`` in the block.
+
+    The list gets one ``Trace`` per root forward, in call order (NLVR2's two ViLT passes are two
+    entries), from this thread only.
+    """
+    with collecting_traces(_states(model)) as traces:
+        yield traces

@@ -4,9 +4,9 @@ Per entry: zero-ratio bit parity, apply -> remove round trip (classes, hooks, at
 outputs), re-apply replaces, copies (deepcopy, pickle, torch.save, save_pretrained), the bad-input
 table with the model untouched after each row, numpy indices, training gradients, gradient
 checkpointing counted block by block, torch.compile, bf16 autocast, float64, and ``remove`` refusing
-a model another tool patched on top of ours. Then ownership of nested roots (issue 10, item 3) and
-one test per silent-wrong case of issue 10, item 7. Family-specific behaviour stays in the family's
-own test file.
+a model another tool patched on top of ours. Then ownership of nested roots, one test per case that
+would otherwise be silently wrong, every block through the loop's ``Recorder``, and traces kept per
+call. Family-specific behaviour stays in the family's own test file.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import pumer_patch
 from contract_models import ENTRIES, TIMM_TINY, Entry, blocks, by_name
 from model_state import same, snapshot
 from pumer_patch.adapters import get_adapter
+from pumer_patch.adapters._loop import watching
 from pumer_patch.adapters.base import SHARED_ATTR, STATE_ATTR
 from pumer_patch.adapters.open_clip import text_guidance
 
@@ -105,7 +106,7 @@ def test_apply_twice_replaces_never_stacks(entry):
     adapter = get_adapter(entry.family)
     for root in roots(entry, model):
         for module, patched in adapter.swaps(root):
-            assert type(module) is patched and "_pumer_patched" not in vars(patched.__bases__[0])
+            assert type(module) is patched and "_pumer_patched" not in vars(patched.__bases__[-1])  # the library's
     once = pumer_patch.apply(entry.build(), **entry.patch)
     assert torch.equal(output(entry, model, inputs), output(entry, once, inputs))
     assert patched_counts(model) == entry.patch["layers"]
@@ -364,7 +365,7 @@ def test_remove_refuses_a_model_another_tool_patched_on_top(entry):
 
 
 # ---------------------------------------------------------------------------------------------
-# ownership (issue 10, item 3)
+# ownership of nested roots
 # ---------------------------------------------------------------------------------------------
 
 
@@ -402,7 +403,7 @@ def test_a_root_nested_inside_another_familys_root_is_left_to_its_owner(outer):
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 10, item 7: each silent-wrong case is right or a clear error (malformed inputs, reference
+# each case that would be silently wrong is right or a clear error (malformed inputs, reference
 # mode on timm / open_clip, float64 and remove after another tool's patch are rows and checks above)
 # ---------------------------------------------------------------------------------------------
 
@@ -429,7 +430,7 @@ def test_features_the_model_did_not_return_are_refused(name):
     with torch.no_grad():
         features = model.forward_features(entry.inputs()["x"])
         for other in (features.detach(), features[:, :], features.clone()):
-            with pytest.raises(ValueError, match="not the tensor this pumer_patch-reduced model's forward_features"):
+            with pytest.raises(pumer_patch.TokenSizesLost, match="pooling got features whose token sizes are unknown"):
                 model.forward_head(other)
 
 
@@ -547,3 +548,40 @@ def test_torch_jit_script_of_a_patched_timm_model_names_the_patch():
     model = pumer_patch.apply(by_name("timm-vit").build(), **by_name("timm-vit").patch)
     with pytest.raises(TypeError, match="torch.jit.script cannot compile a pumer_patch-patched timm model"):
         torch.jit.script(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# one loop per family, traces per call
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids)
+def test_every_block_runs_through_the_loops_recorder(entry):
+    model = pumer_patch.apply(entry.build(), **entry.patch)
+    inputs = entry.inputs()
+    with watching() as seen:
+        output(entry, model, inputs)
+    for root in roots(entry, model):
+        layers = list(get_adapter(entry.family).blocks(root))
+        ran = [b for b in seen if any(b is layer for layer in layers)]
+        assert ran[: len(layers)] == layers  # every block, in order, through the Recorder
+    with watching() as unpatched:
+        output(entry, entry.build(), inputs)
+    assert unpatched == []  # the test can tell: the library's own forward runs no Recorder
+
+
+@pytest.mark.parametrize("name", ["vilt-ForImagesAndTextClassification", "meter-VisualReasoning"])
+def test_recording_keeps_both_nlvr2_passes(name):
+    entry = by_name(name)
+    model = pumer_patch.apply(entry.build(), **entry.patch, trace=True)
+    with pumer_patch.recording(model) as traces:
+        output(entry, model, entry.inputs())
+    assert len(traces) == 2
+    assert pumer_patch.last_trace(model) is traces[1]  # last_trace keeps the second pass only
+    assert not torch.equal(traces[0].image.x, traces[1].image.x)  # two images, two traces
+    with pumer_patch.recording(model) as none:
+        pass
+    assert none == []
+    with pytest.raises(ValueError, match="not patched"):
+        with pumer_patch.recording(entry.build()):
+            pass

@@ -30,6 +30,7 @@ from pumer_patch.core import (
     prune_count,
     prune_indices,
     prune_tokens,
+    query_relevance,
     reduce_tokens,
     reduced_counts,
     take_rows,
@@ -195,7 +196,7 @@ def test_reduced_counts_follow_the_documented_formulas(n_image, n_text, r, image
 
 
 def test_reference_counts_reproduce_the_paper_numbers():
-    """DESIGN.md section 5: ViLT p0.1-r0.3-t0.2 at three layers, 145 image and 32 text tokens."""
+    """docs/design.md, "Reference mode": ViLT p0.1-r0.3-t0.2 at three layers, 145 image and 32 text tokens."""
     expected = [(145, 32), (87, 26), (52, 21), (31, 17)]
     counts = [expected[0]]
     for _ in range(3):
@@ -332,13 +333,14 @@ def test_batching_is_per_sample_and_deterministic(case, r, protected, mode, guid
     real[:, :protected] = True
     text_len = torch.randint(1, case.text + 1, (case.batch,), generator=g).tolist()
     text_mask = _trailing_mask(text_len, case.text)
-    text_cls = case.relevance(g) if guide == "relevance" else randn(g, (case.batch, 1, 8), torch.float32)
+    query = randn(g, (case.batch, 1, metric.shape[-1]), torch.float32)
+    relevance = case.relevance(g) if guide == "relevance" else query_relevance(query, metric)
 
     def run(s: slice):
         image = Tokens(x[s], size=torch.ones(x[s].shape[:2]), source=init_source(*x[s].shape[:2]), mask=real[s])
         text = Tokens(t[s], source=init_source(*t[s].shape[:2]), mask=text_mask[s])
         return reduce_tokens(
-            text_cls[s], image, r, img_metric=metric[s], text_tokens=text, text_metric=text_metric[s], mode=mode,
+            relevance[s], image, r, image_metric=metric[s], text_tokens=text, text_metric=text_metric[s], mode=mode,
             image_protected=protected,
         )
 
@@ -606,7 +608,7 @@ def test_reference_mode_reproduces_the_research_code(case, r):
     ]
     assume(min(e[3] for e in expected) > 1e-5)  # no near-tie that float32 and float64 may break apart
     out = reduce_tokens(
-        relevance, Tokens(x), r, img_metric=metric, text_tokens=Tokens(t, mask=text_mask), text_metric=text_metric,
+        relevance, Tokens(x), r, image_metric=metric, text_tokens=Tokens(t, mask=text_mask), text_metric=text_metric,
         mode="reference",
     )
     for i, (image, text, mask, _) in enumerate(expected):
@@ -632,7 +634,7 @@ def test_reduce_is_pruning_then_merging(case, r, protected, mode):
     assume(protected <= case.tokens)
     g = case.generator()
     x, relevance, metric = case.image(g), case.relevance(g), case.metric(g)
-    out = reduce_tokens(relevance, _tokens(x), r, img_metric=metric, mode=mode, image_protected=protected)
+    out = reduce_tokens(relevance, _tokens(x), r, image_metric=metric, mode=mode, image_protected=protected)
     n = case.tokens
     if mode == "default":
         kept = prune_tokens(_tokens(x), relevance, r.prune, protected=protected)
@@ -690,14 +692,15 @@ def test_attention_bias_is_log_size_and_dtype_min_on_padding(case, with_size, wi
 
 @given(case=cases(min_tokens=3, max_tokens=100, dtype=F32), as_3d=st.booleans())
 def test_a_text_query_guides_like_its_softmax_relevance(case, as_3d):
-    assume(as_3d or case.tokens != 8)  # a (B, C) query with C == N reads as relevance, as documented
     g = case.generator()
     x, metric = case.image(g), case.metric(g)
     query = randn(g, (case.batch, 8), torch.float32)
     relevance = (torch.einsum("bc,bnc->bn", query, metric) / math.sqrt(8)).softmax(-1)
+    from_query = query_relevance(query[:, None] if as_3d else query, metric)
+    torch.testing.assert_close(from_query, relevance)
     r = Ratios(0.5, 0.2, 0.0)
-    by_query = reduce_tokens(query[:, None] if as_3d else query, x, r, img_metric=metric)
-    by_relevance = reduce_tokens(relevance, x, r, img_metric=metric)
+    by_query = reduce_tokens(from_query, x, r, image_metric=metric)
+    by_relevance = reduce_tokens(relevance, x, r, image_metric=metric)
     assert torch.equal(by_query.keep_idx, by_relevance.keep_idx)
     assert torch.equal(by_query.image.x, by_relevance.image.x)
 
@@ -742,14 +745,18 @@ BAD_CALLS = {
     "counts mode": (lambda: reduced_counts(6, 5, _R, mode="fast"), ValueError, "mode"),
     "ratios string": (lambda: reduce_tokens(_REL, _X, "p0.3-r0.2"), ValueError, "ratios"),
     "ratios type": (lambda: reduce_tokens(_REL, _X, 0.3), TypeError, "ratios"),
-    "text_cls missing": (lambda: reduce_tokens(None, _X, _R), ValueError, "text_cls"),
-    "text_cls batch": (lambda: reduce_tokens(torch.rand(3, 6), _X, _R), ValueError, "text_cls"),
-    "text_cls shape": (lambda: reduce_tokens(torch.rand(2, 5), _X, _R), ValueError, "text_cls"),
-    "text_cls integer": (lambda: reduce_tokens(torch.ones(2, 6, dtype=torch.long), _X, _R), TypeError, "text_cls"),
-    "img_tokens rank": (lambda: reduce_tokens(_REL, torch.randn(6, 4), _R), ValueError, "img_tokens"),
-    "img_tokens integer": (lambda: reduce_tokens(_REL, _X.int(), _R), TypeError, "img_tokens"),
-    "img_metric tokens": (
-        lambda: reduce_tokens(_REL, _X, _R, img_metric=torch.randn(2, 5, 3)), ValueError, "img_metric",
+    "relevance missing": (lambda: reduce_tokens(None, _X, _R), ValueError, "relevance"),
+    "relevance batch (reduce)": (lambda: reduce_tokens(torch.rand(3, 6), _X, _R), ValueError, "relevance"),
+    "relevance shape (reduce)": (lambda: reduce_tokens(torch.rand(2, 5), _X, _R), ValueError, "relevance"),
+    "relevance query (reduce)": (lambda: reduce_tokens(torch.rand(2, 1, 4), _X, _R), ValueError, "query_relevance"),
+    "relevance integer (reduce)": (
+        lambda: reduce_tokens(torch.ones(2, 6, dtype=torch.long), _X, _R), TypeError, "relevance",
+    ),
+    "query shape": (lambda: query_relevance(torch.rand(2, 5), _X), ValueError, "query"),
+    "image_tokens rank": (lambda: reduce_tokens(_REL, torch.randn(6, 4), _R), ValueError, "image_tokens"),
+    "image_tokens integer": (lambda: reduce_tokens(_REL, _X.int(), _R), TypeError, "image_tokens"),
+    "image_metric tokens": (
+        lambda: reduce_tokens(_REL, _X, _R, image_metric=torch.randn(2, 5, 3)), ValueError, "image_metric",
     ),
     "image_protected too many": (lambda: reduce_tokens(_REL, _X, _R, image_protected=7), ValueError, "image_protected"),
     "text_tokens batch": (

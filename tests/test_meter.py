@@ -59,7 +59,7 @@ def test_zero_reduction_is_bit_identical(order, masking, mode):
 
 @pytest.mark.parametrize(
     ("paper", "size", "text", "expected"),
-    [  # DESIGN.md's table, reference arithmetic (image incl. [CLS] / text)
+    [  # docs/design.md's table, reference arithmetic (image incl. [CLS] / text)
         ("p0.2r0.2t0.2-0246", 384, 32, [(577, 32), (347, 26), (209, 21), (125, 17), (75, 14)]),
         ("p0.3r0.5t0.2-0246", 384, 40, [(577, 40), (203, 32), (72, 26), (26, 21), (10, 17)]),
         ("p0.3r0.5t0.2-246", 288, 40, [(325, 40), (114, 32), (41, 26), (15, 21)]),
@@ -173,11 +173,11 @@ def test_encoder_merging_carries_sizes_into_fusion():
     with torch.no_grad():
         image = model.meter.encode_image(inputs["pixel_values"])
         assert image.shape[1] == 65 - 3 * 8
-        size = pumer_patch.adapters._vit.sizes_of(image)
+        size = pumer_patch.token_sizes(image)
         assert size is not None and torch.equal(size.sum(dim=1), torch.full((2,), 65.0))
         logits = model(**inputs).logits
         assert torch.isfinite(logits).all()
-        with pytest.raises(ValueError, match="sizes of the tokens the CLIP tower merged are unknown"):
+        with pytest.raises(pumer_patch.TokenSizesLost, match="MeterModel.fuse got features whose token sizes are unknown"):
             text = model.meter.encode_text(inputs["input_ids"], inputs["attention_mask"])
             model.meter.fuse(text, inputs["attention_mask"], image.clone())
     with pytest.raises(ValueError, match="mode='reference'"):

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import pumer_patch
 from model_state import same, snapshot
 from pumer_patch.adapters.open_clip import _GUIDANCE, PumerTransformer, text_guidance
-from pumer_patch.adapters.timm import PumerVisionTransformer as PumerTimmVisionTransformer
+from pumer_patch.adapters.timm import PumerTimmVisionTransformer
 
 TEXT = dict(context_length=8, vocab_size=50, width=32, heads=2, layers=2)
 VISION = dict(image_size=32, patch_size=8, width=32, layers=4, head_width=16)  # 16 patches + [CLS]

@@ -1,4 +1,4 @@
-"""One model, several threads (issue 10, item 6): each call gets its own right answer, patched or not.
+"""One model, several threads: each call gets its own right answer, patched or not.
 
 Per-call state (captured keys, token sizes, the text length, a text query) travels with the call, so
 a patched model is exactly as thread-safe as the unpatched one. Threads start together at a barrier
@@ -77,3 +77,33 @@ def test_concurrent_calls_each_get_their_own_result(entry, patched, varied):
                 torch.testing.assert_close(_sorted(out), _sorted(expected[t]), rtol=1e-5, atol=1e-6)
             else:
                 assert torch.equal(out, expected[t]), f"thread {t}"
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=str)
+def test_last_trace_is_the_calling_threads_own(entry):
+    model = pumer_patch.apply(entry.build(), **entry.patch, trace=True)
+    inputs = [entry.inputs(batch=1 + t, seed=t) for t in range(2)]  # a batch size per thread
+    seen: list[list[int]] = [[], []]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(CALLS):
+                    entry.output(model, inputs[t])
+                    trace = pumer_patch.last_trace(model)
+                    seen[t].append(trace.image.x.shape[0])
+        except BaseException as error:  # re-raised in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    if errors:
+        raise errors[0]
+    assert seen == [[1] * CALLS, [2] * CALLS]  # each thread reads the trace of its own last call
+    assert pumer_patch.last_trace(model) is None  # and this thread ran nothing

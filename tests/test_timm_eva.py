@@ -222,7 +222,7 @@ def test_forward_intermediates_refused_and_features_pooled_by_size(name):
     with torch.no_grad():
         features = model.forward_features(x)
         assert torch.equal(model.forward_head(features), model(x))
-        with pytest.raises(ValueError, match="not the tensor this pumer_patch-reduced model's forward_features"):
+        with pytest.raises(pumer_patch.TokenSizesLost, match="pooling got features whose token sizes are unknown"):
             model.forward_head(features.clone())
 
 

@@ -5,7 +5,7 @@
 ``bipartite_weighted_matching`` and ``merge_wavg``, ``common.differentiable_masked_softmax``), in plain
 torch on the weights of the Hugging Face ``ViltLayer``s; it calls nothing from ``pumer_patch``. Both
 run in float64 on the same encoder input (captured with a hook); both take the masked softmax's exp in
-float32, as the research code does, and they agree to about 1e-14 here (issue 13's target: 1e-4).
+float32, as the research code does, and they agree to about 1e-14 here (the target: 1e-4).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers.models.vilt.modeling_vilt import ViltLayer
 import pumer_patch
 from pumer_patch.core import reduce_tokens
 
-TOL = 1e-4  # issue 13: reference mode within 1e-4 of the research forward, padded or not
+TOL = 1e-4  # reference mode within 1e-4 of the research forward, padded or not
 N_TEXT, REAL = 40, 26  # text positions; the padded sample's real tokens
 
 # (prune, merge, text merge) per layer, the research config's three ratios

@@ -1,0 +1,68 @@
+"""What the two timm adapters share (``timm``: ``VisionTransformer``; ``timm_eva``: ``Eva``, ``Beit``).
+
+Both switch a timm root to a subclass whose ``forward_features`` runs the reducing loop: the root
+mixin refuses what a reduced token sequence cannot give (feature maps on the full grid, masks over
+the original tokens, TorchScript), and ``pooling_sizes`` is how their heads get the token sizes
+``forward_features`` attached to its output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from torch import Tensor, nn
+
+from pumer_patch.sizes import require_token_sizes
+
+from ._vit import reduces
+from .base import STATE_ATTR, Plan, library_class, warn_if_untested
+
+__all__ = ["PumerTimmRoot", "merges", "pooling_sizes", "refuse_masks", "warn_if_untested_timm"]
+
+_TESTED = ("1.0", "2")
+
+
+def warn_if_untested_timm(what: str) -> None:
+    """The version warning of both timm adapters: ``what`` names the timm code the patch repeats."""
+    warn_if_untested("timm", timm.__version__, _TESTED, what)
+
+
+def merges(plan: Plan) -> bool:
+    """Whether the plan merges tokens (so sizes differ from one and pooling must weigh by them)."""
+    return plan.options.merge_schedule is not None or any(r.merge > 0 for r in plan.schedule.values())
+
+
+def pooling_sizes(root: nn.Module, x: Tensor, what: str) -> Tensor | None:
+    """The token sizes (B, N') of features ``x`` for the ``what`` pooling of ``root``; None where nothing merged.
+
+    Raises ``TokenSizesLost`` when the patch merges and ``x`` is not the tensor ``forward_features`` returned.
+    """
+    plan = getattr(root, STATE_ATTR).plan
+    return require_token_sizes(x, consumer=f"timm {library_class(root).__qualname__}'s {what} pooling", merged=merges(plan))
+
+
+def refuse_masks(attn_mask: Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError(
+            "attn_mask / is_causal cover the original tokens, which a pumer_patch-reduced ViT does not keep; "
+            "call without them, or pumer_patch.remove(model) first"
+        )
+
+
+class PumerTimmRoot(nn.Module):
+    """Mixed into every patched timm root before timm's class (the last base): the refusals a reduced root needs."""
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        if reduces(getattr(self, STATE_ATTR).plan):
+            raise ValueError(
+                "forward_intermediates (and features_only models) return feature maps on the full patch grid, which "
+                "a pumer_patch-reduced ViT does not keep; pumer_patch.remove(model) first, or use forward_features"
+            )
+        return super().forward_intermediates(*args, **kwargs)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(
+            "torch.jit.script cannot compile a pumer_patch-patched timm model (its loop uses data-dependent Python); "
+            "use torch.compile, or pumer_patch.remove(model) before scripting"
+        )
