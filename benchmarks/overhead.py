@@ -30,13 +30,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from tqdm import tqdm
+from transformers import ViltModel
 
 import pumer_patch
 from benchmarks.speed import build, machine_info, patch
-from pumer_patch.adapters.timm import _finish as timm_mlp_half
-from pumer_patch.adapters.vilt import _mlp_half as vilt_mlp_half
 from pumer_patch.flops import gflops_per_example
 
 log = logging.getLogger("benchmarks.overhead")
@@ -55,7 +55,10 @@ def _vilt_parts(net: nn.Module, batch: dict) -> tuple[Callable[[], Tensor], list
     def attend(layer: nn.Module, h: Tensor) -> Tensor:  # the library's eager attention, nothing captured
         return layer.attention(layer.layernorm_before(h))[0] + h
 
-    return embed, list(net.encoder.layer), (attend, vilt_mlp_half), lambda h: net.pooler(net.layernorm(h))
+    def finish(layer: nn.Module, h: Tensor) -> Tensor:  # ViltLayer.forward after the first residual
+        return layer.output(layer.intermediate(layer.layernorm_after(h)), h)
+
+    return embed, list(net.encoder.layer), (attend, finish), lambda h: net.pooler(net.layernorm(h))
 
 
 def _timm_parts(net: nn.Module, batch: dict) -> tuple[Callable[[], Tensor], list[nn.Module], Halves, Callable[[Tensor], Tensor]]:
@@ -67,12 +70,24 @@ def _timm_parts(net: nn.Module, batch: dict) -> tuple[Callable[[], Tensor], list
     def attend(block: nn.Module, x: Tensor) -> Tensor:  # no q/k captured, unlike the adapter's
         return x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
 
-    return embed, list(net.blocks), (attend, timm_mlp_half), lambda x: net.forward_head(net.norm(x))
+    def finish(block: nn.Module, x: Tensor) -> Tensor:  # Block.forward's MLP line
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    return embed, list(net.blocks), (attend, finish), lambda x: net.forward_head(net.norm(x))
 
 
 def same_counts(net: nn.Module, model: str, batch: dict, counts: dict[int, int]) -> Callable[[], Tensor]:
-    """A forward over the library's blocks that keeps ``counts[i]`` tokens after block ``i``'s attention."""
-    embed, blocks, (attend, finish), head = (_vilt_parts if model.startswith("vilt") else _timm_parts)(net, batch)
+    """A forward over the library's blocks that keeps ``counts[i]`` tokens after block ``i``'s attention.
+
+    The family is the network's type; ``model`` (the benchmark's name for it) only labels the error.
+    """
+    if isinstance(net, ViltModel):
+        parts = _vilt_parts
+    elif isinstance(net, VisionTransformer):
+        parts = _timm_parts
+    else:
+        raise TypeError(f"benchmarks.overhead knows ViltModel and timm VisionTransformer; {model} is a {type(net).__name__}")
+    embed, blocks, (attend, finish), head = parts(net, batch)
 
     def run() -> Tensor:
         x = embed()
