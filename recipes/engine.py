@@ -1,8 +1,8 @@
 """The training and evaluation engine: one loop on ``accelerate`` that knows no dataset and no model family.
 
-A task hands it a model, loaders of tensor dicts and a ``Task`` (model inputs from a batch, the loss,
-the per-example outputs to gather, the metrics). The engine does the rest the same way for every
-task: AdamW (0.9, 0.98), eps 1e-8 with parameter groups (no decay on biases and norms, learning-rate
+A task hands it a model, loaders of tensor dicts and a ``Task`` (the model call on a batch, the loss
+of its outputs, the per-example outputs to gather, the metrics). The engine does the rest the same
+way for every task: AdamW (0.9, 0.98), eps 1e-8 with parameter groups (no decay on biases and norms, learning-rate
 multipliers by module-name pattern), linear warm-up then polynomial decay to an end learning rate,
 gradient accumulation, mixed precision, distillation from a frozen teacher, evaluation every K
 steps with ``gather_for_metrics`` (each example counted exactly once on any number of processes),
@@ -10,7 +10,8 @@ the best checkpoint kept as safetensors, early stopping, and resume from saved s
 where an uninterrupted run would (same steps, same batches: a digest of every example index seen
 is part of the state, so that promise is checked, not assumed).
 
-Runs on CPU, one GPU, or several GPUs and nodes under ``accelerate launch``.
+Runs on CPU, one GPU, or several GPUs and nodes under ``accelerate launch``. Evaluation alone is the
+free function ``evaluate``: it needs a model, a task and a prepared loader, no training settings.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from pumer_patch.flops import gflops_per_example
 
 __all__ = [
     "Task",
-    "TrainConfig",
+    "FitConfig",
     "TrainState",
     "EvalResult",
+    "evaluate",
     "param_groups",
     "build_optimizer",
     "build_scheduler",
@@ -52,24 +54,32 @@ logger = get_logger(__name__)  # logs from the main process only (no N copies un
 
 
 class Task(Protocol):
-    """What the engine needs from a task; batches are dicts of tensors with an ``index`` (B,) entry."""
+    """What the engine needs from a task; batches are dicts of tensors with an ``index`` (B,) entry.
+
+    The task owns the model call: ``forward`` returns whatever the model gives (a ``ModelOutput``, a
+    tensor), and ``loss`` and ``eval_outputs`` read it. Distillation reads ``outputs.logits`` (B, L)
+    of the student and the teacher, so a task trained with a teacher returns outputs that have them.
+    """
 
     def model_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The keyword arguments of ``model(...)``."""
+        """The keyword arguments of ``model(...)`` (also what a FLOP count runs)."""
 
-    def loss(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Any:
+        """The model's outputs for a batch (the engine runs it under autocast)."""
+
+    def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> Tensor:
         """The task loss of a batch (a scalar), leaving out examples whose ``valid`` is False."""
 
-    def eval_outputs(self, logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def eval_outputs(self, outputs: Any, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per-example tensors (first dimension B) to gather across processes."""
 
     def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
         """Metrics of the gathered outputs of a whole split; ``"score"`` is the one to maximise."""
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping of one run (a preset fills it; the CLI overrides it).
+@dataclass(frozen=True)
+class FitConfig:
+    """Optimisation and bookkeeping of one ``Engine.fit`` (a preset fills it for the tasks; the laptop study its own).
 
     ``lr_multipliers``: fnmatch patterns on module names (``"*classifier*": 10``), first match wins.
     ``epochs`` or ``max_steps`` (optimizer steps; wins when set) fix the schedule's length.
@@ -171,7 +181,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float,
             for (no_decay, mult), params in sorted(groups.items())]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.AdamW:
     """AdamW with ``param_groups``."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_multipliers),
                              lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=cfg.fused)
@@ -203,8 +213,44 @@ def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
                     reduction="batchmean") * t * t
 
 
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: nn.Module, task: Task, loader: DataLoader, *, desc: str = "eval",
+             progress: bool = True, gflops: float | None = None) -> EvalResult:
+    """Metrics of ``model`` on the (prepared) ``loader``, every example exactly once, and its speed.
+
+    gflops: the model's GFLOPs per example when already known; otherwise the first batch counts them
+    (outside the timing: they depend on shapes only).
+    """
+    acc = accelerator
+    model.eval()
+    parts: list[dict[str, Tensor]] = []
+    start = time.perf_counter()
+    for batch in tqdm(loader, desc=desc, disable=not (progress and acc.is_local_main_process), unit="batch",
+                      dynamic_ncols=True):
+        if gflops is None:
+            # the extra forward runs on a forked RNG so that measuring never changes a run's random draws
+            flop_start = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                gflops = gflops_per_example(acc.unwrap_model(model), task.model_inputs(batch))
+            start += time.perf_counter() - flop_start
+        with acc.autocast():
+            model_outputs = task.forward(model, batch)
+        outputs = task.eval_outputs(model_outputs, batch)
+        parts.append({k: v.detach() for k, v in acc.gather_for_metrics(outputs).items()})
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    gathered = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]} if parts else {}
+    examples = len(gathered["index"]) if gathered else 0
+    if examples != len(set(gathered["index"].tolist()) if gathered else ()):
+        raise RuntimeError("an evaluation example was gathered twice: build the evaluation loader with "
+                           "recipes.data.loader.make_loader and pass it through accelerator.prepare")
+    # examples/s of this process's share, times the processes: the job's rate
+    return EvalResult(task.metrics(gathered), examples, seconds, gflops or 0.0, gathered)
+
+
 class Engine:
-    """Trains and evaluates one model for one task under an ``Accelerator``.
+    """Trains one model for one task under an ``Accelerator``: ``Engine.prepare(...)``, then ``fit``.
 
     The model must already be patched (``pumer_patch.apply``) when wanted: patching happens before
     ``accelerator.prepare`` so that DDP and mixed precision wrap the patched modules.
@@ -212,70 +258,64 @@ class Engine:
     student's label order when the two were trained with different label orders.
     """
 
-    def __init__(self, accelerator: Accelerator, model: nn.Module, task: Task, cfg: TrainConfig, *,
+    def __init__(self, accelerator: Accelerator, model: nn.Module, task: Task, cfg: FitConfig, *,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, total_steps: int,
                  teacher: nn.Module | None = None, teacher_index: Tensor | None = None) -> None:
+        """model, optimizer: as ``accelerator.prepare`` returned them; scheduler: over ``total_steps``
+        optimizer steps of this process, registered for checkpointing."""
         self.accelerator, self.task, self.cfg = accelerator, task, cfg
-        self.model = model
-        self.teacher = teacher
-        self.teacher_index = teacher_index
+        self.model, self.optimizer, self.scheduler, self.total_steps = model, optimizer, scheduler, total_steps
+        self.teacher: nn.Module | None = None
+        self.teacher_index: Tensor | None = None
         if teacher is not None:  # frozen: evaluation mode, run under no_grad
             self.teacher = teacher.eval().to(accelerator.device)
             if teacher_index is not None:
                 self.teacher_index = teacher_index.to(accelerator.device)
-        self._gflops: float | None = None
+        self.gflops: float | None = None  # the model's GFLOPs per example, counted at the first evaluation
 
-    # ------------------------------------------------------------------ evaluation
+    @classmethod
+    def prepare(cls, accelerator: Accelerator, model: nn.Module, task: Task, cfg: FitConfig, train_loader: DataLoader,
+                eval_loader: DataLoader | None = None, *, teacher: nn.Module | None = None,
+                teacher_index: Tensor | None = None) -> tuple[Engine, DataLoader, DataLoader | None]:
+        """Build the optimizer, ``prepare`` model, optimizer and loaders, then the scheduler for the
+        run's length in this process's optimizer steps; returns the engine and the prepared loaders.
 
-    def _forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        with self.accelerator.autocast():
-            return model(**self.task.model_inputs(batch)).logits
+        The scheduler is registered for checkpointing rather than prepared: accelerate's wrapper steps
+        it once per process per step, for schedules written in single-process steps; ours is
+        written in the steps each process actually takes.
+        """
+        optimizer = build_optimizer(model, cfg)
+        if eval_loader is None:
+            model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+        else:
+            model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader,
+                                                                              eval_loader)
+        if cfg.max_steps is not None:
+            total = cfg.max_steps
+        else:
+            total = max(1, math.ceil(cfg.epochs * math.ceil(len(train_loader) / accelerator.gradient_accumulation_steps)))
+        scheduler = build_scheduler(optimizer.optimizer, total, cfg.warmup, cfg.end_lr, cfg.lr, cfg.decay_power)
+        accelerator.register_for_checkpointing(scheduler)
+        engine = cls(accelerator, model, task, cfg, optimizer=optimizer, scheduler=scheduler, total_steps=total,
+                     teacher=teacher, teacher_index=teacher_index)
+        return engine, train_loader, eval_loader
 
-    @torch.no_grad()
     def evaluate(self, loader: DataLoader, *, desc: str = "eval") -> EvalResult:
-        """Metrics of ``model`` on the (prepared) ``loader``, every example exactly once, and its speed."""
-        acc = self.accelerator
-        model = self.model
-        model.eval()
-        parts: list[dict[str, Tensor]] = []
-        first = True
-        start = time.perf_counter()
-        for batch in tqdm(loader, desc=desc, disable=not (self.cfg.progress and acc.is_local_main_process),
-                          unit="batch", dynamic_ncols=True):
-            if first and self._gflops is None:
-                # FLOPs are counted outside the timing: one batch tells, they depend on shapes only; the
-                # extra forward runs on a forked RNG so that measuring never changes a run's random draws
-                flop_start = time.perf_counter()
-                with torch.random.fork_rng(devices=[]):
-                    self._gflops = gflops_per_example(acc.unwrap_model(model), self.task.model_inputs(batch))
-                start += time.perf_counter() - flop_start
-            first = False
-            outputs = self.task.eval_outputs(self._forward(model, batch), batch)
-            parts.append({k: v.detach() for k, v in acc.gather_for_metrics(outputs).items()})
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        gathered = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]} if parts else {}
-        examples = len(gathered["index"]) if gathered else 0
-        if examples != len(set(gathered["index"].tolist()) if gathered else ()):
-            raise RuntimeError("an evaluation example was gathered twice: build the evaluation loader with "
-                               "recipes.data.loader.make_loader and pass it through accelerator.prepare")
-        metrics = self.task.metrics(gathered)
-        # examples/s of this process's share, times the processes: the job's rate
-        return EvalResult(metrics, examples, seconds, self._gflops or 0.0, gathered)
-
-    # ------------------------------------------------------------------ training
+        """``evaluate`` of the engine's model; its GFLOPs are counted once per engine."""
+        result = evaluate(self.accelerator, self.model, self.task, loader, desc=desc, progress=self.cfg.progress,
+                          gflops=self.gflops)
+        self.gflops = result.gflops
+        return result
 
     def fit(self, train_loader: DataLoader, eval_loader: DataLoader | None, *, resume: bool = False,
             save_extra: Callable[[Path], None] | None = None) -> TrainState:
         """Train with the schedule of ``cfg``; evaluate every ``eval_every`` steps, keep the best in
         ``output_dir/best`` (safetensors), save the resumable state in ``output_dir/state``.
 
-        ``train_loader`` and ``eval_loader`` must come from ``accelerator.prepare`` together with
-        ``model`` and the optimizer and scheduler that ``prepare_training`` built.
+        ``train_loader`` and ``eval_loader``: the prepared loaders ``Engine.prepare`` returned.
         """
         cfg, acc = self.cfg, self.accelerator
         steps_per_epoch = math.ceil(len(train_loader) / acc.gradient_accumulation_steps)
-        total = self.total_steps
         state = TrainState()
         acc.register_for_checkpointing(state)
         state_dir = Path(cfg.output_dir) / "state"
@@ -286,14 +326,14 @@ class Engine:
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, state.step, state.epoch,
                         state.batch_in_epoch)
         logger.info("%s: %d steps (%d per epoch), %d processes x %d examples x %d accumulation, lr %g%s",
-                    cfg.name, total, steps_per_epoch, acc.num_processes, train_loader.total_batch_size // acc.num_processes,
-                    acc.gradient_accumulation_steps, cfg.lr,
+                    cfg.name, self.total_steps, steps_per_epoch, acc.num_processes,
+                    train_loader.total_batch_size // acc.num_processes, acc.gradient_accumulation_steps, cfg.lr,
                     f", distilled (weight {cfg.distill_weight:g}, T {cfg.distill_temperature:g})" if self.teacher else "")
-        stop_at = total if cfg.stop_after_steps is None else min(total, cfg.stop_after_steps)
-        bar = tqdm(total=total, initial=state.step, desc=cfg.name, unit="step", dynamic_ncols=True,
+        stop_at = self.total_steps if cfg.stop_after_steps is None else min(self.total_steps, cfg.stop_after_steps)
+        bar = tqdm(total=self.total_steps, initial=state.step, desc=cfg.name, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_local_main_process))
-        stopped_early = False
-        while state.step < stop_at and not stopped_early:
+        stop = state.step >= stop_at
+        while not stop:
             train_loader.set_epoch(state.epoch)
             batches: Iterable[dict[str, Tensor]] = (
                 acc.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch else train_loader)
@@ -306,53 +346,33 @@ class Engine:
                 state.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{state.loss:.4f}", refresh=False)
-                if state.step % cfg.log_every == 0:
-                    logger.info("%s: step %d/%d: loss %.4f, lr %.3g", cfg.name, state.step, total, state.loss,
-                                self._scheduler.get_last_lr()[0])
-                at_end = state.step == total
-                if state.step % cfg.eval_every == 0 or at_end:
-                    stopped_early = self._evaluate_and_keep(eval_loader, state, save_extra)
-                    self.model.train()
-                if cfg.checkpoint and (state.step % cfg.eval_every == 0 or at_end or state.step == stop_at
-                                       or stopped_early):
-                    self._save_state(state)
-                if state.step >= stop_at or stopped_early:
+                stop = self._after_step(state, stop_at, eval_loader, save_extra)
+                if stop:
                     break
             else:  # the epoch is used up (a state saved on its last batch resumes here, skipping all of it)
                 state.epoch += 1
                 state.batch_in_epoch = 0
         bar.close()
-        if stopped_early:
+        if state.step < stop_at:
             logger.info("early stop at step %d: %d evaluations without gain", state.step, state.evals_without_gain)
         return state
 
-    def prepare_training(self, train_loader: DataLoader, eval_loader: DataLoader | None,
-                         ) -> tuple[DataLoader, DataLoader | None]:
-        """Build the optimizer, ``prepare`` model, optimizer and loaders, then the scheduler for the
-        run's length in this process's optimizer steps; returns the prepared loaders.
-
-        The scheduler is registered for checkpointing rather than prepared: accelerate's wrapper steps
-        it once per process per step, for schedules written in single-process steps; ours is
-        written in the steps each process actually takes.
-        """
-        cfg, acc = self.cfg, self.accelerator
-        optimizer = build_optimizer(self.model, cfg)
-        if eval_loader is None:
-            self.model, self._optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
-        else:
-            self.model, self._optimizer, train_loader, eval_loader = acc.prepare(
-                self.model, optimizer, train_loader, eval_loader)
-        self.total_steps = self._total_steps(train_loader)
-        self._scheduler = build_scheduler(self._optimizer.optimizer, self.total_steps, cfg.warmup, cfg.end_lr, cfg.lr,
-                                          cfg.decay_power)
-        acc.register_for_checkpointing(self._scheduler)
-        return train_loader, eval_loader
-
-    def _total_steps(self, train_loader: DataLoader) -> int:
-        if self.cfg.max_steps is not None:
-            return self.cfg.max_steps
-        steps_per_epoch = math.ceil(len(train_loader) / self.accelerator.gradient_accumulation_steps)
-        return max(1, math.ceil(self.cfg.epochs * steps_per_epoch))
+    def _after_step(self, state: TrainState, stop_at: int, eval_loader: DataLoader | None,
+                    save_extra: Callable[[Path], None] | None) -> bool:
+        """What follows an optimizer step: log, evaluate (keep the best), save the state; True to stop."""
+        cfg = self.cfg
+        if state.step % cfg.log_every == 0:
+            logger.info("%s: step %d/%d: loss %.4f, lr %.3g", cfg.name, state.step, self.total_steps, state.loss,
+                        self.scheduler.get_last_lr()[0])
+        due = state.step % cfg.eval_every == 0 or state.step == self.total_steps
+        stopped_early = False
+        if due:
+            stopped_early = self._evaluate_and_keep(eval_loader, state, save_extra)
+            self.model.train()
+        stop = state.step >= stop_at or stopped_early
+        if cfg.checkpoint and (due or stop):
+            self._save_state(state)
+        return stop
 
     def _train_micro_step(self, batch: Mapping[str, Tensor], state: TrainState) -> float:
         acc, cfg = self.accelerator, self.cfg
@@ -361,21 +381,23 @@ class Engine:
         state.examples += len(indices)
         state.batch_in_epoch += 1
         with acc.accumulate(self.model):
-            logits = self._forward(self.model, batch)
-            loss = self.task.loss(logits, batch)
+            with acc.autocast():
+                outputs = self.task.forward(self.model, batch)
+            loss = self.task.loss(outputs, batch)
             if self.teacher is not None and cfg.distill_weight > 0:
-                with torch.no_grad():
-                    t_logits = self._forward(self.teacher, batch)
-                    if self.teacher_index is not None:
-                        t_logits = t_logits[:, self.teacher_index]  # (B, L_teacher) -> (B, L) in the student's order
-                loss = loss + cfg.distill_weight * distill_loss(logits.float(), t_logits.float(), cfg.distill_temperature)
+                with torch.no_grad(), acc.autocast():
+                    t_logits = self.task.forward(self.teacher, batch).logits
+                if self.teacher_index is not None:
+                    t_logits = t_logits[:, self.teacher_index]  # (B, L_teacher) -> (B, L) in the student's order
+                loss = loss + cfg.distill_weight * distill_loss(outputs.logits.float(), t_logits.float(),
+                                                                cfg.distill_temperature)
             acc.backward(loss)
             if acc.sync_gradients and cfg.clip_grad is not None:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self._optimizer.step()
+            self.optimizer.step()
             if acc.sync_gradients:
-                self._scheduler.step()
-            self._optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     def _evaluate_and_keep(self, eval_loader: DataLoader | None, state: TrainState,

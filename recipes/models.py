@@ -31,6 +31,7 @@ from transformers import (
     ViltModel,
 )
 
+from pumer_patch.models.convert import grow_token_types
 from pumer_patch.models.convert_meter import resize_position_embedding
 from pumer_patch.models.convert_vilt import restore_text_layer_norm_eps
 from pumer_patch.models.meter import (
@@ -42,7 +43,7 @@ from pumer_patch.models.meter import (
     MeterModel,
 )
 from recipes.data.transforms import ImageSpec
-from recipes.retrieval_models import MeterForRetrieval, ViltForRetrieval
+from recipes.tasks.retrieval.models import MeterForRetrieval, ViltForRetrieval
 
 __all__ = ["Family", "FAMILIES", "get_family", "family_of", "load_model", "load_tokenizer", "model_labels",
            "label_index", "bundled_bert_vocab_dir"]
@@ -119,7 +120,7 @@ def load_model(family: Family, task: str, path: str | os.PathLike[str], labels: 
     interpolates its positions at run time and needs nothing).
     """
     cls = family.head(task)
-    if task == "retrieval":  # no labels: a ranking score and ITM logits (recipes.retrieval_models)
+    if task == "retrieval":  # no labels: a ranking score and ITM logits (recipes.tasks.retrieval.models)
         return _loaded(cls, path, image_size)
     if task == "nlvr2" and _token_types(family, cls, path) == 2:
         return _nlvr2_from_two_types(family, cls, path, labels, image_size)
@@ -164,7 +165,7 @@ def _nlvr2_from_two_types(family: Family, cls: type[PreTrainedModel], path: str 
     field, backbone, key = _TOKEN_TYPES[family.name]
     base = backbone.from_pretrained(str(path))
     state = base.state_dict()
-    state[key] = torch.cat([state[key], state[key][1:2]])  # (3, C): the second image starts as the first
+    state[key] = grow_token_types(state[key], 3)  # (3, C): the second image starts as the first
     extra: dict[str, object] = {"num_images": 2} if family.name == "vilt" else {}
     config = cls.config_class.from_pretrained(str(path), **{field: 3}, **extra, **_new_head(family, labels))
     model = cls(config)
@@ -182,7 +183,7 @@ def _loaded(cls: type[PreTrainedModel], path: str | os.PathLike[str], image_size
 
 
 def _resize_meter_positions(model: PreTrainedModel, image_size: int | None) -> PreTrainedModel:
-    """METER at another input size: [CLS] position kept, the grid resized bicubically (DESIGN.md, checkpoints)."""
+    """METER at another input size: [CLS] position kept, the grid resized bicubically (``docs/design.md``, "Checkpoints")."""
     tower = getattr(getattr(model, "meter", None), "vit_model", None)
     if tower is None or image_size is None or image_size == tower.image_size:
         return model

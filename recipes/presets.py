@@ -1,18 +1,18 @@
-"""Named training presets: the paper's hyperparameters per model and task (DESIGN.md section 5).
+"""Named training presets: the paper's hyperparameters per model and task (``docs/design.md``, "Tasks").
 
 ``--preset vilt-vqa`` picks one; any field can be overridden on the command line. PuMer presets
 start from the pretrained checkpoint, reduce while training, and distil from the finetuned,
 unreduced model (``--teacher``, required because it is the output of the non-PuMer preset).
 
-Retrieval (``recipes.retrieval``; the research code has none, so these are ours): the retrieval
+Retrieval (``recipes.tasks.retrieval``; the research code has none, so these are ours): the retrieval
 finetuning configs of ViLT (``task_finetune_irtr_{f30k,coco}``: lr 1e-4, batch 256, 10 epochs, no
 learning-rate multiplier) and METER (``task_finetune_irtr_{f30k,coco}_clip_bert``: lr 5e-6, batch
 512, 10 epochs, heads and cross-modal layers x5; its head list names ``itm_score``, not
 ``rank_output``), 15 negative captions per image, ITM weight 0.5, RandAugment, images at 384, text 40
 (checked against both repositories' ``config.py``).
 ``total_batch`` counts images (each with 16 captions). Evaluation on val about once per epoch
-(Flickr30k: 29k training images; COCO: 113k with restval). No distillation (DESIGN.md: no teacher for
-retrieval); the ``-pumer`` presets reduce while training with the VQA configs of the released
+(Flickr30k: 29k training images; COCO: 113k with restval). No distillation (retrieval has no
+finetuned teacher to distil from); the ``-pumer`` presets reduce while training with the VQA configs of the released
 checkpoints. ``model`` is None: start from a pretraining checkpoint with its ITM head (ViLT: the
 original ``vilt_200k_mlm_itm.ckpt`` through ``convert_vilt --head irtr``; METER: PuMer's
 pretrained folder), whose ITM "match" row starts ``rank_output``.
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Preset", "PRESETS", "get_preset"]
+__all__ = ["LossScale", "Preset", "PRESETS", "get_preset"]
 
 LossScale = Literal["label_count", "mean"]
 
@@ -33,7 +33,10 @@ LossScale = Literal["label_count", "mean"]
 @dataclass(frozen=True)
 class Preset:
     """One run's recipe. ``total_batch`` is examples per optimizer step over all processes (the CLI
-    derives gradient accumulation from it); ``loss_scale`` is the VQA loss scale (see ``recipes.vqa``)."""
+    derives gradient accumulation from it); ``loss_scale`` is the VQA loss scale (see ``recipes.tasks.vqa``).
+    ``dataset``: which dataset of a data folder the task trains on (retrieval: ``flickr30k`` or
+    ``coco``; None for a folder of one); ``negatives``: captions of other images per training image
+    (retrieval)."""
 
     family: str
     task: str
@@ -54,6 +57,8 @@ class Preset:
     pumer_mode: Literal["reference", "default"] = "reference"
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    dataset: str | None = None
+    negatives: int | None = None
 
 
 _VILT_VQA = Preset(family="vilt", task="vqa", model="dandelin/vilt-b32-mlm", lr=1e-4, total_batch=512, epochs=10,
@@ -78,12 +83,12 @@ _METER_NLVR2 = Preset(family="meter", task="nlvr2", model=None, lr=5e-6, total_b
 # retrieval (module docstring): total_batch counts images; evaluation about once an epoch, i.e. every
 # len(train images) / total_batch steps (Flickr30k 29k images, COCO 113k with restval)
 _VILT_IRTR = Preset(family="vilt", task="retrieval", model=None, lr=1e-4, total_batch=256, epochs=10,
-                    eval_every=113, image_size=384, text_length=40)
+                    eval_every=113, image_size=384, text_length=40, dataset="flickr30k", negatives=15)
 _METER_IRTR = Preset(family="meter", task="retrieval", model=None, lr=5e-6, total_batch=512, epochs=10,
                      eval_every=56, image_size=384, text_length=40,
-                     lr_multipliers={"*itm_score*": 5.0, "*cross_modal*": 5.0})
-_VILT_IRTR_COCO = dataclasses.replace(_VILT_IRTR, eval_every=442)
-_METER_IRTR_COCO = dataclasses.replace(_METER_IRTR, eval_every=221)
+                     lr_multipliers={"*itm_score*": 5.0, "*cross_modal*": 5.0}, dataset="flickr30k", negatives=15)
+_VILT_IRTR_COCO = dataclasses.replace(_VILT_IRTR, eval_every=442, dataset="coco")
+_METER_IRTR_COCO = dataclasses.replace(_METER_IRTR, eval_every=221, dataset="coco")
 
 # the PuMer configs of the research code's released checkpoints (its README), one per model and task;
 # retrieval has none released: its -pumer presets use the VQA configs, without a teacher
@@ -109,7 +114,6 @@ PRESETS: dict[str, Preset] = {
     "meter-retrieval-coco": _METER_IRTR_COCO,
     "meter-retrieval-coco-pumer": dataclasses.replace(_METER_IRTR_COCO, pumer="p0.2r0.2t0.2-0246"),
 }
-
 
 
 def get_preset(name: str, **overrides: object) -> Preset:

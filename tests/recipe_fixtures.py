@@ -1,24 +1,21 @@
-"""What the recipe tests share: the bundled BERT vocabulary, tiny pretrained-style checkpoints, images.
+"""The recipe tests' fixtures: the bundled BERT vocabulary and tiny pretrained-style checkpoints.
 
-Import the fixtures into a test module by name (``from recipe_fixtures import tokenizer_dir``); the
-builders write a tiny random model with ``save_pretrained`` so that the recipes load it the way they
-load a real one.
+A pytest plugin: a recipe test module names it (``pytest_plugins = ["recipe_fixtures"]``) and gets
+``tokenizer_dir``, ``pretrained_vilt`` and ``pretrained_meter`` (one per test module).
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
-from transformers import BertTokenizerFast, PreTrainedModel, ViltConfig
+from transformers import ViltForMaskedLM
 
-from pumer_patch.models.meter import MeterConfig
+from pumer_patch.models.meter import MeterForPreTraining
+from recipe_helpers import save_tiny_meter, save_tiny_vilt
 from recipes.models import bundled_bert_vocab_dir
 
-__all__ = ["tokenizer_dir", "image_bytes", "save_tiny_vilt", "save_tiny_meter", "train_args"]
+__all__ = ["tokenizer_dir", "pretrained_vilt", "pretrained_meter"]
 
 
 @pytest.fixture(scope="module")
@@ -30,35 +27,13 @@ def tokenizer_dir() -> Path:
     return vocab
 
 
-def image_bytes(colour: tuple[int, int, int], fmt: str = "JPEG", size: tuple[int, int] = (50, 38)) -> bytes:
-    """A plain image of one colour, encoded as ``fmt``, of another size than the models' inputs."""
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format=fmt)
-    return buf.getvalue()
+@pytest.fixture(scope="module")
+def pretrained_vilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pretrained ViLT (MLM head, 2 modality types, as dandelin/vilt-b32-mlm): no task head."""
+    return save_tiny_vilt(ViltForMaskedLM, tmp_path_factory.mktemp("vilt"))
 
 
-def save_tiny_vilt(cls: type[PreTrainedModel], path: Path, **config: object) -> Path:
-    """A tiny ViLT of class ``cls`` (32 px images, patch 8, 40 text positions) written to ``path``."""
-    torch.manual_seed(0)
-    fields = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=8, max_position_embeddings=40)
-    cls(ViltConfig(**{**fields, **config})).save_pretrained(path)
-    return path
-
-
-def save_tiny_meter(cls: type[PreTrainedModel], path: Path, tokenizer_dir: Path, **config: object) -> Path:
-    """A tiny METER of class ``cls`` over the bundled BERT vocabulary (32 px images, patch 8) written to ``path``."""
-    torch.manual_seed(0)
-    fields = dict(image_size=32, vit_patch_size=8, hidden_size=32, num_heads=2, num_layers=2, num_top_layer=2,
-                  vocab_size=len(BertTokenizerFast.from_pretrained(str(tokenizer_dir))), vision_width=24,
-                  vision_layers=2, vision_heads=2, text_hidden_size=16, text_intermediate_size=32,
-                  max_position_embeddings=42)
-    cls(MeterConfig(**{**fields, **config})).save_pretrained(path)
-    return path
-
-
-def train_args(preset: str, data: Path, model: Path, out: Path, tokenizer: Path, *extra: str) -> list[str]:
-    """``train`` arguments for 3 optimizer steps of batch 4 at 32 px, evaluating every 2 steps."""
-    return ["train", "--preset", preset, "--data", str(data), "--model", str(model), "--tokenizer", str(tokenizer),
-            "--output", str(out), "--per-device-batch", "4", "--total-batch", "4", "--max-steps", "3",
-            "--eval-every", "2", "--image-size", "32", "--workers", "0", "--no-progress", *extra]
+@pytest.fixture(scope="module")
+def pretrained_meter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A tiny pretrained METER (MLM + ITM heads, 2 token types, as PuMer's meter_pretrain_384): no task head."""
+    return save_tiny_meter(MeterForPreTraining, tmp_path_factory.mktemp("meter"), tokenizer_dir)

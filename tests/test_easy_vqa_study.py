@@ -1,4 +1,4 @@
-"""The easy-vqa study end to end: ``--quick`` into a temporary folder, then every output checked.
+"""The easy-vqa study end to end: ``python -m recipes easy_vqa --quick`` into a temporary folder, then every output checked.
 
 One quick run (a tiny ViLT and a tiny METER on a few hundred questions) is shared by the module's
 tests; a second run against the same cache must load the weights instead of training them again.
@@ -17,8 +17,10 @@ import pytest
 pytest.importorskip("easy_vqa")
 
 import pumer_patch  # noqa: E402
-from recipes import easy_vqa as study  # noqa: E402
-from recipes.laptop.config import StudyConfig  # noqa: E402
+from recipes import cli  # noqa: E402
+from recipes.laptop.config import QUICK, StudyConfig  # noqa: E402
+from recipes.laptop.data import word_level_tokenizer  # noqa: E402
+from recipes.laptop.study import markdown_table  # noqa: E402
 
 VILT_VARIANTS = ["unpatched", "pumer", "pumer-reference", "prune-only", "merge-only", "tome-equal-flops",
                  "pumer-finetuned"]
@@ -34,7 +36,7 @@ FILES = ["results.json", "results.md", "tradeoff.png", "kept_merged.png"]
 def _run(out: Path, cache: Path) -> tuple[dict, str]:
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = study.main(["--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"])
+        rc = cli.main(["easy_vqa", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"])
     assert rc == 0
     return json.loads((out / "results.json").read_text()), stdout.getvalue()
 
@@ -86,18 +88,24 @@ def test_numbers_are_sane(quick):
         assert row["throughput"] > 0 and row["speedup"] > 0, name
         assert len(row["seconds_per_pass"]) == rounds and all(s > 0 for s in row["seconds_per_pass"]), name
         assert row["gflops"] > 0, name
-        assert row["speedup"] == pytest.approx(row["throughput"] / base["throughput"]), name
-        assert row["accuracy_drop_points"] == pytest.approx(100 * (row["accuracy"] - base["accuracy"])), name
+        # speedup and accuracy drop are against the model's own unpatched row: they order and sign as
+        # throughput and accuracy do
+        assert (row["speedup"] > 1) == (row["throughput"] > base["throughput"]), name
+        assert (row["accuracy_drop_points"] < 0) == (row["accuracy"] < base["accuracy"]), name
+        assert (row["accuracy_drop_points"] == 0) == (row["accuracy"] == base["accuracy"]), name
         if row is not base:
             assert row["gflops"] < base["gflops"], name
     for base in bases.values():
         assert base["speedup"] == pytest.approx(1.0) and base["accuracy_drop_points"] == 0.0
+    for model in bases:
+        same = sorted((r for r in rows.values() if r["model"] == model), key=lambda r: r["throughput"])
+        assert [r["speedup"] for r in same] == sorted(r["speedup"] for r in same), model
     # both: fewer FLOPs than either reduction alone; the finetuned weights cost what the off-the-shelf ones do
     both = rows["meter-pumer+tower-tome"]["gflops"]
     assert both < rows["meter-pumer"]["gflops"] and both < rows["meter-tower-tome"]["gflops"]
     for k in METER_REDUCTIONS:
         assert rows[f"meter-{k}-finetuned"]["gflops"] == pytest.approx(rows[f"meter-{k}"]["gflops"]), k
-    # the ToMe baseline is searched to match PuMer's compute; it can only come close from above
+    # the ToMe baseline is searched to match PuMer's compute: it may land above it, never more than 5 % below
     assert rows["tome-equal-flops"]["gflops"] >= rows["pumer"]["gflops"] * 0.95
 
 
@@ -161,7 +169,7 @@ def test_markdown_table_is_printed_with_one_row_per_variant(quick):
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| variant |") and set(lines[1]) <= set("|-: ")
     assert [line.split("|")[1].strip() for line in lines[2:]] == VARIANTS
-    assert study.markdown_table(results) in (out / "results.md").read_text()
+    assert markdown_table(results) in (out / "results.md").read_text()
 
 
 def test_second_run_loads_the_cached_weights(quick, tmp_path):
@@ -177,38 +185,42 @@ def test_second_run_loads_the_cached_weights(quick, tmp_path):
 
 def test_word_level_tokenizer_fallback(tmp_path):
     questions = ["what color is the shape?", "is there not a teal circle in the image?"]
-    tokenizer = study.word_level_tokenizer(questions, tmp_path)
+    tokenizer = word_level_tokenizer(questions, tmp_path)
     ids = tokenizer(questions[1])["input_ids"]
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and "[UNK]" not in tokens
     assert tokens[1:-1] == ["is", "there", "not", "a", "teal", "circle", "in", "the", "image", "?"]
 
 
+def _config(*argv: str) -> StudyConfig:
+    run = cli.parse(["easy_vqa", *argv]).run
+    assert isinstance(run.config, StudyConfig)
+    return run.config
+
+
 def test_command_line_overrides_reach_the_config():
-    args = study.parse_args(["--quick", "--reduce-layers", "1,2", "--prune", "0.4", "--epochs", "3", "--seed", "7"])
-    cfg = study.config_from_args(args)
+    cfg = _config("--quick", "--reduce-layers", "1,2", "--prune", "0.4", "--epochs", "3", "--seed", "7")
     assert cfg.reduce.layers == (1, 2) and cfg.reduce.prune == 0.4
     assert cfg.train.epochs == 3 and cfg.seed == 7
-    assert cfg.model == study.QUICK.model
+    assert cfg.model == QUICK.model
     vocabulary = {"[PAD]": 0, "what": 1}
-    assert cfg.base_key(vocabulary) != study.QUICK.base_key(vocabulary)
-    assert study.QUICK.base_key(vocabulary) != study.QUICK.base_key({**vocabulary, "shape": 2})
-    args = study.parse_args(["--quick", "--meter-epochs", "2", "--meter-encoder-merge", "8"])
-    meter_cfg = study.config_from_args(args)
+    assert cfg.base_key(vocabulary) != QUICK.base_key(vocabulary)
+    assert QUICK.base_key(vocabulary) != QUICK.base_key({**vocabulary, "shape": 2})
+    meter_cfg = _config("--quick", "--meter-epochs", "2", "--meter-encoder-merge", "8")
     assert meter_cfg.meter.train.epochs == 2 and meter_cfg.meter.encoder_merge == 8
-    assert meter_cfg.meter_key(vocabulary) != study.QUICK.meter_key(vocabulary)
-    assert study.config_from_args(study.parse_args(["--no-meter"])).meter is None
+    assert meter_cfg.meter_key(vocabulary) != QUICK.meter_key(vocabulary)
+    assert _config("--no-meter").meter is None
 
 
 def test_vilt_cache_keys_leave_meter_out():
     """The ViLT's cached weights are keyed as before METER joined the study: METER's settings never move them."""
     vocabulary = {"[PAD]": 0, "what": 1}
-    for cfg in (study.QUICK, StudyConfig()):
+    for cfg in (QUICK, StudyConfig()):
         alone = dataclasses.replace(cfg, meter=None)
         assert alone.base_key(vocabulary) == cfg.base_key(vocabulary)
         assert alone.finetune_key() == cfg.finetune_key()
     # the keys of the configurations the study shipped with before METER (its --quick weights stay bitwise the same)
-    assert study.QUICK.base_key(vocabulary) == QUICK_BASE_KEY and study.QUICK.finetune_key() == QUICK_FINETUNE_KEY
+    assert QUICK.base_key(vocabulary) == QUICK_BASE_KEY and QUICK.finetune_key() == QUICK_FINETUNE_KEY
 
 
 def test_meter_on_the_bert_vocabulary_ignores_padding():

@@ -17,14 +17,14 @@ from PIL import Image
 
 pytest.importorskip("lmdb")
 
-from recipes.convert_vqav2 import convert  # noqa: E402
+from recipes.prepare.convert_vqav2 import convert  # noqa: E402
 from recipes.data.dataset import BadImageError, ImageTextDataset  # noqa: E402
 from recipes.data.loader import EpochSampler, loader_throughput, make_loader  # noqa: E402
 from recipes.data.records import RecordError, VqaRecord, read_jsonl, write_jsonl  # noqa: E402
 from recipes.data.store import ImageStore, MissingImageError, write_image_folder, write_image_store  # noqa: E402
 from recipes.data.transforms import build_image_transform, decode_image  # noqa: E402
 from recipes.models import FAMILIES, bundled_bert_vocab_dir, label_index  # noqa: E402
-from recipes.vqa_answers import answer_vocabulary, normalize_answer, soft_score, soft_scores, vqa_score  # noqa: E402
+from recipes.tasks.vqa_answers import answer_vocabulary, normalize_answer, soft_score, soft_scores, vqa_score  # noqa: E402
 
 
 def image_bytes(colour: tuple[int, int, int], fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:

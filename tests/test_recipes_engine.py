@@ -17,7 +17,7 @@ pytest.importorskip("accelerate")
 
 from accelerate import Accelerator  # noqa: E402
 
-from recipes.engine import Engine, TrainConfig, build_scheduler, distill_loss, param_groups  # noqa: E402
+from recipes.engine import Engine, FitConfig, build_scheduler, distill_loss, evaluate, param_groups  # noqa: E402
 from recipes.data.loader import make_loader  # noqa: E402
 
 
@@ -52,10 +52,13 @@ class ConstantScoreTask:
     def model_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {"x": batch["x"]}
 
-    def loss(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-        return F.cross_entropy(logits, batch["label"])
+    def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> SimpleNamespace:
+        return model(**self.model_inputs(batch))
 
-    def eval_outputs(self, logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def loss(self, outputs: SimpleNamespace, batch: Mapping[str, Tensor]) -> Tensor:
+        return F.cross_entropy(outputs.logits, batch["label"])
+
+    def eval_outputs(self, outputs: SimpleNamespace, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {"index": batch["index"]}
 
     def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
@@ -101,23 +104,39 @@ def test_distill_loss_is_kl_teacher_to_student() -> None:
     assert distill_loss(t, t, 1.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_early_stopping_and_gathered_evaluation(tmp_path: Path) -> None:
+def _fit(out: Path, **settings: object) -> tuple[Engine, object, TinyClassifier]:
+    """Train a TinyClassifier on 16 points (batch 4) with ``ConstantScoreTask``, evaluating on 7."""
     torch.manual_seed(0)
-    cfg = TrainConfig(output_dir=tmp_path, lr=1e-2, max_steps=50, eval_every=2, patience=3, progress=False)
-    engine = Engine(Accelerator(cpu=True), TinyClassifier(), ConstantScoreTask(), cfg)
-    train, val = engine.prepare_training(make_loader(Points(16), 4, shuffle=True, workers=0, drop_last=True),
-                                         make_loader(Points(7), 3, shuffle=False, workers=0))
-    state = engine.fit(train, val)
+    model = TinyClassifier()
+    cfg = FitConfig(output_dir=out, lr=1e-2, max_steps=50, eval_every=2, patience=3, progress=False, **settings)
+    engine, train, val = Engine.prepare(Accelerator(cpu=True), model, ConstantScoreTask(), cfg,
+                                        make_loader(Points(16), 4, shuffle=True, workers=0, drop_last=True),
+                                        make_loader(Points(7), 3, shuffle=False, workers=0))
+    return engine, engine.fit(train, val), model
+
+
+def test_early_stopping_and_gathered_evaluation(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    engine, state, model = _fit(tmp_path / "run")
     # the first evaluation sets the best; three more without gain stop the run at step 8 of 50
     assert state.step == 8 and state.best_step == 2 and state.evals_without_gain == 3
     assert [h["examples"] for h in state.history] == [7] * 4
-    assert (tmp_path / "state" / "train_state.json").is_file()
-    from safetensors.torch import load_file
-
+    assert (tmp_path / "run" / "state" / "train_state.json").is_file()
+    # best/ holds the weights of step 2: those of the same schedule stopped after 2 steps, not the last ones
+    _, stopped, at_step_2 = _fit(tmp_path / "two", stop_after_steps=2, checkpoint=False)
+    assert stopped.step == 2
+    best = load_file(str(tmp_path / "run" / "best" / "model.safetensors"))
+    for name, value in at_step_2.state_dict().items():
+        torch.testing.assert_close(best[name], value, rtol=0, atol=0)
+    assert not torch.equal(best["body.weight"], model.body.weight.detach())  # the test can tell: step 8 differs
     reloaded = TinyClassifier()
-    reloaded.load_state_dict(load_file(str(tmp_path / "best" / "model.safetensors")))  # the step-2 weights
-    result = engine.evaluate(val)
+    reloaded.load_state_dict(best)
+    val = make_loader(Points(7), 3, shuffle=False, workers=0)
+    result = evaluate(Accelerator(cpu=True), reloaded, ConstantScoreTask(), val, progress=False)
     assert sorted(result.outputs["index"].tolist()) == list(range(7)) and result.examples_per_second > 0
+    assert result.gflops > 0
+    assert engine.evaluate(val).metrics == {"score": 0.5} and engine.gflops == pytest.approx(result.gflops)
 
 
 def test_loader_workers_read_an_image_store_opened_in_the_parent(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""NLVR2 recipe end to end: public files -> ``recipes.convert_nlvr2`` -> train / eval for ViLT and METER.
+"""NLVR2 recipe end to end: public files -> ``recipes.prepare.convert_nlvr2`` -> train / eval for ViLT and METER.
 
 The fixture writes the public layout (JSON Lines ``{train,dev,test1}.json`` with the release's extra
 fields; image folders ``<split>/`` with train's images in numbered subfolders, PNG files named
@@ -21,17 +21,23 @@ from PIL import Image
 pytest.importorskip("lmdb")
 pytest.importorskip("accelerate")
 
-from recipe_fixtures import image_bytes, save_tiny_meter, save_tiny_vilt, tokenizer_dir, train_args  # noqa: E402, F401
+from recipe_helpers import image_bytes, train_args  # noqa: E402
 from transformers import BertTokenizerFast, ViltForImagesAndTextClassification, ViltForMaskedLM  # noqa: E402
+from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 import pumer_patch  # noqa: E402
 from pumer_patch.flops import gflops_per_example  # noqa: E402
 from pumer_patch.models.meter import MeterForPreTraining, MeterForVisualReasoning  # noqa: E402
-from recipes import convert_nlvr2, nlvr2  # noqa: E402
+from recipes import cli  # noqa: E402
+from recipes.prepare import convert_nlvr2  # noqa: E402
+from recipes.run import TaskContext  # noqa: E402
+from recipes.tasks import nlvr2  # noqa: E402
 from recipes.data.dataset import BadImageError  # noqa: E402
 from recipes.data.records import Nlvr2Record, RecordError, read_jsonl  # noqa: E402
 from recipes.data.store import ImageStore, write_image_store  # noqa: E402
 from recipes.models import get_family, load_model  # noqa: E402
+
+pytest_plugins = ["recipe_fixtures"]
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
 LABELS = ["False", "True"]
@@ -73,18 +79,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw, images = write_public(root)
     convert_nlvr2.convert(raw, images, root / "data")
     return root / "data"
-
-
-@pytest.fixture(scope="module")
-def vilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny pretrained ViLT (MLM head, 2 modality types, as dandelin/vilt-b32-mlm)."""
-    return save_tiny_vilt(ViltForMaskedLM, tmp_path_factory.mktemp("vilt"))
-
-
-@pytest.fixture(scope="module")
-def meter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny pretrained METER (MLM + ITM heads, 2 token types, as PuMer's meter_pretrain)."""
-    return save_tiny_meter(MeterForPreTraining, tmp_path_factory.mktemp("meter"), tokenizer_dir)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -155,22 +149,23 @@ def test_examples_hold_both_images_and_a_bad_one_invalidates_the_pair(data: Path
 
 
 def test_accuracy_by_hand() -> None:
-    task = nlvr2.NLVR2.make_task(LABELS, "mean", [])
+    task = nlvr2.NLVR2.make_task(TaskContext(LABELS, []))
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5], [0.2, 0.1], [0.0, 9.0]])  # argmax 0, 1, 0, 0, 1
     batch = {"index": torch.arange(5), "target": torch.tensor([0, 1, 1, 1, 0]),
              "valid": torch.tensor([True, True, True, True, False])}
-    metrics = task.metrics(task.eval_outputs(logits, batch))
+    metrics = task.metrics(task.eval_outputs(SequenceClassifierOutput(logits=logits), batch))
     assert metrics == {"score": 0.5, "skipped_images": 1.0}  # 2 of the 4 valid right; the 5th left out
     expected = torch.nn.functional.cross_entropy(logits[:4], batch["target"][:4])
-    torch.testing.assert_close(task.loss(logits, batch), expected)
+    torch.testing.assert_close(task.loss(SequenceClassifierOutput(logits=logits), batch), expected)
 
 
 # ---------------------------------------------------------------------------------------- models
 
 
 @pytest.mark.parametrize("family", ["vilt", "meter"])
-def test_a_two_type_checkpoint_grows_its_third_token_type(vilt: Path, meter: Path, family: str) -> None:
-    path = vilt if family == "vilt" else meter
+def test_a_two_type_checkpoint_grows_its_third_token_type(pretrained_vilt: Path, pretrained_meter: Path,
+                                                           family: str) -> None:
+    path = pretrained_vilt if family == "vilt" else pretrained_meter
     pretrained = (ViltForMaskedLM if family == "vilt" else MeterForPreTraining).from_pretrained(path)
     model = load_model(get_family(family), "nlvr2", path, LABELS, image_size=32)
     assert isinstance(model, ViltForImagesAndTextClassification if family == "vilt" else MeterForVisualReasoning)
@@ -192,8 +187,10 @@ def test_a_two_type_checkpoint_grows_its_third_token_type(vilt: Path, meter: Pat
 
 
 @pytest.mark.parametrize("family", ["vilt", "meter"])
-def test_a_finetuned_checkpoint_keeps_its_head(vilt: Path, meter: Path, tmp_path: Path, family: str) -> None:
-    grown = load_model(get_family(family), "nlvr2", vilt if family == "vilt" else meter, LABELS, image_size=32)
+def test_a_finetuned_checkpoint_keeps_its_head(pretrained_vilt: Path, pretrained_meter: Path, tmp_path: Path,
+                                               family: str) -> None:
+    path = pretrained_vilt if family == "vilt" else pretrained_meter
+    grown = load_model(get_family(family), "nlvr2", path, LABELS, image_size=32)
     grown.config.id2label, grown.config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {}  # as a converted checkpoint
     grown.save_pretrained(tmp_path)
     model = load_model(get_family(family), "nlvr2", tmp_path, LABELS, image_size=32)
@@ -204,8 +201,9 @@ def test_a_finetuned_checkpoint_keeps_its_head(vilt: Path, meter: Path, tmp_path
 
 
 @pytest.mark.parametrize("family", ["vilt", "meter"])
-def test_pumer_reduces_in_both_passes(vilt: Path, meter: Path, family: str) -> None:
-    model = load_model(get_family(family), "nlvr2", vilt if family == "vilt" else meter, LABELS, image_size=32).eval()
+def test_pumer_reduces_in_both_passes(pretrained_vilt: Path, pretrained_meter: Path, family: str) -> None:
+    path = pretrained_vilt if family == "vilt" else pretrained_meter
+    model = load_model(get_family(family), "nlvr2", path, LABELS, image_size=32).eval()
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(1000, 2000, (2, 12), generator=generator),
               "attention_mask": torch.ones(2, 12, dtype=torch.long),
@@ -239,13 +237,13 @@ def test_pumer_reduces_in_both_passes(vilt: Path, meter: Path, family: str) -> N
 
 @pytest.mark.parametrize("family", ["vilt", "meter"])
 @pytest.mark.parametrize("pumer", [None, "default"])
-def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir: Path, tmp_path: Path,
-                              family: str, pumer: str | None) -> None:
-    model = vilt if family == "vilt" else meter
+def test_trains_and_evaluates(data: Path, pretrained_vilt: Path, pretrained_meter: Path, tokenizer_dir: Path,
+                              tmp_path: Path, family: str, pumer: str | None) -> None:
+    model = pretrained_vilt if family == "vilt" else pretrained_meter
     config = "p0.2-r0.2-t0.2-1" if family == "vilt" else "p0.2r0.2t0.2-02"
     extra = [] if pumer is None else ["--pumer", config, "--pumer-mode", pumer]
     out = tmp_path / "run"
-    assert nlvr2.main(train_args(f"{family}-nlvr2", data, model, out, tokenizer_dir, *extra)) == 0
+    assert cli.main(train_args("nlvr2", f"{family}-nlvr2", data, model, out, tokenizer_dir, *extra)) == 0
     info = json.loads((out / "train_info.json").read_text())
     assert info["step"] == 3 and info["settings"]["task"] == "nlvr2" and info["examples"] == 12
     assert [h["examples"] for h in info["history"]] == [6, 6]
@@ -256,7 +254,7 @@ def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir
     common = ["--data", str(data), "--model", str(best), "--tokenizer", str(tokenizer_dir), "--workers", "0",
               "--no-progress", "--eval-batch", "4", "--split", "dev"]
     pumer_eval = ["--pumer", "p0.3-r0.3-t0.2-1" if family == "vilt" else "p0.3r0.3t0.2-02", "--pumer-mode", "default"]
-    assert nlvr2.main(["eval", *common, "--output", str(tmp_path / "eval"), *pumer_eval]) == 0
+    assert cli.main(["nlvr2", "eval", *common, "--output", str(tmp_path / "eval"), *pumer_eval]) == 0
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     unpatched, patched = report["rows"]
     if pumer is None:  # a reducing model's best score was measured reduced; compare the unreduced run only
@@ -266,9 +264,9 @@ def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir
     assert "| accuracy |" in (tmp_path / "eval" / "eval.md").read_text()
 
 
-def test_a_wrong_preset_or_missing_data_fails_before_loading(data: Path, vilt: Path, tokenizer_dir: Path,
+def test_a_wrong_preset_or_missing_data_fails_before_loading(data: Path, pretrained_vilt: Path, tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # a VQA preset is not offered by the NLVR2 command
-        nlvr2.main(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir))
+        cli.main(train_args("nlvr2", "vilt-vqa", data, pretrained_vilt, tmp_path, tokenizer_dir))
     with pytest.raises(FileNotFoundError, match="convert_nlvr2"):
-        nlvr2.main(train_args("vilt-nlvr2", tmp_path, vilt, tmp_path / "o", tokenizer_dir))
+        cli.main(train_args("nlvr2", "vilt-nlvr2", tmp_path, pretrained_vilt, tmp_path / "o", tokenizer_dir))

@@ -1,4 +1,4 @@
-"""Retrieval recipe: Karpathy json -> ``recipes.convert_retrieval`` -> train / eval for ViLT and METER.
+"""Retrieval recipe: Karpathy json -> ``recipes.prepare.convert_retrieval`` -> train / eval for ViLT and METER.
 
 The fixture writes Karpathy's ``dataset_flickr30k.json`` / ``dataset_coco.json`` layout and image
 folders of plain-colour JPEGs; the converter writes the data folder. Recall and its tie rule are
@@ -24,17 +24,21 @@ pytest.importorskip("lmdb")
 pytest.importorskip("accelerate")
 
 from accelerate import Accelerator  # noqa: E402
-from recipe_fixtures import image_bytes, save_tiny_meter, save_tiny_vilt, tokenizer_dir  # noqa: E402,F401
+from recipe_helpers import image_bytes, save_tiny_vilt  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import BertTokenizerFast, ViltForMaskedLM  # noqa: E402
 
 import pumer_patch  # noqa: E402
-from pumer_patch.models.meter import MeterForPreTraining  # noqa: E402
-from recipes import convert_retrieval, retrieval  # noqa: E402
-from recipes.data.records import RetrievalRecord, read_jsonl  # noqa: E402
+from recipes import cli  # noqa: E402
+from recipes.data.loader import EpochKeySampler  # noqa: E402
+from recipes.data.records import RETRIEVAL_STORES, RetrievalRecord, read_jsonl  # noqa: E402
 from recipes.data.store import ImageStore  # noqa: E402
+from recipes.data.transforms import build_image_transform  # noqa: E402
 from recipes.models import get_family, load_model  # noqa: E402
-from recipes.retrieval_eval import (  # noqa: E402
+from recipes.prepare import convert_retrieval  # noqa: E402
+from recipes.tasks.retrieval import data as retrieval_data  # noqa: E402
+from recipes.tasks.retrieval.task import RetrievalTask  # noqa: E402
+from recipes.tasks.retrieval.scoring import (  # noqa: E402
     CachedMeterScorer,
     FullPairScorer,
     image_ranks,
@@ -44,7 +48,14 @@ from recipes.retrieval_eval import (  # noqa: E402
     shortlist,
     text_ranks,
 )
-from recipes.retrieval_models import CandidateScorer, MeterForRetrieval, ViltForRetrieval  # noqa: E402
+from recipes.tasks.retrieval.models import (  # noqa: E402
+    CandidateScorer,
+    MeterForRetrieval,
+    RetrievalOutput,
+    ViltForRetrieval,
+)
+
+pytest_plugins = ["recipe_fixtures"]
 
 SPLIT_OF = ["train"] * 8 + ["restval"] * 2 + ["val"] * 4 + ["test"] * 4
 
@@ -94,14 +105,9 @@ def vilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def meter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:  # noqa: F811
-    return save_tiny_meter(MeterForPreTraining, tmp_path_factory.mktemp("meter"), tokenizer_dir)
-
-
-def _split(data: Path, tokenizer_dir: Path, family: str, split: str = "test") -> retrieval.SplitData:  # noqa: F811
-    d = retrieval.RetrievalData(data)
-    return retrieval.SplitData(d.records(split), ImageStore(d.store_path), BertTokenizerFast.from_pretrained(
+def _split(data: Path, tokenizer_dir: Path, family: str, split: str = "test") -> retrieval_data.SplitData:
+    d = retrieval_data.RetrievalData(data)
+    return retrieval_data.SplitData(d.records(split), ImageStore(d.store_path), BertTokenizerFast.from_pretrained(
         str(tokenizer_dir)), family=get_family(family), image_size=32, text_length=12, train=split == "train")
 
 
@@ -117,7 +123,7 @@ def test_converter_writes_the_seed_layout(tmp_path: Path, dataset: str) -> None:
     stem = "COCO_val2014_000000000014" if dataset == "coco" else "1014"
     assert test[0] == RetrievalRecord(item_id=14, captions=("picture 14 caption 0", "picture 14 caption 1",
                                                             "picture 14 caption 2"), img_id=stem)
-    store = ImageStore(tmp_path / "data" / convert_retrieval.STORES[dataset])
+    store = ImageStore(tmp_path / "data" / RETRIEVAL_STORES[dataset])
     assert len(store) == 18 and store[stem] == (images / ("val2014" if dataset == "coco" else "") / f"{stem}.jpg").read_bytes()
     assert convert_retrieval.convert(karpathy, None, tmp_path / "data", restval=False)["train"] == 8  # store kept
     (images / ("val2014" if dataset == "coco" else "") / f"{stem}.jpg").unlink()
@@ -201,17 +207,17 @@ def test_tiles_resume_and_shortlist(tmp_path: Path) -> None:
     assert torch.equal(short[mask], expected[mask]) and torch.isinf(short[~mask]).all()
 
 
-def test_meter_cached_scores_equal_the_whole_model(data: Path, meter: Path, tokenizer_dir: Path) -> None:  # noqa: F811
+def test_meter_cached_scores_equal_the_whole_model(data: Path, pretrained_meter: Path, tokenizer_dir: Path) -> None:
     acc = Accelerator(cpu=True)
     split = _split(data, tokenizer_dir, "meter")
     images, captions = split.sizes
     for config in (None, "p0.3r0.3t0.2-02", "tome"):
-        model = load_model(get_family("meter"), "retrieval", meter, [], image_size=64).eval()
+        model = load_model(get_family("meter"), "retrieval", pretrained_meter, [], image_size=64).eval()
         if config == "tome":  # ToMe in the CLIP tower: 65 tokens -> 57, sizes cached with the features
             pumer_patch.apply(model, layers=[], encoder_merge_schedule=4, mode="default")
         elif config is not None:
             pumer_patch.apply(model, config, mode="default")
-        split.images.transform = retrieval.build_image_transform(get_family("meter").image, 64, train=False)
+        split.images.transform = build_image_transform(get_family("meter").image, 64, train=False)
         cached = CachedMeterScorer(model, split.images, split.input_ids, split.attention_mask, acc, batch=3)
         full = FullPairScorer(model, split.images, split.input_ids, split.attention_mask, acc, batch=3)
         a = cached.tile(range(images), range(captions))
@@ -230,15 +236,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_score_the_same_matrix(data: Path, meter: Path, tokenizer_dir: Path,  # noqa: F811
+def test_two_processes_score_the_same_matrix(data: Path, pretrained_meter: Path, tokenizer_dir: Path,
                                              tmp_path: Path) -> None:
-    args = ["eval", "--data", str(data), "--model", str(meter), "--tokenizer", str(tokenizer_dir), "--workers", "0",
+    args = ["retrieval", "eval", "--data", str(data), "--model", str(pretrained_meter), "--tokenizer", str(tokenizer_dir), "--workers", "0",
             "--no-progress", "--eval-batch", "3", "--pair-batch", "5", "--tile-images", "1", "--tile-captions", "4",
             "--cpu", "--log-level", "WARNING"]
-    assert retrieval.main([*args, "--output", str(tmp_path / "one")]) == 0
+    assert cli.main([*args, "--output", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_port()), "-m", "recipes.retrieval", *args, "--output", str(tmp_path / "two")],
+                           str(_port()), "-m", "recipes", *args, "--output", str(tmp_path / "two")],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "scores" / "unpatched" / "scores.pt")
@@ -252,41 +258,42 @@ def test_two_processes_score_the_same_matrix(data: Path, meter: Path, tokenizer_
 # ---------------------------------------------------------------------------------------- training
 
 
-def test_candidates_are_reproducible_distinct_and_change_each_epoch(data: Path, tokenizer_dir: Path) -> None:  # noqa: F811
+def test_candidates_are_reproducible_distinct_and_change_each_epoch(data: Path, tokenizer_dir: Path) -> None:
     split = _split(data, tokenizer_dir, "vilt", "train")
-    groups = retrieval.CandidateGroups(split, negatives=5, seed=3)
+    groups = retrieval_data.CandidateGroups(split, negatives=5, seed=3)
     n = len(groups)
     for key in range(2 * n):
         i, captions = groups.candidates(key)
         owners = split.caption_image[captions]
         assert owners[0] == i == key % n and len(set(owners.tolist())) == 6  # the true image, 5 distinct others
-    assert torch.equal(groups.candidates(4)[1], retrieval.CandidateGroups(split, negatives=5, seed=3).candidates(4)[1])
+    assert torch.equal(groups.candidates(4)[1], retrieval_data.CandidateGroups(split, negatives=5, seed=3).candidates(4)[1])
     assert any(not torch.equal(groups.candidates(k)[1], groups.candidates(k + n)[1]) for k in range(n))
-    sampler = retrieval.EpochKeySampler(n, shuffle=True, seed=0)
+    sampler = EpochKeySampler(n, shuffle=True, seed=0)
     sampler.set_epoch(2)
     assert sorted(sampler) == list(range(2 * n, 3 * n))
     with pytest.raises(ValueError, match="--negatives 15"):
-        retrieval.CandidateGroups(split, negatives=15, seed=0)
+        retrieval_data.CandidateGroups(split, negatives=15, seed=0)
 
 
 def test_loss_and_proxy_metrics_by_hand() -> None:
-    task = retrieval.RetrievalTask()
+    task = RetrievalTask()
     logits = torch.zeros(2, 3, 3)
     logits[0, :, 0] = torch.tensor([2.0, 1.0, 0.0])  # image 0: the true caption first
     logits[1, :, 0] = torch.tensor([1.0, 1.0, 0.0])  # image 1: tied with a negative -> not first
     logits[0, 0, 1:] = torch.tensor([0.0, 3.0])  # ITM right on both pairs of image 0, wrong on image 1's
     logits[0, 1, 1:] = torch.tensor([3.0, 0.0])
+    outputs = RetrievalOutput(logits=logits[..., 0], itm_logits=logits[..., 1:])  # (B, K) and (B, K, 2)
     batch = {"index": torch.arange(2), "valid": torch.tensor([True, True])}
     rank = torch.nn.functional.cross_entropy(logits[..., 0], torch.zeros(2, dtype=torch.long))
     itm = torch.nn.functional.cross_entropy(logits[:, :2, 1:].reshape(4, 2), torch.tensor([1, 0, 1, 0]))
-    torch.testing.assert_close(task.loss(logits, batch), rank + 0.5 * itm)
-    metrics = task.metrics(task.eval_outputs(logits, batch))
+    torch.testing.assert_close(task.loss(outputs, batch), rank + 0.5 * itm)
+    metrics = task.metrics(task.eval_outputs(outputs, batch))
     assert metrics["score"] == 0.5 and metrics["itm_accuracy"] == 0.5  # image 1's ITM logits tie: wrong on both pairs
 
 
 @pytest.mark.parametrize("family", ["vilt", "meter"])
-def test_heads_load_from_a_pretraining_checkpoint(vilt: Path, meter: Path, family: str, tmp_path: Path) -> None:
-    model = load_model(get_family(family), "retrieval", vilt if family == "vilt" else meter, [], image_size=32)
+def test_heads_load_from_a_pretraining_checkpoint(vilt: Path, pretrained_meter: Path, family: str, tmp_path: Path) -> None:
+    model = load_model(get_family(family), "retrieval", vilt if family == "vilt" else pretrained_meter, [], image_size=32)
     assert isinstance(model, ViltForRetrieval if family == "vilt" else MeterForRetrieval)
     itm = model.itm_score if family == "vilt" else model.itm_score.fc
     torch.testing.assert_close(model.rank_output.weight, itm.weight[1:])  # rank_output := the ITM "match" row
@@ -301,23 +308,23 @@ def test_heads_load_from_a_pretraining_checkpoint(vilt: Path, meter: Path, famil
 
 @pytest.mark.parametrize("family", ["vilt", "meter"])
 @pytest.mark.parametrize("reduce", [False, True])
-def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir: Path, tmp_path: Path,  # noqa: F811
+def test_trains_and_evaluates(data: Path, vilt: Path, pretrained_meter: Path, tokenizer_dir: Path, tmp_path: Path,
                               family: str, reduce: bool) -> None:
     config = "p0.3-r0.3-t0.2-1" if family == "vilt" else "p0.3r0.3t0.2-02"
     extra = ["--pumer", config, "--pumer-mode", "default"] if reduce else []
     out = tmp_path / "run"
-    args = ["train", "--preset", f"{family}-retrieval-flickr", "--data", str(data), "--model",
-            str(vilt if family == "vilt" else meter), "--tokenizer", str(tokenizer_dir), "--output", str(out),
+    args = ["retrieval", "train", "--preset", f"{family}-retrieval-flickr", "--data", str(data), "--model",
+            str(vilt if family == "vilt" else pretrained_meter), "--tokenizer", str(tokenizer_dir), "--output", str(out),
             "--per-device-batch", "2", "--total-batch", "2", "--max-steps", "3", "--eval-every", "2",
             "--image-size", "32", "--workers", "0", "--no-progress", "--negatives", "3", *extra]
-    assert retrieval.main(args) == 0
+    assert cli.main(args) == 0
     info = json.loads((out / "train_info.json").read_text())
     assert info["step"] == 3 and info["examples"] == 6 and [h["examples"] for h in info["history"]] == [4, 4]
-    assert info["settings"]["task"] == "retrieval" and info["dataset"] == "flickr30k"
-    common = ["eval", "--data", str(data), "--model", str(out / "best"), "--tokenizer", str(tokenizer_dir),
+    assert info["settings"]["task"] == "retrieval" and info["settings"]["dataset"] == "flickr30k"
+    common = ["retrieval", "eval", "--data", str(data), "--model", str(out / "best"), "--tokenizer", str(tokenizer_dir),
               "--workers", "0", "--no-progress", "--eval-batch", "4", "--split", "val", "--output", str(tmp_path / "e"),
               "--pumer", config, "--pumer-mode", "default"]
-    assert retrieval.main(common) == 0
+    assert cli.main(common) == 0
     report = json.loads((tmp_path / "e" / "eval.json").read_text())
     unpatched, patched = report["rows"]
     assert unpatched["pairs"] == patched["pairs"] == 4 * 8  # val: images 10-13 with 2 + 3 + 1 + 2 captions
@@ -326,21 +333,21 @@ def test_trains_and_evaluates(data: Path, vilt: Path, meter: Path, tokenizer_dir
     assert "| TR@1 |" in (tmp_path / "e" / "eval.md").read_text()
 
 
-def test_eval_resumes_from_its_tiles_and_reranks_a_shortlist(data: Path, meter: Path, tokenizer_dir: Path,  # noqa: F811
+def test_eval_resumes_from_its_tiles_and_reranks_a_shortlist(data: Path, pretrained_meter: Path, tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
-    args = ["eval", "--data", str(data), "--model", str(meter), "--tokenizer", str(tokenizer_dir), "--workers", "0",
+    args = ["retrieval", "eval", "--data", str(data), "--model", str(pretrained_meter), "--tokenizer", str(tokenizer_dir), "--workers", "0",
             "--no-progress", "--eval-batch", "3", "--tile-images", "2", "--tile-captions", "4", "--log-level", "WARNING"]
-    assert retrieval.main([*args, "--output", str(tmp_path / "exact")]) == 0
+    assert cli.main([*args, "--output", str(tmp_path / "exact")]) == 0
     first = json.loads((tmp_path / "exact" / "eval.json").read_text())["rows"][0]
     assert first["tiles_skipped"] == 0 and first["pairs_scored_now"] == 36
-    assert retrieval.main([*args, "--output", str(tmp_path / "exact")]) == 0  # a rerun: every tile found
+    assert cli.main([*args, "--output", str(tmp_path / "exact")]) == 0  # a rerun: every tile found
     again = json.loads((tmp_path / "exact" / "eval.json").read_text())["rows"][0]
     assert again["tiles_skipped"] == 6 and again["pairs_scored_now"] == 0
     assert {k: again[k] for k in ("tr_r1", "ir_r5", "rsum")} == {k: first[k] for k in ("tr_r1", "ir_r5", "rsum")}
 
     with pytest.raises(ValueError, match="--rerank-pumer"):
-        retrieval.main([*args, "--output", str(tmp_path / "short"), "--rerank-top", "2"])
-    assert retrieval.main([*args, "--output", str(tmp_path / "short"), "--rerank-top", "2",
+        cli.main([*args, "--output", str(tmp_path / "short"), "--rerank-top", "2"])
+    assert cli.main([*args, "--output", str(tmp_path / "short"), "--rerank-top", "2",
                            "--rerank-pumer", "p0.5r0.5t0.5-02"]) == 0
     report = json.loads((tmp_path / "short" / "eval.json").read_text())
     row = report["rows"][0]

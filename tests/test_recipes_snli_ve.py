@@ -1,4 +1,4 @@
-"""SNLI-VE recipe end to end: public files -> ``recipes.convert_snli_ve`` -> train / eval for ViLT and METER.
+"""SNLI-VE recipe end to end: public files -> ``recipes.prepare.convert_snli_ve`` -> train / eval for ViLT and METER.
 
 The fixture writes the public layout (SNLI-VE jsonl lines with every field the release has, a "-"
 pair without a gold label, a Flickr30k folder of JPEGs); the converter writes the data folder; tiny
@@ -19,14 +19,18 @@ from PIL import Image
 pytest.importorskip("lmdb")
 pytest.importorskip("accelerate")
 
-from recipe_fixtures import image_bytes, save_tiny_meter, save_tiny_vilt, tokenizer_dir, train_args  # noqa: E402, F401
-from transformers import ViltForMaskedLM, ViltForQuestionAnswering  # noqa: E402
+from recipe_helpers import image_bytes, train_args  # noqa: E402
+from transformers import ViltForQuestionAnswering  # noqa: E402
+from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
-from pumer_patch.models.meter import MeterForPreTraining, MeterForVisualEntailment  # noqa: E402
-from recipes import convert_snli_ve, snli_ve  # noqa: E402
-from recipes.common import ClassificationTask  # noqa: E402
+from pumer_patch.models.meter import MeterForVisualEntailment  # noqa: E402
+from recipes import cli  # noqa: E402
+from recipes.prepare import convert_snli_ve  # noqa: E402
+from recipes.tasks.classification import ClassificationTask  # noqa: E402
 from recipes.data.records import RecordError, SnliVeRecord, read_jsonl  # noqa: E402
 from recipes.data.store import ImageStore  # noqa: E402
+
+pytest_plugins = ["recipe_fixtures"]
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
 
@@ -61,18 +65,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw, images = write_public(root)
     convert_snli_ve.convert(raw, images, root / "data")
     return root / "data"
-
-
-@pytest.fixture(scope="module")
-def vilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny pretrained ViLT (MLM head, as dandelin/vilt-b32-mlm): the recipe builds the 3-way head."""
-    return save_tiny_vilt(ViltForMaskedLM, tmp_path_factory.mktemp("vilt"))
-
-
-@pytest.fixture(scope="module")
-def meter(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny pretrained METER (MLM + ITM heads, as PuMer's meter_pretrain_384)."""
-    return save_tiny_meter(MeterForPreTraining, tmp_path_factory.mktemp("meter"), tokenizer_dir)
 
 
 def test_converter_writes_the_seed_layout(data: Path) -> None:
@@ -113,22 +105,22 @@ def test_accuracy_by_hand() -> None:
     logits = torch.tensor([[3.0, 0, 0], [0, 2.0, 0], [0, 0, 1.0], [5.0, 0, 0], [0, 0, 9.0]])
     batch = {"index": torch.arange(5), "target": torch.tensor([0, 2, 2, 1, 2]),
              "valid": torch.tensor([True, True, True, True, False])}
-    metrics = task.metrics(task.eval_outputs(logits, batch))
+    metrics = task.metrics(task.eval_outputs(SequenceClassifierOutput(logits=logits), batch))
     assert metrics == {"score": 0.5, "skipped_images": 1.0}  # 2 of the 4 valid right; the 5th left out
     # loss: the mean cross-entropy of the valid examples only
     expected = torch.nn.functional.cross_entropy(logits[:4], batch["target"][:4])
-    torch.testing.assert_close(task.loss(logits, batch), expected)
+    torch.testing.assert_close(task.loss(SequenceClassifierOutput(logits=logits), batch), expected)
 
 
 @pytest.mark.parametrize("family", ["vilt", "meter"])
 @pytest.mark.parametrize("pumer", [None, "default"])
-def test_trains_evaluates_and_reloads(data: Path, vilt: Path, meter: Path, tokenizer_dir: Path, tmp_path: Path,
-                                      family: str, pumer: str | None) -> None:
-    model = vilt if family == "vilt" else meter
+def test_trains_evaluates_and_reloads(data: Path, pretrained_vilt: Path, pretrained_meter: Path, tokenizer_dir: Path,
+                                      tmp_path: Path, family: str, pumer: str | None) -> None:
+    model = pretrained_vilt if family == "vilt" else pretrained_meter
     extra = [] if pumer is None else ["--pumer", "p0.2-r0.2-t0.2-1" if family == "vilt" else "p0.2r0.2t0.2-02",
                                       "--pumer-mode", pumer]
     out = tmp_path / "run"
-    assert snli_ve.main(train_args(f"{family}-ve", data, model, out, tokenizer_dir, *extra)) == 0
+    assert cli.main(train_args("snli_ve", f"{family}-ve", data, model, out, tokenizer_dir, *extra)) == 0
     info = json.loads((out / "train_info.json").read_text())
     assert info["step"] == 3 and info["settings"]["task"] == "snli_ve"
     best = out / "best"
@@ -139,7 +131,7 @@ def test_trains_evaluates_and_reloads(data: Path, vilt: Path, meter: Path, token
     common = ["--data", str(data), "--model", str(best), "--tokenizer", str(tokenizer_dir), "--workers", "0",
               "--no-progress", "--eval-batch", "4", "--split", "dev"]
     pumer_eval = ["--pumer", "p0.3-r0.3-t0.2-1" if family == "vilt" else "p0.3r0.3t0.2-02", "--pumer-mode", "default"]
-    assert snli_ve.main(["eval", *common, "--output", str(tmp_path / "eval"), *pumer_eval]) == 0
+    assert cli.main(["snli_ve", "eval", *common, "--output", str(tmp_path / "eval"), *pumer_eval]) == 0
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     unpatched, patched = report["rows"]
     if pumer is None:  # a reducing model's best score was measured reduced; compare the unreduced run only
@@ -150,9 +142,9 @@ def test_trains_evaluates_and_reloads(data: Path, vilt: Path, meter: Path, token
     assert "| accuracy |" in (tmp_path / "eval" / "eval.md").read_text()
 
 
-def test_a_wrong_preset_or_missing_data_fails_before_loading(data: Path, vilt: Path, tokenizer_dir: Path,
+def test_a_wrong_preset_or_missing_data_fails_before_loading(data: Path, pretrained_vilt: Path, tokenizer_dir: Path,
                                                              tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # a VQA preset is not offered by the SNLI-VE command
-        snli_ve.main(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir))
+        cli.main(train_args("snli_ve", "vilt-vqa", data, pretrained_vilt, tmp_path, tokenizer_dir))
     with pytest.raises(FileNotFoundError, match="convert_snli_ve"):
-        snli_ve.main(train_args("vilt-ve", tmp_path, vilt, tmp_path / "o", tokenizer_dir))
+        cli.main(train_args("snli_ve", "vilt-ve", tmp_path, pretrained_vilt, tmp_path / "o", tokenizer_dir))

@@ -1,4 +1,4 @@
-"""VQAv2 recipe end to end through ``recipes.vqa.main``, on a generated data folder and tiny random models.
+"""VQAv2 recipe end to end through ``python -m recipes vqa`` (``recipes.cli.main``), on a generated data folder and tiny random models.
 
 A tiny ViLT (and a tiny METER) saved with ``save_pretrained`` trains 3 steps and evaluates, with and
 without PuMer; the best checkpoint reloads and scores what training recorded; a run stopped after
@@ -17,20 +17,22 @@ import torch
 pytest.importorskip("lmdb")
 pytest.importorskip("accelerate")
 
-from recipe_fixtures import image_bytes, save_tiny_meter, save_tiny_vilt, tokenizer_dir, train_args  # noqa: E402, F401
+from recipe_helpers import image_bytes, save_tiny_meter, save_tiny_vilt, train_args  # noqa: E402
 from transformers import BertTokenizerFast, ViltForQuestionAnswering  # noqa: E402
 
 from pumer_patch.models.meter import MeterForQuestionAnswering  # noqa: E402
-from recipes import vqa  # noqa: E402
+from recipes import cli  # noqa: E402
 from recipes.data.records import write_jsonl  # noqa: E402
 from recipes.data.store import write_image_store  # noqa: E402
+
+pytest_plugins = ["recipe_fixtures"]
 
 ANSWERS = ["blue", "no", "red", "yes"]
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
 
 
 def write_data(root: Path, n_train: int = 12, n_val: int = 6, n_test: int = 5) -> Path:
-    """A data folder in ``recipes.convert_vqav2``'s layout with coloured-square questions."""
+    """A data folder in ``recipes.prepare.convert_vqav2``'s layout with coloured-square questions."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "answers.json").write_text(json.dumps(ANSWERS))
     images, test_images = [], []
@@ -73,7 +75,7 @@ def _info(out: Path) -> dict:
 def test_vilt_trains_evaluates_and_reloads(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path,
                                            pumer: str | None) -> None:
     extra = [] if pumer is None else ["--pumer", pumer, "--pumer-mode", "default"]
-    assert vqa.main(train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir, *extra)) == 0
+    assert cli.main(train_args("vqa", "vilt-vqa", data, vilt, tmp_path, tokenizer_dir, *extra)) == 0
     info = _info(tmp_path)
     assert info["step"] == 3 == info["total_steps"] and info["examples"] == 12
     assert [h["step"] for h in info["history"]] == [2, 3]
@@ -84,10 +86,10 @@ def test_vilt_trains_evaluates_and_reloads(data: Path, vilt: Path, tokenizer_dir
     reloaded = ViltForQuestionAnswering.from_pretrained(best)
     assert [reloaded.config.id2label[i] for i in range(4)] == ANSWERS
     out = tmp_path / "eval"
-    args = ["eval", "--model", str(best), "--data", str(data), "--output", str(out), "--image-size", "32",
+    args = ["vqa", "eval", "--model", str(best), "--data", str(data), "--output", str(out), "--image-size", "32",
             "--workers", "0", "--eval-batch", "4", "--no-progress"] + ([] if pumer is None else
                                                                        ["--pumer", pumer, "--pumer-mode", "default"])
-    assert vqa.main(args) == 0
+    assert cli.main(args) == 0
     rows = json.loads((out / "eval.json").read_text())["rows"]
     best_score = max(h["score"] for h in info["history"])
     assert rows[-1]["score"] == pytest.approx(best_score)  # the reloaded best scores what training recorded
@@ -101,10 +103,10 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, vilt: Path, tok
     # batch 4 over 12 questions: 3 steps an epoch, 5 steps cross an epoch boundary
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     common = ["--max-steps", "5", "--eval-every", "2"]
-    assert vqa.main(train_args("vilt-vqa", data, vilt, whole, tokenizer_dir, *common)) == 0
-    assert vqa.main(train_args("vilt-vqa", data, vilt, parts, tokenizer_dir, *common, "--stop-after-steps", "2")) == 0
+    assert cli.main(train_args("vqa", "vilt-vqa", data, vilt, whole, tokenizer_dir, *common)) == 0
+    assert cli.main(train_args("vqa", "vilt-vqa", data, vilt, parts, tokenizer_dir, *common, "--stop-after-steps", "2")) == 0
     assert _info(parts)["step"] == 2
-    assert vqa.main(train_args("vilt-vqa", data, vilt, parts, tokenizer_dir, *common, "--resume")) == 0
+    assert cli.main(train_args("vqa", "vilt-vqa", data, vilt, parts, tokenizer_dir, *common, "--resume")) == 0
     a, b = _info(whole), _info(parts)
     assert (a["step"], a["examples"], a["data_digest"]) == (b["step"], b["examples"], b["data_digest"]) == (5, 20, a["data_digest"])
     assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]] == [2, 4, 5]
@@ -112,7 +114,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, vilt: Path, tok
 
 
 def test_meter_trains_and_evaluates(data: Path, meter: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
-    assert vqa.main(train_args("meter-vqa", data, meter, tmp_path, tokenizer_dir)) == 0
+    assert cli.main(train_args("vqa", "meter-vqa", data, meter, tmp_path, tokenizer_dir)) == 0
     info = _info(tmp_path)
     assert info["step"] == 3 and info["settings"]["loss_scale"] == "mean"
     reloaded = MeterForQuestionAnswering.from_pretrained(tmp_path / "best")
@@ -131,23 +133,23 @@ def test_eval_decodes_through_the_models_own_labels_and_predicts(data: Path, vil
     BertTokenizerFast.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp_path / "ft")
     common = ["--model", str(tmp_path / "ft"), "--data", str(data), "--image-size", "32", "--workers", "0",
               "--eval-batch", "4", "--no-progress"]
-    assert vqa.main(["eval", *common, "--output", str(tmp_path / "eval")]) == 0
+    assert cli.main(["vqa", "eval", *common, "--output", str(tmp_path / "eval")]) == 0
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
     assert rows[0]["score"] == pytest.approx(0.5) and rows[0]["examples"] == 6  # red on half the val questions
-    assert vqa.main(["predict", *common, "--output", str(tmp_path / "pred.json")]) == 0
+    assert cli.main(["vqa", "predict", *common, "--output", str(tmp_path / "pred.json")]) == 0
     pred = json.loads((tmp_path / "pred.json").read_text())
     assert pred == [{"question_id": 4000 + k, "answer": "red"} for k in range(5)]
 
 
 def test_bad_input_fails_before_training(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="names no folder"):
-        vqa.main(train_args("vilt-vqa", data, tmp_path / "no-such-model", tmp_path / "o", tokenizer_dir))
+        cli.main(train_args("vqa", "vilt-vqa", data, tmp_path / "no-such-model", tmp_path / "o", tokenizer_dir))
     with pytest.raises(ValueError, match="--teacher"):
-        vqa.main(train_args("vilt-vqa-pumer", data, vilt, tmp_path / "o", tokenizer_dir))
+        cli.main(train_args("vqa", "vilt-vqa-pumer", data, vilt, tmp_path / "o", tokenizer_dir))
     with pytest.raises(FileNotFoundError, match="answers.json"):
-        vqa.main(train_args("vilt-vqa", tmp_path, vilt, tmp_path / "o", tokenizer_dir))
+        cli.main(train_args("vqa", "vilt-vqa", tmp_path, vilt, tmp_path / "o", tokenizer_dir))
     with pytest.raises(ValueError, match="not a multiple"):
-        vqa.main(train_args("vilt-vqa", data, vilt, tmp_path / "o", tokenizer_dir, "--total-batch", "6"))
+        cli.main(train_args("vqa", "vilt-vqa", data, vilt, tmp_path / "o", tokenizer_dir, "--total-batch", "6"))
     assert not (tmp_path / "o" / "state").exists()
 
 
@@ -163,10 +165,10 @@ def test_two_processes_on_cpu_train_and_count_every_example_once(data: Path, vil
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = train_args("vilt-vqa", data, vilt, tmp_path, tokenizer_dir, "--cpu", "--total-batch", "8", "--eval-batch", "4")
+    args = train_args("vqa", "vilt-vqa", data, vilt, tmp_path, tokenizer_dir, "--cpu", "--total-batch", "8", "--eval-batch", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), "-m", "recipes.vqa", *args, "--log-level", "WARNING"],
+                           "--master_port", str(port), "-m", "recipes", *args, "--log-level", "WARNING"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = _info(tmp_path)
@@ -182,9 +184,9 @@ def test_pumer_preset_distils_from_a_teacher_with_its_own_label_order(data: Path
                                                        label2id={a: i for i, a in enumerate(teacher_labels)},
                                                        ignore_mismatched_sizes=True)
     teacher.save_pretrained(tmp_path / "teacher")
-    args = train_args("vilt-vqa-pumer", data, vilt, tmp_path / "run", tokenizer_dir, "--teacher",
+    args = train_args("vqa", "vilt-vqa-pumer", data, vilt, tmp_path / "run", tokenizer_dir, "--teacher",
                       str(tmp_path / "teacher"), "--pumer", "p0.2-r0.2-t0.2-1")
-    assert vqa.main(args) == 0
+    assert cli.main(args) == 0
     info = _info(tmp_path / "run")
     assert info["step"] == 3 and info["settings"]["distill_weight"] == 1.0
     assert info["settings"]["pumer"] == "p0.2-r0.2-t0.2-1" and info["settings"]["pumer_mode"] == "reference"

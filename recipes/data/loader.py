@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sized
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["EpochSampler", "make_loader", "loader_throughput"]
+__all__ = ["EpochSampler", "EpochKeySampler", "make_loader", "loader_throughput"]
 
 
 class EpochSampler(Sampler[int]):
@@ -37,10 +37,21 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+class EpochKeySampler(EpochSampler):
+    """``EpochSampler``'s order, index ``i`` sent as ``epoch * n + i``: a dataset that draws per epoch
+    (retrieval's negatives) reads the epoch from the key in whichever worker process receives it
+    (persistent workers never see ``set_epoch``)."""
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.n
+        return (base + i for i in super().__iter__())
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int = 4, seed: int = 0,
-                drop_last: bool = False, pin_memory: bool | None = None) -> DataLoader:
+                drop_last: bool = False, pin_memory: bool | None = None,
+                sampler: type[EpochSampler] = EpochSampler) -> DataLoader:
     """A DataLoader with ``workers`` processes, pinned memory (default: when CUDA is present) and
-    persistent workers (no re-fork of the image decoders every epoch).
+    persistent workers (no re-fork of the image decoders every epoch); ``sampler`` orders it.
 
     ``drop_last`` for training (static shapes, a constant step size); never for evaluation, where
     accelerate pads the last batch and ``gather_for_metrics`` drops the padding.
@@ -51,7 +62,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: in
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
+        sampler=sampler(len(dataset), shuffle=shuffle, seed=seed),
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = ["RecordError", "VqaRecord", "SnliVeRecord", "SNLI_VE_LABELS", "Nlvr2Record", "NLVR2_LABELS",
+           "RETRIEVAL_DATASETS", "RETRIEVAL_SPLITS", "RETRIEVAL_STORES", "retrieval_annotation_file",
            "RetrievalRecord", "read_jsonl", "write_jsonl"]
 
 R = TypeVar("R")
@@ -131,6 +132,17 @@ class Nlvr2Record:
 
     def to_json(self) -> dict[str, Any]:
         return {"identifier": self.identifier, "sentence": self.sentence, "label": self.label}
+
+
+# a retrieval data folder: one annotation file per dataset and split, the image store of each collection
+RETRIEVAL_DATASETS = ("flickr30k", "coco")
+RETRIEVAL_SPLITS = ("train", "val", "test")
+RETRIEVAL_STORES = {"flickr30k": "flickr30k_images.lmdb", "coco": "coco-trainval2014.lmdb"}
+
+
+def retrieval_annotation_file(dataset: str, split: str) -> str:
+    """The jsonl of a retrieval dataset's split inside a data folder: ``coco_test.jsonl``."""
+    return f"{dataset}_{split}.jsonl"
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ class ImageStore:
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"image store {self.path} does not exist (expected one single-file LMDB per image collection; "
-                f"write one with recipes.convert_vqav2 or recipes.data.store.write_image_folder)"
+                f"write one with recipes.prepare.convert_vqav2 or recipes.data.store.write_image_folder)"
             )
 
     def _open(self) -> lmdb.Environment:

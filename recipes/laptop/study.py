@@ -12,6 +12,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ from recipes.laptop.figures import figure_examples, plot_kept_merged, plot_trade
 from recipes.laptop.measure import measure_throughput, tokens_per_layer
 from recipes.laptop.model import build_meter, build_model
 from recipes.laptop.train import accuracy, predict, train
-from recipes.laptop.variants import build_meter_variants, build_variants, meter_patches, patch_args
+from recipes.laptop.variants import Variant, build_meter_variants, build_variants, meter_patches, patch_args
 
-__all__ = ["markdown_table", "run_study"]
+__all__ = ["Trained", "markdown_table", "train_or_load", "evaluate_variants", "time_variants", "write_results",
+           "run_study"]
 
 logger = logging.getLogger(__name__)
+
 
 def _cached(
     directory: Path,
@@ -154,21 +157,19 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_study(
-    cfg: StudyConfig,
-    out_dir: Path,
-    cache_dir: Path,
-    *,
-    retrain: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train (or load) the models, measure every variant, write ``results.json``, ``results.md`` and the figures."""
-    import easy_vqa
+@dataclass
+class Trained:
+    """The study's weights by variant key (``"base"``, ``"finetuned"``, ``"meter"``, ...) and how each was got."""
 
-    start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(easy_vqa.get_train_questions()[0], cache_dir / "word_tokenizer")
-    train_split, val, test, answers = load_splits(tokenizer, cfg)
+    weights: dict[str, nn.Module]
+    base_info: dict[str, Any]
+    finetune_info: dict[str, Any]
+    meter_info: dict[str, Any] | None
+
+
+def train_or_load(cfg: StudyConfig, tokenizer: PreTrainedTokenizerBase, train_split: Split, val: Split,
+                  answers: Sequence[str], cache_dir: Path, *, retrain: bool, progress: bool) -> Trained:
+    """Train (or load from ``cache_dir``) the ViLT, its PuMer finetune, and the METER with its finetunes."""
     r = cfg.reduce
     pumer = patch_args(r.layers, r.prune, r.merge, r.text_merge)
 
@@ -202,9 +203,13 @@ def run_study(
             meter_weights, meter_info = _meter_weights(cfg, tokenizer, train_split, val, answers, cache_dir, retrain,
                                                        progress)
         weights.update(meter_weights)
+    return Trained(weights, {**base_info, "cached": base_cached, "cache_dir": str(base_dir)},
+                   {**ft_info, "cached": ft_cached, "cache_dir": str(ft_dir)}, meter_info)
 
-    variants = build_variants(cfg, base, test.inputs(torch.arange(1))) + build_meter_variants(cfg)
-    models = {v.name: v.build(weights) for v in variants}
+
+def evaluate_variants(cfg: StudyConfig, variants: Sequence[Variant], models: Mapping[str, nn.Module], test: Split,
+                      *, progress: bool) -> list[dict[str, Any]]:
+    """One row per variant: test accuracy, GFLOPs per example and tokens after each layer."""
     probe = test.inputs(torch.arange(min(len(test), cfg.eval_batch_size)))  # shapes only: FLOPs and counts
     rows: list[dict[str, Any]] = []
     for v in variants:
@@ -223,7 +228,13 @@ def run_study(
         logger.info("%s: test accuracy %.4f, %.4f GFLOPs/example, image tokens %s",
                     v.name, acc, row["gflops"], _arrow(row["tokens"]["image"]))
         rows.append(row)
+    return rows
 
+
+def time_variants(cfg: StudyConfig, models: Mapping[str, nn.Module], test: Split, rows: Sequence[dict[str, Any]],
+                  *, progress: bool) -> tuple[int, dict[str, Any]]:
+    """Time every model on the same batches, interleaved; add throughput and the ratios against each
+    model's unpatched row to ``rows``. Returns the examples in one timed pass and how it was timed."""
     timing = [test.inputs(idx) for idx in test.batches(cfg.eval_batch_size)[: cfg.timing_batches]]
     per_pass = sum(b["input_ids"].shape[0] for b in timing)
     logger.info("timing %d variants: %d rounds of %d batches of %d, interleaved, %d threads",
@@ -238,30 +249,14 @@ def run_study(
         row["speedup"] = row["throughput"] / base_row["throughput"]
         row["accuracy_drop_points"] = 100 * (row["accuracy"] - base_row["accuracy"])
         row["gflops_ratio"] = row["gflops"] / base_row["gflops"]
+    return per_pass, {"batch_size": cfg.eval_batch_size, "batches": len(timing), "rounds": cfg.timing_rounds,
+                      "warmup_batches": cfg.timing_warmup, "statistic": "median seconds per pass"}
 
-    plot_tradeoff(rows, per_pass, torch.get_num_threads(), out_dir / "tradeoff.png")
-    shown = figure_examples(test, cfg.figure_examples)
-    # METER's tower-merging rows are left out: their source maps start at the fusion blocks, not at the patches
-    shown_variants = ("pumer", "pumer-finetuned", "meter-pumer", "meter-pumer-finetuned")
-    traced = [(v.name, v.build(weights, trace=True)) for v in variants if v.name in shown_variants]
-    plot_kept_merged(traced, test, shown, answers, out_dir / "kept_merged.png")
 
-    results = {
-        "config": dataclasses.asdict(cfg),
-        "environment": _environment(),
-        "data": {"train": len(train_split), "val": len(val), "test": len(test), "answers": answers,
-                 "text_tokens": int(test.input_ids.shape[1])},
-        "base": {**base_info, "cached": base_cached, "cache_dir": str(base_dir)},
-        "finetune": {**ft_info, "cached": ft_cached, "cache_dir": str(ft_dir)},
-        "meter": meter_info,
-        "timing": {"batch_size": cfg.eval_batch_size, "batches": len(timing), "rounds": cfg.timing_rounds,
-                   "warmup_batches": cfg.timing_warmup, "statistic": "median seconds per pass"},
-        "variants": rows,
-        "figures": {"tradeoff": "tradeoff.png", "kept_merged": "kept_merged.png"},
-        "runtime_seconds": time.perf_counter() - start,
-    }
+def write_results(results: Mapping[str, Any], cfg: StudyConfig, out_dir: Path) -> None:
+    """``results.json`` (everything) and ``results.md`` (the table, the variants, how it was timed)."""
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    descriptions = "\n".join(f"- **{row['name']}**: {row['description']}" for row in rows)
+    descriptions = "\n".join(f"- **{row['name']}**: {row['description']}" for row in results["variants"])
     (out_dir / "results.md").write_text(
         f"# easy-vqa: PuMer on a small ViLT{' and a small METER' if cfg.meter is not None else ''}\n\n"
         f"{markdown_table(results)}\n\n{descriptions}\n\n"
@@ -269,6 +264,50 @@ def run_study(
         f"batch {cfg.eval_batch_size}, median of {cfg.timing_rounds} interleaved rounds. Speedup and Δ acc: "
         f"against the same model's unpatched row.\n"
     )
+
+
+def run_study(
+    cfg: StudyConfig,
+    out_dir: Path,
+    cache_dir: Path,
+    *,
+    retrain: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or load) the models, measure every variant, write ``results.json``, ``results.md`` and the figures."""
+    import easy_vqa
+
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(easy_vqa.get_train_questions()[0], cache_dir / "word_tokenizer")
+    train_split, val, test, answers = load_splits(tokenizer, cfg)
+    trained = train_or_load(cfg, tokenizer, train_split, val, answers, cache_dir, retrain=retrain, progress=progress)
+    variants = build_variants(cfg, trained.weights["base"], test.inputs(torch.arange(1))) + build_meter_variants(cfg)
+    models = {v.name: v.build(trained.weights) for v in variants}
+    rows = evaluate_variants(cfg, variants, models, test, progress=progress)
+    per_pass, timing = time_variants(cfg, models, test, rows, progress=progress)
+
+    plot_tradeoff(rows, per_pass, torch.get_num_threads(), out_dir / "tradeoff.png")
+    shown = figure_examples(test, cfg.figure_examples)
+    # METER's tower-merging rows are left out: their source maps start at the fusion blocks, not at the patches
+    shown_variants = ("pumer", "pumer-finetuned", "meter-pumer", "meter-pumer-finetuned")
+    traced = [(v.name, v.build(trained.weights, trace=True)) for v in variants if v.name in shown_variants]
+    plot_kept_merged(traced, test, shown, answers, out_dir / "kept_merged.png")
+
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "environment": _environment(),
+        "data": {"train": len(train_split), "val": len(val), "test": len(test), "answers": answers,
+                 "text_tokens": int(test.input_ids.shape[1])},
+        "base": trained.base_info,
+        "finetune": trained.finetune_info,
+        "meter": trained.meter_info,
+        "timing": timing,
+        "variants": rows,
+        "figures": {"tradeoff": "tradeoff.png", "kept_merged": "kept_merged.png"},
+        "runtime_seconds": time.perf_counter() - start,
+    }
+    write_results(results, cfg, out_dir)
     logger.info("wrote %s (results.json, results.md, tradeoff.png, kept_merged.png) in %.0f s",
                 out_dir, results["runtime_seconds"])
     return results

@@ -18,17 +18,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from recipes.engine import Engine
-from recipes.engine import TrainConfig as EngineConfig
+from recipes.engine import Engine, FitConfig
 from recipes.laptop.config import TrainConfig
 from recipes.laptop.data import SampledBatches, Split, SplitDataset
+from recipes.tasks.classification import ImageTextCall
 
 __all__ = ["EasyVqaTask", "train", "predict", "accuracy"]
 
 logger = logging.getLogger(__name__)
 
 
-class EasyVqaTask:
+class EasyVqaTask(ImageTextCall):
     """The engine's ``Task`` for easy-vqa: ``task_weight x`` cross-entropy on the answer index; accuracy.
 
     With distillation the engine adds ``w x KL``; the study's loss is ``(1 - w) CE + w KL``, so
@@ -38,15 +38,12 @@ class EasyVqaTask:
     def __init__(self, task_weight: float = 1.0) -> None:
         self.task_weight = task_weight
 
-    def model_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-
-    def loss(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-        loss = F.cross_entropy(logits, batch["label"])
+    def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> Tensor:
+        loss = F.cross_entropy(outputs.logits, batch["label"])
         return loss if self.task_weight == 1.0 else self.task_weight * loss
 
-    def eval_outputs(self, logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {"index": batch["index"], "prediction": logits.argmax(-1), "label": batch["label"]}
+    def eval_outputs(self, outputs: Any, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"index": batch["index"], "prediction": outputs.logits.argmax(-1), "label": batch["label"]}
 
     def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
         return {"score": accuracy(outputs["prediction"], outputs["label"])}
@@ -80,22 +77,22 @@ def train(
     # dozen rows ever occur in easy-vqa) and the default per-tensor update spends a fifth of a step on it
     fused = Version(torch.__version__.split("+")[0]) >= Version("2.4")  # fused AdamW on CPU since 2.4
     with tempfile.TemporaryDirectory() as scratch:
-        engine_cfg = EngineConfig(
+        fit_cfg = FitConfig(
             output_dir=Path(scratch), lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, end_lr=0.0,
             max_steps=steps, eval_every=per_epoch, patience=steps + 1, clip_grad=1.0,
             distill_weight=distill_weight if distill else 0.0, progress=progress, checkpoint=False, fused=fused,
             name=desc, log_every=steps + 1,
         )
         accelerator = Accelerator(cpu=True)
-        engine = Engine(accelerator, model, EasyVqaTask(1.0 - distill_weight if distill else 1.0), engine_cfg,
-                        teacher=teacher if distill else None)
         sampler = SampledBatches(data.label, cfg.batch_size, steps, cfg.answer_balance, seed)
         # generators for the loaders: their per-iteration seeds must not come from (and advance) torch's
         # global RNG, which ViLT's patch sampling draws from (the study's results would change with them)
         loader = DataLoader(SplitDataset(data), batch_sampler=sampler, generator=torch.Generator().manual_seed(seed))
         val_loader = None if val is None else DataLoader(SplitDataset(val), batch_size=eval_batch_size,
                                                          generator=torch.Generator().manual_seed(seed))
-        loader, val_loader = engine.prepare_training(loader, val_loader)
+        task = EasyVqaTask(1.0 - distill_weight if distill else 1.0)
+        engine, loader, val_loader = Engine.prepare(accelerator, model, task, fit_cfg, loader, val_loader,
+                                                    teacher=teacher if distill else None)
         logger.info("%s: %d steps (%.2g epochs of %d questions), batch %d, lr %g%s", desc, steps, cfg.epochs,
                     len(data), cfg.batch_size, cfg.lr, f", distilled (weight {distill_weight:g})" if distill else "")
         start = time.perf_counter()

@@ -1,10 +1,10 @@
 """VQAv2 on the engine: finetune (optionally with PuMer), evaluate on val, predict test, compare.
 
-    python -m recipes.vqa train   --preset vilt-vqa --data DATA --output runs/vilt-vqa
-    python -m recipes.vqa eval    --model runs/vilt-vqa/best --data DATA --pumer p0.1-r0.3-t0.2-258
-    python -m recipes.vqa predict --model runs/vilt-vqa/best --data DATA --output predictions.json
+    python -m recipes vqa train   --preset vilt-vqa --data DATA --output runs/vilt-vqa
+    python -m recipes vqa eval    --model runs/vilt-vqa/best --data DATA --pumer p0.1-r0.3-t0.2-258
+    python -m recipes vqa predict --model runs/vilt-vqa/best --data DATA --output predictions.json
 
-``DATA`` is what ``recipes.convert_vqav2`` writes: ``vqav2_{train,val,test}.jsonl``, ``answers.json``,
+``DATA`` is what ``recipes.prepare.convert_vqav2`` writes: ``vqav2_{train,val,test}.jsonl``, ``answers.json``,
 ``coco-trainval2014.lmdb``, ``coco-test2015.lmdb``.
 
 Loss scale. The VQA loss is binary cross-entropy over the soft scores of every label. ViLT's code
@@ -22,10 +22,8 @@ scored correctly, and answers outside its labels can never be predicted, as with
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,33 +31,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from recipes.common import (
-    TaskSpec,
-    add_common_args,
-    add_eval_args,
-    add_train_args,
-    check_split_files,
-    eval_loader,
-    evaluate,
-    finish_args,
-    load_for_eval,
-    make_accelerator,
-    markdown_table,
-    patch,
-    train,
-)
-from recipes.data.dataset import ImageTextDataset
+from recipes.data.dataset import ImageTextDataset, OnBadImage
 from recipes.data.records import VqaRecord, read_jsonl
 from recipes.data.store import ImageStore
 from recipes.data.transforms import build_image_transform
-from recipes.engine import Engine, EvalResult, TrainConfig
-from recipes.logs import configure_logging
+from recipes.engine import EvalResult, evaluate
 from recipes.models import Family
-from recipes.vqa_answers import vqa_score
+from recipes.presets import LossScale
+from recipes.run import EvalRun, TaskContext, TaskSpec, open_eval_split, patch
+from recipes.tasks.classification import ImageTextCall, check_split_files
+from recipes.tasks.vqa_answers import vqa_score
 
-__all__ = ["SPLITS", "VQA", "VqaTask", "VqaData", "main", "parse_args", "predict"]
+__all__ = ["SPLITS", "VQA", "VqaTask", "VqaData", "predict"]
 
 logger = logging.getLogger("recipes.vqa")
 
@@ -69,28 +53,32 @@ SPLITS = {"train": ("vqav2_train.jsonl", "coco-trainval2014.lmdb"),
           "test": ("vqav2_test.jsonl", "coco-test2015.lmdb")}
 
 
-class VqaTask:
+class VqaTask(ImageTextCall):
     """The engine's ``Task`` for VQA: soft-score BCE at the preset's scale; VQA score of the argmax answer.
 
     labels: the model's answers in logit order; records: the evaluation split's, by dataset index.
     """
 
-    def __init__(self, labels: Sequence[str], loss_scale: str, records: Sequence[VqaRecord]) -> None:
+    def __init__(self, labels: Sequence[str], loss_scale: LossScale, records: Sequence[VqaRecord]) -> None:
         if loss_scale not in ("label_count", "mean"):
             raise ValueError(f"loss_scale must be 'label_count' or 'mean', got {loss_scale!r}")
         self.labels, self.loss_scale, self.records = list(labels), loss_scale, records
 
-    def model_inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    @classmethod
+    def from_context(cls, context: TaskContext) -> VqaTask:
+        if context.labels is None:
+            raise ValueError("VQA needs the model's answer labels")
+        return cls(context.labels, context.loss_scale, context.records)
 
-    def loss(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    def loss(self, outputs: Any, batch: Mapping[str, Tensor]) -> Tensor:
+        logits = outputs.logits
         per_example = F.binary_cross_entropy_with_logits(logits.float(), batch["target"], reduction="none").mean(-1)
         valid = batch["valid"].float()  # (B,): examples whose image failed to decode weigh nothing
         loss = (per_example * valid).sum() / valid.sum().clamp_min(1.0)
         return loss * logits.shape[-1] if self.loss_scale == "label_count" else loss
 
-    def eval_outputs(self, logits: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {"index": batch["index"], "prediction": logits.argmax(-1), "valid": batch["valid"]}
+    def eval_outputs(self, outputs: Any, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"index": batch["index"], "prediction": outputs.logits.argmax(-1), "valid": batch["valid"]}
 
     def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
         keep = outputs["valid"].bool()
@@ -108,19 +96,22 @@ class VqaTask:
 class VqaData:
     """A data folder: the vocabulary and, per split, a dataset for a family's transform and tokenizer."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, dataset: str | None = None) -> None:
+        if dataset is not None:
+            raise ValueError(f"{root} holds VQAv2 only; --dataset is for retrieval folders, got {dataset!r}")
         self.root = Path(root)
         answers = self.root / "answers.json"
         if not answers.is_file():
-            raise FileNotFoundError(f"{answers} does not exist; write the data folder with python -m recipes.convert_vqav2")
+            raise FileNotFoundError(f"{answers} does not exist; write the data folder with python -m recipes.prepare.convert_vqav2")
         self.labels: list[str] = json.loads(answers.read_text())  # the answer vocabulary
 
     def check(self, splits: Sequence[str]) -> None:
         """Fail now, before any model loads, if a split's annotations or image store is missing."""
-        check_split_files(self.root, SPLITS, splits, "recipes.convert_vqav2")
+        check_split_files(self.root, SPLITS, splits, "recipes.prepare.convert_vqav2")
 
     def dataset(self, split: str, family: Family, labels: Sequence[str], tokenizer: Any, *, image_size: int,
-                text_length: int, train: bool, limit: int | None = None, on_bad_image: str = "error") -> ImageTextDataset:
+                text_length: int, train: bool, limit: int | None = None,
+                on_bad_image: OnBadImage = "error") -> ImageTextDataset[VqaRecord]:
         jsonl, store = SPLITS[split]
         records = read_jsonl(self.root / jsonl, VqaRecord.from_json)[:limit]
         position = {a: i for i, a in enumerate(labels)}
@@ -140,65 +131,21 @@ class VqaData:
 
 
 VQA = TaskSpec(name="vqa", title="VQAv2", metric="VQA score", data=VqaData,
-               make_task=lambda labels, loss_scale, records: VqaTask(labels, loss_scale, records),
+               make_task=VqaTask.from_context,
                splits=tuple(SPLITS), train_split="train", eval_split="val", text_length=32,
-               converter="recipes.convert_vqav2")
+               converter="recipes.prepare.convert_vqav2")
 
 
-def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
+def predict(run: EvalRun) -> list[dict[str, Any]]:
     """Answers for a split (default test) in the official format ``[{question_id, answer}]``."""
-    data = VqaData(args.data)
-    data.check([args.split])
-    accelerator = make_accelerator(args)
-    family, model, labels, tokenizer = load_for_eval(VQA, args, data)
-    loader, dataset = eval_loader(VQA, args, accelerator, data, family, labels, tokenizer)
-    task = VqaTask(labels, "label_count", dataset.records)
-    model = accelerator.prepare(patch(model, args.pumer, args.pumer_mode))
-    engine = Engine(accelerator, model, task, TrainConfig(output_dir=Path(args.output).parent, lr=0.0,
-                                                           progress=not args.no_progress))
-    result: EvalResult = engine.evaluate(loader, desc="predict")
+    split = open_eval_split(VQA, run)
+    task = VqaTask(split.labels, "label_count", split.dataset.records)
+    model = split.accelerator.prepare(patch(split.model, run.pumer, run.pumer_mode))
+    result: EvalResult = evaluate(split.accelerator, model, task, split.loader, desc="predict",
+                                  progress=run.launch.progress)
     answers = task.answers(result.outputs)
-    if accelerator.is_main_process:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(answers))
-        logger.info("wrote %d answers to %s", len(answers), args.output)
+    if split.accelerator.is_main_process:
+        run.output.parent.mkdir(parents=True, exist_ok=True)
+        run.output.write_text(json.dumps(answers))
+        logger.info("wrote %d answers to %s", len(answers), run.output)
     return answers
-
-
-# ---------------------------------------------------------------------------------------- command line
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recipes.vqa", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="finetune with a preset")
-    add_common_args(t, VQA)
-    add_train_args(t, VQA)
-    t.add_argument("--loss-scale", choices=["label_count", "mean"], help="override the preset")
-    for name, helptext in (("eval", "score a model on a split, with and without --pumer"),
-                           ("predict", "answers in the official format")):
-        e = sub.add_parser(name, help=helptext)
-        add_common_args(e, VQA)
-        add_eval_args(e, VQA, default_split="val" if name == "eval" else "test",
-                      output_help="folder for eval.json / eval.md" if name == "eval" else "predictions json file")
-        if name == "eval":
-            e.add_argument("--loader-speed", type=int, default=0, metavar="BATCHES",
-                           help="also time the loader alone over this many batches")
-    return finish_args(p.parse_args(argv))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    with logging_redirect_tqdm():
-        if args.command == "train":
-            train(VQA, args, override={"loss_scale": args.loss_scale})
-        elif args.command == "eval":
-            print(markdown_table(evaluate(VQA, args)))
-        else:
-            predict(args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

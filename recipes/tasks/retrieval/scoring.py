@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pumer_patch.adapters._vit import remember_sizes, sizes_of
+from pumer_patch import token_sizes, with_token_sizes
 
 __all__ = ["RECALL_KS", "text_ranks", "image_ranks", "recall", "Tile", "make_tiles", "PairFn", "PairScorer",
            "FullPairScorer", "CachedPairHead", "CachedMeterScorer", "ScoreStats", "score_matrix", "shortlist",
@@ -208,8 +208,7 @@ class CachedPairHead(nn.Module):
         self.model = model
 
     def forward(self, text: Tensor, attention_mask: Tensor, image: Tensor, image_sizes: Tensor | None = None) -> Tensor:
-        if image_sizes is not None:
-            remember_sizes(image, image_sizes)
+        with_token_sizes(image, image_sizes)  # the sizes of the cached features reach the fusion
         meter = self.model.meter
         return self.model.rank_output(meter.pool(*meter.fuse(text, attention_mask, image)))[:, 0]
 
@@ -244,7 +243,7 @@ class CachedMeterScorer:
         for j, batch in zip(range(0, len(todo), self.batch), loader):
             with self.acc.autocast():
                 feats = meter.encode_image(batch["pixel_values"].to(self.acc.device))  # (b, N, C)
-            size = sizes_of(feats)
+            size = token_sizes(feats)
             for k, i in enumerate(todo[j:j + self.batch]):
                 self.image_feats[i] = feats[k].cpu()
                 if size is not None:

@@ -1,6 +1,6 @@
 """Convert the public NLVR2 files (JSON Lines + the image folders) to our layout.
 
-``python -m recipes.convert_nlvr2 --raw RAW --images IMAGES --out DATA`` reads ``{train,dev,test1}.json``
+``python -m recipes.prepare.convert_nlvr2 --raw RAW --images IMAGES --out DATA`` reads ``{train,dev,test1}.json``
 from ``RAW`` (github.com/lil-lab/nlvr, ``nlvr2/data``: JSON Lines despite the suffix, one statement
 per line, ``{identifier, sentence, label: "True"/"False", ...}``) and the images of each split from
 ``IMAGES/<split>/``, searched recursively (train's images sit in numbered subfolders), named
@@ -73,7 +73,7 @@ def convert(raw: Path, images: Path | None, out: Path, *, splits: Sequence[str] 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.convert_nlvr2", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.prepare.convert_nlvr2", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", type=Path, required=True, help="folder with {train,dev,test1}.json (nlvr2/data)")
     p.add_argument("--images", type=Path, help="folder holding train/, dev/, test1/; omit to write annotations only")
     p.add_argument("--out", type=Path, required=True, help="output data folder")

@@ -1,6 +1,6 @@
 """Convert Karpathy's retrieval splits (``dataset_flickr30k.json`` / ``dataset_coco.json`` + images) to our layout.
 
-``python -m recipes.convert_retrieval --karpathy dataset_coco.json --images COCO --out DATA`` reads
+``python -m recipes.prepare.convert_retrieval --karpathy dataset_coco.json --images COCO --out DATA`` reads
 Karpathy's file (``{"images": [{"filename", "split", "sentences": [{"raw", "tokens"}], "imgid",
 "cocoid"?, "filepath"?}]}``, split ``train``, ``restval``, ``val`` or ``test``) and writes
 ``<dataset>_{train,val,test}.jsonl``, one line per image ``{item_id, captions, img_id}``
@@ -26,28 +26,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from recipes.data.records import RetrievalRecord, write_jsonl
+from recipes.data.records import (
+    RETRIEVAL_DATASETS,
+    RETRIEVAL_SPLITS,
+    RETRIEVAL_STORES,
+    RetrievalRecord,
+    retrieval_annotation_file,
+    write_jsonl,
+)
 from recipes.data.store import ImageStore, write_image_store
 from recipes.logs import configure_logging
 
-__all__ = ["DATASETS", "SPLITS", "STORES", "annotation_file", "convert", "main"]
+__all__ = ["convert", "main"]
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("flickr30k", "coco")
-SPLITS = ("train", "val", "test")
-STORES = {"flickr30k": "flickr30k_images.lmdb", "coco": "coco-trainval2014.lmdb"}
 _KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
-
-
-def annotation_file(dataset: str, split: str) -> str:
-    """The jsonl of a dataset's split inside a data folder: ``coco_test.jsonl``."""
-    return f"{dataset}_{split}.jsonl"
 
 
 def _dataset_of(path: Path, data: Mapping[str, Any]) -> str:
     name = str(data.get("dataset", "")).lower() or path.stem.lower()
-    for dataset in DATASETS:
+    for dataset in RETRIEVAL_DATASETS:
         if dataset in name or (dataset == "flickr30k" and "f30k" in name):
             return dataset
     raise ValueError(f"cannot tell whether {path} is Flickr30k or COCO (its 'dataset' field and name say "
@@ -69,9 +68,9 @@ def convert(karpathy: Path, images: Path | None, out: Path, *, dataset: str | No
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{karpathy} has no 'images' list; is it Karpathy's dataset_*.json?")
     dataset = dataset or _dataset_of(karpathy, data)
-    if dataset not in DATASETS:
-        raise ValueError(f"--dataset must be one of {DATASETS}, got {dataset!r}")
-    rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    if dataset not in RETRIEVAL_DATASETS:
+        raise ValueError(f"--dataset must be one of {RETRIEVAL_DATASETS}, got {dataset!r}")
+    rows: dict[str, list[dict[str, Any]]] = {split: [] for split in RETRIEVAL_SPLITS}
     files: dict[str, Path] = {}
     for n, entry in enumerate(data["images"]):
         try:
@@ -90,9 +89,9 @@ def convert(karpathy: Path, images: Path | None, out: Path, *, dataset: str | No
         rows[split].append(record.to_json())
     out.mkdir(parents=True, exist_ok=True)
     for split, lines in rows.items():
-        write_jsonl(out / annotation_file(dataset, split), lines)
+        write_jsonl(out / retrieval_annotation_file(dataset, split), lines)
         logger.info("%s %s: %d images, %d captions", dataset, split, len(lines), sum(len(r["captions"]) for r in lines))
-    store = out / STORES[dataset]
+    store = out / RETRIEVAL_STORES[dataset]
     if store.exists() and not overwrite:
         missing = sorted(set(files) - set(ImageStore(store).keys()))
         if missing:
@@ -109,13 +108,13 @@ def convert(karpathy: Path, images: Path | None, out: Path, *, dataset: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.convert_retrieval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.prepare.convert_retrieval", description=__doc__.split("\n\n")[0])
     p.add_argument("--karpathy", type=Path, required=True, help="dataset_flickr30k.json or dataset_coco.json")
     p.add_argument("--images", type=Path,
                    help="Flickr30k: the folder of <id>.jpg; COCO: the folder holding train2014/ and val2014/; "
                         "omit to write annotations only")
     p.add_argument("--out", type=Path, required=True, help="output data folder")
-    p.add_argument("--dataset", choices=DATASETS, help="[from the file's 'dataset' field or name]")
+    p.add_argument("--dataset", choices=RETRIEVAL_DATASETS, help="[from the file's 'dataset' field or name]")
     p.add_argument("--no-restval", action="store_true", help="leave COCO's restval images out of train")
     p.add_argument("--overwrite", action="store_true", help="replace an existing image store")
     args = p.parse_args(argv)

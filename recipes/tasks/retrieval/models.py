@@ -8,11 +8,13 @@
 * ``MeterForRetrieval``: ``MeterForImageAndTextRetrieval`` (``rank_output`` and ``itm_score.fc`` on
   the pooled [text ; image] features), loaded the same way.
 
-Both start retrieval from a pretraining checkpoint as ViLT and METER do (DESIGN.md, checkpoints):
-when ``rank_output`` is missing but ITM weights exist, ``rank_output`` := the ITM "match" row (1).
-Both return ``RetrievalOutput``: ``logits`` (B, 1) ranking scores and ``itm_logits`` (B, 2).
+Both start retrieval from a pretraining checkpoint as ViLT and METER do (``docs/design.md``,
+"Checkpoints"): when ``rank_output`` is missing but ITM weights exist, ``rank_output`` := the ITM
+"match" row (1). Both return ``RetrievalOutput``: ``logits`` (B, 1) ranking scores and
+``itm_logits`` (B, 2).
 
-``CandidateScorer`` wraps either for training: one image against K captions, logits (B, K, 3).
+``CandidateScorer`` wraps either for training: one image against K captions, ``logits`` (B, K) and
+``itm_logits`` (B, K, 2).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from torch import Tensor, nn
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 from transformers.utils import ModelOutput
 
-from pumer_patch.adapters._vit import remember_sizes, sizes_of
+from pumer_patch import token_sizes, with_token_sizes
+from pumer_patch.models.convert import rank_from_itm_match_row
 from pumer_patch.models.convert_vilt import ITM_HEAD_FILE
 from pumer_patch.models.meter import MeterForImageAndTextRetrieval
 
@@ -48,9 +51,10 @@ class RetrievalOutput(ModelOutput):
 
 
 def _copy_match_row(rank: nn.Linear, itm: nn.Linear) -> None:
+    weight, bias = rank_from_itm_match_row(itm.weight.detach(), itm.bias.detach())  # (1, C), (1,)
     with torch.no_grad():
-        rank.weight.copy_(itm.weight[1:])  # (1, C): the "match" logit's row
-        rank.bias.copy_(itm.bias[1:])
+        rank.weight.copy_(weight)
+        rank.bias.copy_(bias)
 
 
 def _complete_heads(rank: nn.Linear, itm: nn.Linear, itm_prefix: str, missing: set[str],
@@ -116,16 +120,17 @@ class MeterForRetrieval(MeterForImageAndTextRetrieval):
 
 
 class CandidateScorer(nn.Module):
-    """One image against K captions: (B, 3, S, S) x (B, K, T) -> logits (B, K, 3).
+    """One image against K captions: (B, 3, S, S) x (B, K, T) -> ``logits`` (B, K), ``itm_logits`` (B, K, 2).
 
-    ``logits[..., 0]`` is the ranking score of each pair, ``logits[..., 1:]`` its ITM logits (the
-    engine hands a task one tensor). ViLT runs every pair through the whole model; METER encodes
-    each image once and fuses it with each of its K captions (the image tower is most of its cost).
-    ``save_pretrained`` saves the wrapped model, so checkpoints load as plain retrieval models.
+    ViLT runs every pair through the whole model; METER encodes each image once and fuses it with
+    each of its K captions (the image tower is most of its cost). ``save_pretrained`` saves the
+    wrapped model, so checkpoints load as plain retrieval models.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: ViltForRetrieval | MeterForRetrieval) -> None:
         super().__init__()
+        if not isinstance(model, (ViltForRetrieval, MeterForRetrieval)):
+            raise TypeError(f"CandidateScorer scores a ViltForRetrieval or MeterForRetrieval, got {type(model).__name__}")
         self.model = model
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
@@ -134,17 +139,16 @@ class CandidateScorer(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> RetrievalOutput:
         b, k, t = input_ids.shape
         ids, mask = input_ids.reshape(b * k, t), attention_mask.reshape(b * k, t)  # (B, K, T) -> (B K, T)
-        meter = getattr(self.model, "meter", None)
-        if meter is not None:
+        if isinstance(self.model, MeterForRetrieval):
+            meter = self.model.meter
             image = meter.encode_image(pixel_values)  # (B, N, C), once per image
-            size = sizes_of(image)
+            sizes = token_sizes(image)  # tokens the CLIP tower merged (ToMe) keep their sizes
             image = image.repeat_interleave(k, dim=0)  # (B K, N, C): pair b*K + j is image b, caption j
-            if size is not None:  # tokens the CLIP tower merged (ToMe) keep their sizes
-                remember_sizes(image, size.repeat_interleave(k, dim=0))
+            with_token_sizes(image, None if sizes is None else sizes.repeat_interleave(k, dim=0))
             pooled = meter.pool(*meter.fuse(meter.encode_text(ids, mask), mask, image))
             rank, itm = self.model.rank_output(pooled), self.model.itm_score(pooled)
         else:
             pixels = pixel_values.repeat_interleave(k, dim=0)  # (B K, 3, S, S)
             out = self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
             rank, itm = out.logits, out.itm_logits
-        return RetrievalOutput(logits=torch.cat([rank, itm], dim=-1).reshape(b, k, 3))
+        return RetrievalOutput(logits=rank.reshape(b, k), itm_logits=itm.reshape(b, k, 2))

@@ -1,6 +1,6 @@
 """Convert the public SNLI-VE files (jsonl + the Flickr30k image folder) to our layout.
 
-``python -m recipes.convert_snli_ve --raw RAW --images FLICKR30K_IMAGES --out DATA`` reads
+``python -m recipes.prepare.convert_snli_ve --raw RAW --images FLICKR30K_IMAGES --out DATA`` reads
 ``snli_ve_{train,dev,test}.jsonl`` from ``RAW`` (github.com/necla-ml/SNLI-VE: one SNLI pair per line,
 ``Flickr30K_ID`` naming the premise image) and the Flickr30k JPEGs (``<Flickr30K_ID>.jpg``), and
 writes ``snli_ve_{train,dev,test}.jsonl`` with the four fields the task reads (``pairID``,
@@ -82,7 +82,7 @@ def convert(raw: Path, images: Path | None, out: Path, *, splits: Sequence[str] 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.convert_snli_ve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.prepare.convert_snli_ve", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", type=Path, required=True, help="folder with snli_ve_{train,dev,test}.jsonl")
     p.add_argument("--images", type=Path, help="the Flickr30k image folder (<id>.jpg); omit to write annotations only")
     p.add_argument("--out", type=Path, required=True, help="output data folder")

@@ -1,6 +1,6 @@
 """Convert the official VQAv2 files (questions / annotations json + COCO image folders) to our layout.
 
-``python -m recipes.convert_vqav2 --raw RAW --out DATA`` reads, from ``RAW``:
+``python -m recipes.prepare.convert_vqav2 --raw RAW --out DATA`` reads, from ``RAW``:
 ``v2_OpenEnded_mscoco_{train2014,val2014,test2015}_questions.json``,
 ``v2_mscoco_{train2014,val2014}_annotations.json`` and the image folders ``train2014/``, ``val2014/``,
 ``test2015/`` (any may be elsewhere: ``--images-trainval``, ``--images-test``), and writes to ``DATA``:
@@ -22,7 +22,7 @@ from typing import Any
 from recipes.data.records import VqaRecord, write_jsonl
 from recipes.data.store import write_image_store
 from recipes.logs import configure_logging
-from recipes.vqa_answers import answer_vocabulary, soft_scores
+from recipes.tasks.vqa_answers import answer_vocabulary, soft_scores
 
 __all__ = ["SPLITS", "convert", "main"]
 
@@ -88,7 +88,7 @@ def _write(path: Path, items: list[tuple[str, Path]], overwrite: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.convert_vqav2", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.prepare.convert_vqav2", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", type=Path, required=True, help="folder with the official questions/annotations json")
     p.add_argument("--out", type=Path, required=True, help="output data folder")
     p.add_argument("--images-trainval", type=Path, help="folder holding train2014/ and val2014/ [RAW]")

@@ -1,0 +1,406 @@
+"""One train path for every task, and the side-by-side evaluation of the classification tasks.
+
+A task module (``recipes.tasks.vqa``, ``snli_ve``, ``nlvr2``, ``retrieval``) describes itself with a
+``TaskSpec``: its name (the preset's ``task`` and the model family's head key), how to open its
+data folder, how to build the engine's ``Task`` and each split's training or validation set, and
+which splits it has. ``train`` then runs the same way for every task and ``evaluate`` for every
+classification task, both on a frozen run configuration (``TrainRun``, ``EvalRun``) that
+``recipes.cli`` builds from the command line: everything that can be checked without loading a
+model is checked first (data files, model paths, the batch arithmetic), the model is patched before
+``accelerate`` wraps it, and an evaluation writes ``eval.json`` and ``eval.md`` with the metric,
+examples/s and GFLOPs per example of the unpatched model and of each PuMer variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import Dataset
+
+import pumer_patch
+from recipes.data.dataset import ImageTextDataset, OnBadImage
+from recipes.data.loader import EpochSampler, loader_throughput, make_loader
+from recipes.engine import Engine, FitConfig, Task, evaluate as evaluate_model
+from recipes.models import FAMILIES, Family, family_of, get_family, label_index, load_model, load_tokenizer, model_labels
+from recipes.presets import LossScale, Preset
+
+__all__ = ["PUMER_MODES", "Launch", "TrainRun", "EvalRun", "Inputs", "TaskContext", "TaskData", "ClassificationData",
+           "SplitSet", "TaskSpec", "labelled_set", "check_model_path", "resolve_family", "patch", "make_accelerator",
+           "accumulation", "model_image_size", "train", "load_for_eval", "EvalSplit", "open_eval_split", "evaluate",
+           "markdown_table", "write_report"]
+
+logger = logging.getLogger("recipes")
+
+PUMER_MODES = ("reference", "default")
+PumerMode = Literal["reference", "default"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+# ---------------------------------------------------------------------------------------- run configuration
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a job runs, whatever its command: its data folder, processes, precision and loaders.
+
+    eval_batch: evaluation batch per process; limit: the first N examples (images, for retrieval) of
+    each split only (smoke runs).
+    """
+
+    data: Path
+    eval_batch: int
+    tokenizer: str | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False
+    workers: int = 4
+    limit: int | None = None
+    on_bad_image: OnBadImage = "error"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """``train``: a preset, already merged with the command line's overrides, and the job's own settings.
+
+    stop_after_steps: end this job after N steps of the schedule (state saved); max_steps: the
+    schedule's length in optimizer steps (else from the epochs).
+    """
+
+    preset_name: str
+    preset: Preset
+    output: Path
+    launch: Launch
+    teacher: str | None = None
+    per_device_batch: int = 32
+    resume: bool = False
+    stop_after_steps: int | None = None
+    max_steps: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """``eval`` / ``predict``: the model to score, the split, and the PuMer variant beside the unpatched model.
+
+    family: needed for hub ids only; image_size: None reads it from the model's config;
+    dataset: for a data folder that can hold several (retrieval); loader_speed: also time the
+    loader alone over this many batches.
+    """
+
+    model: str
+    output: Path
+    split: str
+    launch: Launch
+    text_length: int
+    family: str | None = None
+    image_size: int | None = None
+    pumer: str | None = None
+    pumer_mode: PumerMode = "reference"
+    dataset: str | None = None
+    loader_speed: int = 0
+
+
+# ---------------------------------------------------------------------------------------- what a task declares
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What turns a split's records into model inputs: the family's transform, the tokenizer, the sizes.
+
+    labels: the model's labels in logit order (None for a task without labels: retrieval).
+    """
+
+    family: Family
+    labels: Sequence[str] | None
+    tokenizer: Any
+    image_size: int
+    text_length: int
+    limit: int | None = None
+    on_bad_image: OnBadImage = "error"
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task's loss and metric may need: the model's labels in logit order, the evaluation
+    split's records (by dataset index) and VQA's loss scale."""
+
+    labels: Sequence[str] | None
+    records: Sequence[Any]
+    loss_scale: LossScale = "mean"
+
+
+class TaskData(Protocol):
+    """A task's data folder: its label names (empty without labels) and the check of its files."""
+
+    labels: list[str]
+
+    def check(self, splits: Sequence[str]) -> None:
+        """Raise ``FileNotFoundError`` naming the file if a split's annotations or images are missing."""
+
+
+class ClassificationData(TaskData, Protocol):
+    """A classification task's data folder: per split, a dataset for a family's transform and tokenizer."""
+
+    def dataset(self, split: str, family: Family, labels: Sequence[str], tokenizer: Any, *, image_size: int,
+                text_length: int, train: bool, limit: int | None = None,
+                on_bad_image: OnBadImage = "error") -> ImageTextDataset[Any]:
+        """The split's examples, targets ordered by ``labels`` (the model's own label order)."""
+
+
+D = TypeVar("D", bound=TaskData)
+
+
+class SplitSet(Protocol[D]):
+    """A split's training (``train``) or validation set; its dataset has the split's ``records``."""
+
+    def __call__(self, data: D, split: str, inputs: Inputs, run: TrainRun, *, train: bool) -> Dataset[Any]:
+        ...
+
+
+def labelled_set(data: ClassificationData, split: str, inputs: Inputs, run: TrainRun, *,
+                 train: bool) -> ImageTextDataset[Any]:
+    """A classification task's split: ``data.dataset`` with the inputs' transform, tokenizer and sizes
+    (``run`` plays no part: a split of labelled examples is the same for every run)."""
+    if inputs.labels is None:
+        raise ValueError("a classification task needs the model's labels")
+    return data.dataset(split, inputs.family, inputs.labels, inputs.tokenizer, image_size=inputs.image_size,
+                        text_length=inputs.text_length, train=train, limit=inputs.limit,
+                        on_bad_image=inputs.on_bad_image)
+
+
+def _same_model(model: nn.Module) -> nn.Module:
+    return model
+
+
+@dataclass(frozen=True)
+class TaskSpec(Generic[D]):
+    """One task as the shared commands see it.
+
+    name: the preset's ``task`` and the family's head key. metric: the column title of ``score``.
+    data(folder, dataset) opens a data folder (``dataset``: which of several it holds, None for the
+    one it holds); make_task builds the engine's task; split_set builds a split's training or
+    validation set; train_sampler orders the training set (an ``EpochSampler`` type); wrap_model
+    wraps the model for training (what the engine calls and saves). distills: whether presets may
+    distil from a teacher. splits: split names; train/eval splits are the defaults of ``train``
+    and ``eval``. converter: the module that writes the data folder, named in errors and help.
+    """
+
+    name: str
+    title: str
+    metric: str
+    data: Callable[[Path, str | None], D]
+    make_task: Callable[[TaskContext], Task]
+    splits: tuple[str, ...]
+    train_split: str
+    eval_split: str
+    text_length: int
+    converter: str
+    split_set: SplitSet[D] = labelled_set
+    train_sampler: type[EpochSampler] = EpochSampler
+    wrap_model: Callable[[nn.Module], nn.Module] = _same_model
+    distills: bool = True
+
+
+# ---------------------------------------------------------------------------------------- checks and setup
+
+
+def check_model_path(path: str | None, what: str) -> None:
+    """A local folder or a hub id (``org/name``); anything else fails now, before a model loads."""
+    flag = f"--{what.replace(' ', '-')}"
+    if path is None:
+        raise ValueError(f"no {what}: pass {flag} PATH")
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(path)):
+        raise FileNotFoundError(f"{flag} {path} names no folder and is no hub id (org/name)")
+
+
+def resolve_family(preset_family: str | None, model: str) -> Family:
+    """The checkpoint's own family (its config), which must agree with the preset's when both are known."""
+    found = family_of(model)
+    if found is not None and preset_family is not None and found != preset_family:
+        raise ValueError(f"{model} is a {found} model but the preset is for {preset_family}")
+    name = found or preset_family
+    if name is None:
+        raise ValueError(f"cannot tell the family of {model}; pass --family {{{','.join(FAMILIES)}}}")
+    return get_family(name)
+
+
+def patch(model: nn.Module, pumer: str | None, mode: str) -> nn.Module:
+    """``pumer_patch.apply(model, pumer, mode=mode)``, or the model itself when ``pumer`` is None."""
+    if pumer is None:
+        return model
+    logger.info("PuMer %s, %s mode", pumer, mode)
+    return pumer_patch.apply(model, pumer, mode=mode)
+
+
+def make_accelerator(launch: Launch) -> Accelerator:
+    """The run's ``Accelerator``; refuses a multi-process launch that would silently run N separate jobs."""
+    accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=launch.cpu)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise RuntimeError(f"launched as {world} processes but accelerate runs {accelerator.num_processes}: "
+                           f"without GPUs pass --cpu (gloo), with GPUs launch with accelerate launch --multi_gpu")
+    return accelerator
+
+
+def accumulation(total_batch: int, per_device: int, processes: int) -> int:
+    """Gradient-accumulation steps that make ``total_batch`` examples per optimizer step."""
+    per_step = per_device * processes
+    if total_batch % per_step:
+        raise ValueError(f"--total-batch {total_batch} is not a multiple of --per-device-batch {per_device} x "
+                         f"{processes} processes; change one of them")
+    return total_batch // per_step
+
+
+def model_image_size(model: nn.Module) -> int:
+    """The square input size a checkpoint was trained at: its config's ``image_size``, else 384."""
+    return int(getattr(model.config, "image_size", None) or 384)
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def _fit_config(spec: TaskSpec[Any], run: TrainRun) -> FitConfig:
+    p = run.preset
+    return FitConfig(output_dir=run.output, lr=p.lr, weight_decay=p.weight_decay, lr_multipliers=p.lr_multipliers,
+                     warmup=p.warmup, end_lr=p.end_lr, epochs=p.epochs, max_steps=run.max_steps,
+                     eval_every=p.eval_every, patience=p.patience, distill_weight=p.distill_weight,
+                     distill_temperature=p.distill_temperature, stop_after_steps=run.stop_after_steps,
+                     progress=run.launch.progress, name=spec.name)
+
+
+def train(spec: TaskSpec[Any], run: TrainRun) -> dict[str, Any]:
+    """Finetune with a preset of ``spec``'s task; returns ``train_info`` (also ``OUTPUT/train_info.json``)."""
+    preset, launch = run.preset, run.launch
+    if preset.task != spec.name:
+        raise ValueError(f"preset {run.preset_name!r} is for {preset.task}, not {spec.name}")
+    if not spec.distills and (preset.distill_weight > 0 or run.teacher is not None):
+        raise ValueError(f"{spec.title} has no distillation teacher: leave out --teacher and --distill-weight")
+    # everything that can be checked without loading a model is checked first
+    data = spec.data(launch.data, preset.dataset)
+    data.check([spec.train_split, spec.eval_split])
+    check_model_path(preset.model, "model")
+    if preset.distill_weight > 0:
+        check_model_path(run.teacher, "teacher")
+    family = resolve_family(preset.family, preset.model)
+    accelerator = make_accelerator(launch)
+    accelerator.gradient_accumulation_steps = accumulation(preset.total_batch, run.per_device_batch,
+                                                           accelerator.num_processes)
+    set_seed(run.seed)
+    model = load_model(family, spec.name, preset.model, data.labels, image_size=preset.image_size)
+    labels = model_labels(model)
+    tokenizer = load_tokenizer(family, preset.model, launch.tokenizer)
+    teacher, teacher_index = None, None
+    if preset.distill_weight > 0:
+        teacher = load_model(family, spec.name, run.teacher, data.labels, image_size=preset.image_size)
+        teacher_labels = model_labels(teacher)
+        teacher_index = None if teacher_labels == labels else label_index(teacher_labels, labels)
+    patch(model, preset.pumer, preset.pumer_mode)  # before prepare: DDP and autocast wrap the patched model
+
+    inputs = Inputs(family, labels, tokenizer, preset.image_size, preset.text_length, launch.limit,
+                    launch.on_bad_image)
+    train_set = spec.split_set(data, spec.train_split, inputs, run, train=True)
+    val_set = spec.split_set(data, spec.eval_split, inputs, run, train=False)
+    train_loader = make_loader(train_set, run.per_device_batch, shuffle=True, workers=launch.workers, seed=run.seed,
+                               drop_last=True, sampler=spec.train_sampler)
+    val_loader = make_loader(val_set, launch.eval_batch, shuffle=False, workers=launch.workers)
+    task = spec.make_task(TaskContext(labels, val_set.records, preset.loss_scale))
+    engine, train_loader, val_loader = Engine.prepare(accelerator, spec.wrap_model(model), task,
+                                                      _fit_config(spec, run), train_loader, val_loader,
+                                                      teacher=teacher, teacher_index=teacher_index)
+    state = engine.fit(train_loader, val_loader, resume=run.resume, save_extra=tokenizer.save_pretrained)
+    info = {"preset": run.preset_name, "settings": asdict(preset), "processes": accelerator.num_processes,
+            "total_steps": engine.total_steps, **state.state_dict()}
+    if accelerator.is_main_process:
+        (run.output / "train_info.json").write_text(json.dumps(info, indent=2, default=str))
+    return info
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+
+def load_for_eval(spec: TaskSpec[Any], run: EvalRun, data: TaskData) -> tuple[Family, nn.Module, Any]:
+    """The model to score, its family and its tokenizer."""
+    check_model_path(run.model, "model")
+    family = resolve_family(run.family, run.model)
+    model = load_model(family, spec.name, run.model, data.labels, image_size=run.image_size)
+    return family, model, load_tokenizer(family, run.model, run.launch.tokenizer)
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """A classification evaluation made ready: the model (unpatched), its labels, the split and its loader."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    labels: Sequence[str]
+    image_size: int
+    dataset: ImageTextDataset[Any]
+    loader: Any  # the prepared DataLoader
+
+
+def open_eval_split(spec: TaskSpec[ClassificationData], run: EvalRun) -> EvalSplit:
+    """Check the data, load the model, and prepare the loader of ``run.split`` (before any variant)."""
+    data = spec.data(run.launch.data, run.dataset)
+    data.check([run.split])
+    accelerator = make_accelerator(run.launch)
+    family, model, tokenizer = load_for_eval(spec, run, data)
+    labels = model_labels(model)
+    if labels is None:
+        raise ValueError(f"{run.model} has no labels in its config: load a checkpoint of this task")
+    image_size = run.image_size or model_image_size(model)
+    launch = run.launch
+    dataset = data.dataset(run.split, family, labels, tokenizer, image_size=image_size, text_length=run.text_length,
+                           train=False, limit=launch.limit, on_bad_image=launch.on_bad_image)
+    loader = accelerator.prepare(make_loader(dataset, launch.eval_batch, shuffle=False, workers=launch.workers))
+    return EvalSplit(accelerator, model, labels, image_size, dataset, loader)
+
+
+def evaluate(spec: TaskSpec[ClassificationData], run: EvalRun) -> dict[str, Any]:
+    """Score the model on a split, unpatched and (``--pumer``) patched, side by side: eval.json + eval.md."""
+    split = open_eval_split(spec, run)
+    accelerator = split.accelerator
+    task = spec.make_task(TaskContext(split.labels, split.dataset.records))
+    rows: list[dict[str, Any]] = []
+    variants = [("unpatched", None)] + ([(f"PuMer {run.pumer} ({run.pumer_mode})", run.pumer)] if run.pumer else [])
+    for name, pumer in variants:
+        variant = accelerator.prepare(patch(copy.deepcopy(split.model), pumer, run.pumer_mode))
+        result = evaluate_model(accelerator, variant, task, split.loader, desc=name, progress=run.launch.progress)
+        rows.append({"variant": name, "pumer": pumer, **result.summary()})
+        logger.info("%s: %s %.4f, %.1f examples/s, %.3f GFLOPs/example", name, spec.metric, result.metrics["score"],
+                    result.examples_per_second, result.gflops)
+    report: dict[str, Any] = {"task": spec.name, "model": run.model, "split": run.split, "metric": spec.metric,
+                              "image_size": split.image_size, "text_length": run.text_length,
+                              "processes": accelerator.num_processes, "rows": rows}
+    if run.loader_speed:
+        report["loader_examples_per_s"] = loader_throughput(split.loader, batches=run.loader_speed)
+        logger.info("loader alone: %.1f examples/s (%d workers)", report["loader_examples_per_s"], run.launch.workers)
+    if accelerator.is_main_process:
+        write_report(run.output, report, markdown_table(report))
+    return report
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    """One row per variant: the task's metric (in percent), examples/s, GFLOPs per example, examples."""
+    lines = [f"| variant | {report['metric']} | examples/s | GFLOPs/ex | examples |", "|---|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['variant']} | {100 * r['score']:.2f} | {r['examples_per_s']:.1f} | "
+                     f"{r['gflops_per_example']:.3f} | {r['examples']} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: Mapping[str, Any], table: str, stem: str = "eval") -> None:
+    """``out/<stem>.json`` (everything) and ``out/<stem>.md`` (the table a person reads)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(table + "\n")
