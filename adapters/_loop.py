@@ -420,22 +420,3 @@ def run_blocks(
         recorder.count(i, tokens)
     return tokens, recorder.trace(tokens)
 
-
-# hf_vit's names from before ``Recorder`` and ``captured``; they go when it runs ``run_blocks``
-Loop = Recorder
-
-
-@contextmanager
-def output_of(module: nn.Module, given: Tensor) -> Iterator[dict[str, Tensor]]:
-    """``captured["out"]`` is what ``module`` returned when called on ``given`` itself (by identity)."""
-    out: dict[str, Tensor] = {}
-
-    def hook(_module: nn.Module, inputs: tuple[Any, ...], value: Tensor) -> None:
-        if inputs and inputs[0] is given:
-            out["out"] = value
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield out
-    finally:
-        handle.remove()

@@ -21,32 +21,17 @@ head applied later, or twice, or to another batch's features first, pools each b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from pumer_patch.core import Mode, Tokens
-from pumer_patch.sizes import token_sizes, with_token_sizes
+from pumer_patch.core import Mode
 
-from . import _loop
-from ._loop import Attended, attention_relevance, probability_relevance, run_blocks
 from .base import Plan
 
-__all__ = [
-    "Attended",
-    "BlockOps",
-    "Relevance",
-    "VitOptions",
-    "attention_relevance",
-    "probability_relevance",
-    "reduces",
-    "resolve_vit_options",
-    "run_blocks",
-    "sizes_of",
-    "weighted_mean",
-]
+__all__ = ["Relevance", "VitOptions", "reduces", "resolve_vit_options", "weighted_mean"]
 
 Relevance = Literal["cls", "received"]
 
@@ -61,29 +46,6 @@ class VitOptions:
 
     merge_schedule: int | Sequence[int] | None = None
     relevance: Literal["auto", "cls", "received"] = "auto"
-
-
-def remember_sizes(features: Tensor, size: Tensor | None) -> Tensor:
-    """Record that ``features`` stand for ``size`` original tokens each; returns ``features``."""
-    return with_token_sizes(features, size)
-
-
-def sizes_of(features: Tensor) -> Tensor | None:
-    """The token sizes (B, N') of features a reducing forward returned, None for any other tensor."""
-    return token_sizes(features)
-
-
-class BlockOps(NamedTuple):
-    """The three block-specific pieces of the loop, as module-level functions of one library.
-
-    plain(block, x, bias) -> x: the library's own forward. attend(block, x, bias, rows) -> Attended:
-    the attention half, with ``q`` for the query ``rows`` (a slice) or None. finish(block, x) -> x:
-    the MLP half. ``bias`` is the proportional-attention key bias (B, 1, 1, N) or None.
-    """
-
-    plain: Callable[[nn.Module, Tensor, Tensor | None], Tensor]
-    attend: Callable[[nn.Module, Tensor, Tensor | None, slice | None], Attended]
-    finish: Callable[[nn.Module, Tensor], Tensor]
 
 
 def resolve_vit_options(
@@ -138,22 +100,3 @@ def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
     """
     weight = size.float().unsqueeze(-1)
     return ((x.float() * weight).sum(dim=1) / weight.sum(dim=1)).to(x.dtype)
-
-
-# hf_vit's names from before the loop moved to ``_loop``; they go when it runs ``_loop.run_blocks``
-_block_ratios = _loop._block_ratios
-
-
-def _reduce_block(
-    block: nn.Module,
-    tokens: Tokens,
-    bias: Tensor | None,
-    ratios: tuple,
-    ops: BlockOps,
-    protected: int,
-    cls_row: bool,
-    guide: Callable[[Tensor], Tensor] | None,
-) -> tuple[Tokens, bool]:
-    """``_loop._reduce_block`` without a carry, for ``_block_ratios``' answer."""
-    tokens, _, merged = _loop._reduce_block(block, tokens, bias, *ratios, ops, protected, cls_row, guide, ())
-    return tokens, merged

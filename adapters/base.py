@@ -101,9 +101,6 @@ class PatchState:
     adapter: str
     plan: Plan
 
-    # hf_vit still writes ``state.last``; it records that trace for this call until it calls record_trace
-    last = property(lambda self: own_trace(self), lambda self, trace: record_trace(self, trace))
-
 
 # traces per call: id(PatchState) -> (state, its last Trace) for this thread / context only
 _LAST: ContextVar[dict[int, tuple[PatchState, Trace]]] = ContextVar("pumer_patch_last_trace", default={})

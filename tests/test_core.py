@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from pumer_patch.core import (
     Tokens,
     apply_merge,
     attention_bias,
+    gather_tokens,
     init_source,
     merge_count,
     merge_plan,
@@ -32,6 +34,7 @@ from pumer_patch.core import (
     prune_tokens,
     query_relevance,
     reduce_tokens,
+    reduces_layer,
     reduced_counts,
     take_rows,
     text_merge_count,
@@ -159,40 +162,61 @@ def _research_step(
 # --------------------------------------------------------------------------------------------
 
 
-@given(n=st.integers(1, 600), protected=PROTECTED, ratio=ratios())
-def test_prune_count_follows_the_formula_and_keeps_one(n, protected, ratio):
+@given(n=st.integers(1, 600), protected=PROTECTED, ratio=ratios(), more=ratios())
+def test_prune_count_rounds_the_ratio_and_keeps_one(n, protected, ratio, more):
     assume(protected <= n)
     prunable = n - protected
-    expected = 0 if prunable <= 1 else min(round(ratio * prunable), prunable - 1)
-    assert prune_count(n, ratio, protected) == expected
-    assert n - expected >= min(n, protected + 1)
+    count = prune_count(n, ratio, protected)
+    assert n - count >= min(n, protected + 1)  # the protected tokens and one more survive
+    assert 0 <= count <= max(prunable - 1, 0)
+    if 0 < count < prunable - 1:  # not capped: the nearest count to ratio * prunable
+        assert abs(count - ratio * prunable) <= 0.5
+    assert prune_count(n, 0.0, protected) == 0
+    assert prune_count(n, max(ratio, more), protected) >= prune_count(n, min(ratio, more), protected)
 
 
 @given(n=st.integers(1, 600), protected=PROTECTED, r=st.integers(0, 700), ratio=ratios())
-def test_merge_counts_follow_the_formula_and_keep_half(n, protected, r, ratio):
+def test_merge_counts_are_capped_at_half_of_the_mergeable(n, protected, r, ratio):
     assume(protected <= n)
+    half = (n - protected) // 2
     done = merge_count(n, r, protected)
-    assert done == max(0, min(r, (n - protected) // 2))
+    assert done == (r if r <= half else half)
     assert n - done >= min(n, protected + 1)
-    assert text_merge_count(n, ratio, protected) == merge_count(n, round(ratio * n), protected)
+    text = text_merge_count(n, ratio, protected)
+    assert 0 <= text <= half
+    if text < half:
+        assert abs(text - ratio * n) <= 0.5  # text ratios count all text tokens, [CLS] included
 
 
 @given(n_image=st.integers(1, 600), n_text=st.integers(1, 60), r=ratio_triples(), image_protected=PROTECTED)
-def test_reduced_counts_follow_the_documented_formulas(n_image, n_text, r, image_protected):
+def test_reduced_counts_keep_the_protected_and_follow_the_single_op_counts(n_image, n_text, r, image_protected):
     assume(image_protected <= n_image)
-    text = n_text - min(round(r.text_merge * n_text), (n_text - 1) // 2)
+    image, text = reduced_counts(n_image, n_text, r, "default", image_protected)
     kept = n_image - prune_count(n_image, r.prune, image_protected)
-    merged = min(round(r.merge * (n_image - image_protected)), (kept - image_protected) // 2)
-    assert reduced_counts(n_image, n_text, r, "default", image_protected) == (kept - merged, text)
-    assert kept - merged >= min(n_image, image_protected + 1)
+    assert min(n_image, image_protected + 1) <= image <= kept  # pruning first, then merging within the survivors
+    assert kept - image <= (kept - image_protected) // 2
+    assert text == n_text - text_merge_count(n_text, r.text_merge, 1)
+    ref_image, ref_text = reduced_counts(n_image, n_text, r, "reference")
+    assert min(ref_image, ref_text) >= 1
+    if round(r.prune * n_image) == 0:  # a reference layer that prunes nothing reduces nothing
+        assert (ref_image, ref_text) == (n_image, n_text)
+    else:
+        assert ref_text == text
+        assert ref_image <= max(n_image - round(r.prune * n_image), 1)
 
-    ref_prune = round(r.prune * n_image)
-    ref = (n_image, n_text)
-    if ref_prune:
-        ref_kept = max(n_image - ref_prune, 1)
-        ref = (ref_kept - min(round(r.merge * n_image), (ref_kept - 1) // 2), text)
-    assert reduced_counts(n_image, n_text, r, "reference") == ref
-    assert min(ref) >= 1
+
+@given(n_image=st.integers(2, 600), n_text=st.integers(1, 60), r=ratio_triples())
+def test_meters_research_rules_change_only_the_layers_they_name(n_image, n_text, r):
+    vilt = reduced_counts(n_image, n_text, r, "reference")
+    meter = reduced_counts(n_image, n_text, r, "reference", research="meter")
+    assert reduced_counts(n_image, n_text, r, "default", research="meter") == reduced_counts(n_image, n_text, r)
+    if r.prune == 0:  # not a reduce layer at all
+        assert not reduces_layer(r, "reference", "meter") and meter == (n_image, n_text)
+    elif round(r.merge * n_image) == 0:  # prunes only when it merges; the text merges anyway
+        assert meter == (n_image, n_text - text_merge_count(n_text, r.text_merge, 1))
+    else:
+        assert meter == vilt
+    assert reduces_layer(r, "reference") and reduces_layer(r, "default", "meter")
 
 
 def test_reference_counts_reproduce_the_paper_numbers():
@@ -649,6 +673,87 @@ def test_reduce_is_pruning_then_merging(case, r, protected, mode):
         )
     assert torch.equal(out.image.x, manual.x)
     assert torch.equal(out.image.source, manual.source)
+
+
+@given(case=cases(dtype=F32), r=ratio_triples(), protected=PROTECTED, mode=MODES)
+def test_the_plans_handed_back_are_the_ones_applied(case, r, protected, mode):
+    assume(protected <= case.tokens)
+    g = case.generator()
+    x, t, relevance, metric = case.image(g), case.text_x(g), case.relevance(g), case.metric(g)
+    image = _tokens(x, sizes=mode == "default")
+    out = reduce_tokens(relevance, image, r, image_metric=metric, text_tokens=_tokens(t), mode=mode,
+                        image_protected=protected)
+    pruned = image if out.keep_idx is None else gather_tokens(image, out.keep_idx)
+    again = apply_merge(pruned, out.image_plan, weighted=mode == "default")
+    assert torch.equal(again.x, out.image.x) and torch.equal(again.source, out.image.source)
+    text = apply_merge(_tokens(t), out.text_plan, weighted=mode == "default")
+    assert torch.equal(text.x, out.text.x)
+    assert (out.image_plan is None) == (out.image.count == pruned.count)
+
+
+@given(case=cases(dtype=F32), r=ratio_triples(), protected=PROTECTED, mode=MODES, extra=st.integers(0, 40))
+def test_a_carry_moves_with_the_tokens(case, r, protected, mode, extra):
+    """A floating carry is averaged over each merged group as the features are; an integer one keeps the
+    surviving destination's value, and both drop what pruning drops."""
+    assume(protected <= case.tokens)
+    extra = extra if mode == "default" else 0
+    g = case.generator()
+    x, relevance, metric = case.image(g), case.relevance(g), case.metric(g)
+    coord = randn(g, (case.batch, case.tokens, 2), torch.float32)
+    cell = torch.arange(case.tokens).expand(case.batch, -1)
+    image = _tokens(x, sizes=mode == "default")
+    out = reduce_tokens(relevance, image, r, image_metric=metric, mode=mode, image_protected=protected,
+                        extra_merges=extra, carry=(coord, cell))
+    moved_coord, moved_cell = out.carry
+    follows = reduce_tokens(relevance, replace(image, x=coord), r, image_metric=metric, mode=mode,
+                            image_protected=protected, extra_merges=extra)
+    torch.testing.assert_close(moved_coord, follows.image.x)  # the same step on the carry as on the features
+    # each survivor's cell is one of the original cells it covers: its own where nothing merged into it
+    covered = out.image.source  # (B, N0) output index of each original token
+    for b in range(case.batch):
+        for j, c in enumerate(moved_cell[b].tolist()):
+            assert covered[b, c] == j
+    assert moved_cell.shape == out.image.x.shape[:2] and moved_coord.shape == (*out.image.x.shape[:2], 2)
+
+
+@given(case=cases(dtype=F32), r=ratio_triples(), protected=PROTECTED, extra=st.integers(1, 40))
+def test_extra_merges_add_to_the_ratios_in_one_matching(case, r, protected, extra):
+    assume(protected <= case.tokens)
+    g = case.generator()
+    x, relevance, metric = case.image(g), case.relevance(g), case.metric(g)
+    out = reduce_tokens(relevance, _tokens(x), r, image_metric=metric, image_protected=protected, extra_merges=extra)
+    plain = reduce_tokens(relevance, _tokens(x), r, image_metric=metric, image_protected=protected)
+    kept = case.tokens - prune_count(case.tokens, r.prune, protected)
+    asked = round(r.merge * (case.tokens - protected)) + extra
+    assert out.image.count == kept - merge_count(kept, asked, protected)
+    assert out.image.count <= plain.image.count
+    with pytest.raises(ValueError, match="extra_merges"):
+        reduce_tokens(relevance, _tokens(x), r, image_metric=metric, mode="reference", extra_merges=extra)
+
+
+@given(case=cases(dtype=F32), r=ratio_triples())
+def test_meters_research_rules_in_the_reduce_step(case, r):
+    g = case.generator()
+    x, t, relevance = case.image(g), case.text_x(g), case.relevance(g)
+    metric, text_metric = case.metric(g), case.metric(g, case.text)
+    text_mask = _trailing_mask(torch.randint(1, case.text + 1, (case.batch,), generator=g).tolist(), case.text).float()
+
+    def run(research: str):
+        return reduce_tokens(relevance, Tokens(x), r, image_metric=metric, text_tokens=Tokens(t, mask=text_mask),
+                             text_metric=text_metric, mode="reference", research=research)
+
+    meter, vilt = run("meter"), run("vilt")
+    assert (meter.image.count, meter.text.count) == reduced_counts(case.tokens, case.text, r, "reference",
+                                                                  research="meter")
+    if r.prune > 0 and round(r.merge * case.tokens) == 0:  # the image stays whole, the text merges
+        assert meter.keep_idx is None and torch.equal(meter.image.x, x)
+        # the research text merge: [CLS] kept, ToMe's layout, plain means, the mask not read by the matching
+        plan = merge_plan(text_metric, text_merge_count(case.text, r.text_merge, 1), 1, keep_order=False)
+        assert torch.equal(meter.text.x, apply_merge(Tokens(t, mask=text_mask), plan, weighted=False).x)
+    elif r.prune > 0:
+        assert torch.equal(meter.image.x, vilt.image.x) and torch.equal(meter.text.x, vilt.text.x)
+    else:
+        assert torch.equal(meter.image.x, x) and torch.equal(meter.text.x, t)
 
 
 # --------------------------------------------------------------------------------------------
