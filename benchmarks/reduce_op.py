@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         text = Tokens(x[:, :t], size=torch.ones(b, t, device=device), mask=torch.ones(b, t, dtype=torch.bool, device=device))
 
         def op() -> None:
-            reduce_tokens(relevance, image, "p0.1-r0.3-t0.2", img_metric=metric[:, t:], text_tokens=text, text_metric=metric[:, :t])
+            reduce_tokens(relevance, image, "p0.1-r0.3-t0.2", image_metric=metric[:, t:], text_tokens=text, text_metric=metric[:, :t])
 
         def full_layer() -> None:
             with torch.no_grad():
