@@ -25,7 +25,7 @@ Other timm ViT-like models (their own block classes) belong to no adapter and ar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch

@@ -23,7 +23,8 @@ setting tried, while for BEiT the measurement does not decide. So ``"mean"`` is 
 
 Register tokens and [CLS] (``num_prefix_tokens``) are protected: never pruned or merged, and no
 rotary (as timm). The blocks run through ``_loop.run_blocks`` with the positions as its carry (each
-token's cell and coordinate, moved by ``reduce_tokens`` with the tokens). Relevance, merge metric,
+token's cell and coordinate, moved by ``reduce_tokens`` with the tokens; the position maths lives in
+``_positions``). Relevance, merge metric,
 ``merge_schedule`` and pooling by sizes follow ``_loop``, ``_vit`` and ``timm``: the metric is the keys the attention used (after q/k norm and rotary),
 captured from ``attn.q_norm`` / ``attn.k_norm`` (EVA) or recomputed from ``attn.qkv`` (BEiT's attention
 calls its projection through ``F.linear``; 2 N C^2 extra FLOPs at each reduce block).
@@ -39,7 +40,6 @@ reducing: timm's ``_pos_embed`` does not hand back which cells it kept.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,123 +60,28 @@ from pumer_patch.ratios import Ratios
 from pumer_patch.sizes import with_token_sizes
 
 from ._loop import Attended, BlockStep, CallScope, captured, run_blocks
+from ._positions import gather_bias, grid_carry, positions, rope_rows, rope_slope
 from ._timm_common import PumerTimmRoot, pooling_sizes, refuse_masks, warn_if_untested_timm
 from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
 from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, library_class, record_trace
 
-__all__ = [
-    "TimmEvaAdapter", "EvaOptions", "Positions", "PumerEva", "PumerBeit", "PumerBeitAttention",
-    "EvaStep", "BeitStep", "rope_slope", "rope_rows",
-]
+__all__ = ["TimmEvaAdapter", "EvaOptions", "PumerEva", "PumerBeit", "PumerBeitAttention", "EvaStep", "BeitStep"]
 
 _SUPPORTED = "timm Eva (EVA, EVA02, DINOv3, Perception Encoder, ViT-RoPE) and Beit"
 
 MergePosition = Literal["mean", "destination"]
 
 
-
 @dataclass(frozen=True)
-class EvaOptions:
+class EvaOptions(VitOptions):
     """``VitOptions`` (``merge_schedule``, ``relevance``) and where a merged token stands (module docstring)."""
 
-    merge_schedule: int | Sequence[int] | None = None
-    relevance: Literal["auto", "cls", "received"] = "auto"
     merge_position: MergePosition = "mean"
-
-
-# ---------------------------------------------------------------------------------------------
-# positions on the patch grid
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Positions:
-    """Where each patch token (the M non-prefix tokens) stands on the (H, W) patch grid.
-
-    cell: (B, M) long, the row-major grid cell whose embedding row the token reads (its own, or the
-    destination's after a merge). coord: (B, M, 2) float32 (row, col): the cell's, or with
-    ``merge_position="mean"`` the size-weighted mean coordinate of the original tokens it stands for.
-    """
-
-    cell: Tensor
-    coord: Tensor
-
-    @staticmethod
-    def grid(batch: int, grid: tuple[int, int], device: torch.device) -> Positions:
-        cell = torch.arange(grid[0] * grid[1], device=device).expand(batch, -1)
-        return Positions(cell, _cell_coord(cell, grid[1]))
-
-
-def _cell_coord(cell: Tensor, width: int) -> Tensor:
-    """(B, M) row-major cells -> (B, M, 2) float32 (row, col)."""
-    return torch.stack([cell.div(width, rounding_mode="floor"), cell % width], dim=-1).float()
-
-
-def _grid_carry(batch: int, protected: int, grid: tuple[int, int], device: torch.device, mean: bool) -> tuple[Tensor, ...]:
-    """The loop's carry for tokens at their own cells: cell (B, N) long and, for ``"mean"``, coord (B, N, 2).
-
-    The ``protected`` prefix rows are zeros (prefix tokens never move and have no cell).
-    """
-    pos = Positions.grid(batch, grid, device)
-    cell = torch.cat([pos.cell.new_zeros(batch, protected), pos.cell], dim=1)
-    if not mean:
-        return (cell,)
-    return cell, torch.cat([pos.coord.new_zeros(batch, protected, 2), pos.coord], dim=1)
-
-
-def _positions(carry: tuple[Tensor, ...], protected: int, width: int) -> Positions:
-    """The patch tokens' ``Positions`` from the loop's carry (``"destination"`` carries cells alone)."""
-    cell = carry[0][:, protected:]
-    return Positions(cell, carry[1][:, protected:] if len(carry) > 1 else _cell_coord(cell, width))
 
 
 # ---------------------------------------------------------------------------------------------
 # EVA: rotary rows for the surviving tokens
 # ---------------------------------------------------------------------------------------------
-
-
-def rope_slope(table: Tensor, grid: tuple[int, int]) -> Tensor:
-    """The rotary angle added per grid step, (..., D, 2) for (row, col), from a table (..., H*W, 2D).
-
-    ``table`` is what timm's attention reads (``apply_rot_embed_cat``: ``[sin ; cos]`` of D angles
-    per cell). The angles are affine in the cell's (row, col); each step is read as the angle in
-    (-pi, pi] that turns cell (0, 0) into (1, 0) and (0, 1); an axis of length 1 has slope 0.
-    """
-    sin, cos = table.float().chunk(2, dim=-1)
-    theta = torch.atan2(sin, cos).unflatten(-2, grid)  # (..., H, W, D)
-    zero = torch.zeros_like(theta[..., 0, 0, :])
-
-    def step(delta: Tensor) -> Tensor:
-        return torch.remainder(delta + math.pi, 2 * math.pi) - math.pi
-
-    rows = step(theta[..., 1, 0, :] - theta[..., 0, 0, :]) if grid[0] > 1 else zero
-    cols = step(theta[..., 0, 1, :] - theta[..., 0, 0, :]) if grid[1] > 1 else zero
-    return torch.stack([rows, cols], dim=-1)
-
-
-def rope_rows(table: Tensor, pos: Positions, width: int, slope: Tensor | None) -> Tensor:
-    """The rotary rows (B, 1 or heads, M, 2D) of the tokens at ``pos``, from a table (N0, 2D) or (heads, N0, 2D).
-
-    Each token reads its cell's row; with ``slope`` (``rope_slope``), the row is turned on by the
-    angle ``slope @ (coord - cell)`` (a merged token at its mean coordinate). A token at its own
-    cell turns by exactly 0, so its row is the table's, bit for bit.
-    """
-    b, m = pos.cell.shape
-    rows = table.index_select(-2, pos.cell.reshape(-1)).unflatten(-2, (b, m))  # (..., B, M, 2D)
-    rows = rows.movedim(-3, 0)  # (B, ..., M, 2D)
-    if table.dim() == 2:
-        rows = rows.unsqueeze(1)  # (B, 1, M, 2D): broadcast over heads
-    if slope is None:
-        return rows
-    offset = pos.coord - _cell_coord(pos.cell, width)  # (B, M, 2)
-    if slope.dim() == 2:
-        slope = slope.unsqueeze(0)  # (1, D, 2)
-    angle = torch.einsum("bmk,hdk->bhmd", offset, slope)  # (B, 1 or heads, M, D)
-    sin, cos = rows.float().chunk(2, dim=-1)
-    turn_sin, turn_cos = angle.sin(), angle.cos()
-    turned = torch.cat([sin * turn_cos + cos * turn_sin, cos * turn_cos - sin * turn_sin], dim=-1)
-    return turned.to(rows.dtype)
-
 
 
 class _EvaBlock(NamedTuple):
@@ -238,7 +143,7 @@ class EvaStep:
             if key not in self._slopes:
                 self._slopes[key] = rope_slope(table, self.grid)
             slope = self._slopes[key]
-        return _EvaBlock(rope_rows(table, _positions(carry, self.protected, self.grid[1]), self.grid[1], slope))
+        return _EvaBlock(rope_rows(table, positions(carry, self.protected, self.grid[1]), self.grid[1], slope))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,15 +153,6 @@ class EvaStep:
 # the cells (B, N) of this block's tokens, [CLS] as 0 and patch cell c as c + 1, in the layout of
 # BEiT's relative_position_index; set around each block call, so a checkpoint recompute sets it again
 _BEIT_CELLS: CallScope[Tensor] = CallScope("pumer_beit_cells")
-
-
-def _gather_bias(bias: Tensor, cells: Tensor) -> Tensor:
-    """Rows and columns ``cells`` (B, N) of a bias (heads, N0 + 1, N0 + 1): (B, heads, N, N)."""
-    h = bias.shape[0]
-    b, n = cells.shape
-    rows = bias.index_select(1, cells.reshape(-1)).unflatten(1, (b, n))  # (heads, B, N, N0 + 1)
-    rows = rows.transpose(0, 1)  # (B, heads, N, N0 + 1)
-    return rows.gather(3, cells[:, None, None, :].expand(b, h, n, n))
 
 
 class PumerBeitAttention(BeitAttention):
@@ -271,7 +167,7 @@ class PumerBeitAttention(BeitAttention):
     def _get_rel_pos_bias(self) -> Tensor:
         full = super()._get_rel_pos_bias()  # (1, heads, N0 + 1, N0 + 1)
         cells = _BEIT_CELLS.get(getattr(self, SHARED_ATTR, None))
-        return full if cells is None else _gather_bias(full[0], cells)
+        return full if cells is None else gather_bias(full[0], cells)
 
 
 class _BeitWhere(NamedTuple):
@@ -354,11 +250,11 @@ class BeitStep:
     def at(self, i: int, carry: tuple[Tensor, ...] | None) -> BlockStep:
         if carry is None or not self.positional:
             return _BeitBlock(None, self.shared_full)
-        pos = _positions(carry, 1, self.width)
+        pos = positions(carry, 1, self.width)
         # a merged token's mean coordinate, rounded to the nearest cell (the bias is learned per cell offset)
         rounded = pos.coord.round().long()
         cells = torch.cat([pos.cell.new_zeros(pos.cell.shape[0], 1), 1 + rounded[..., 0] * self.width + rounded[..., 1]], 1)
-        shared = None if self.shared_full is None else _gather_bias(self.shared_full, cells)
+        shared = None if self.shared_full is None else gather_bias(self.shared_full, cells)
         return _BeitBlock(_BeitWhere(cells, shared), self.shared_full)
 
 
@@ -397,7 +293,7 @@ class PumerEva(PumerTimmRoot, Eva):
         x = self.norm_pre(x)
         position = state.plan.options.merge_position
         step = EvaStep(self, rope, grid, position)
-        carry = _grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, position == "mean")
+        carry = grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, position == "mean")
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, trace = run_blocks(
             self.blocks, x, state.plan, step, protected=self.num_prefix_tokens, checkpointing=checkpointing, carry=carry
@@ -444,7 +340,7 @@ class PumerBeit(PumerTimmRoot, Beit):
         shared = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         grid = tuple(self.patch_embed.grid_size)
         mean = state.plan.options.merge_position == "mean"
-        carry = _grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, mean)
+        carry = grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, mean)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, trace = run_blocks(
             self.blocks, x, state.plan, BeitStep(self, shared), protected=self.num_prefix_tokens,
@@ -510,7 +406,7 @@ class TimmEvaAdapter(Adapter):
             raise ValueError(f"merge_position must be 'mean' or 'destination', got {position!r}")
         has_cls = getattr(root, "cls_token", None) is not None
         auto = "cls" if has_cls and root.global_pool in ("token", "") else "received"
-        vit: VitOptions = resolve_vit_options(options, len(root.blocks), has_cls, auto, mode)
+        vit = resolve_vit_options(options, len(root.blocks), has_cls, auto, mode)
         return EvaOptions(vit.merge_schedule, vit.relevance, position)
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:

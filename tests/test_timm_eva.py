@@ -16,7 +16,7 @@ from timm.layers.pos_embed_sincos import apply_keep_indices_nlc, create_rope_emb
 from torch import Tensor, nn
 
 import pumer_patch
-from pumer_patch.adapters.timm_eva import Positions, rope_rows, rope_slope
+from pumer_patch.adapters._positions import Positions, rope_rows, rope_slope
 from pumer_patch.core import reduced_counts
 
 TINY = dict(pretrained=False, img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
