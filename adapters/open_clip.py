@@ -16,10 +16,10 @@ recomputes the keys (merge metric) with ``F.linear`` on the key slice: 2 B N C^2
 a block; the [CLS] query row costs 2 B C^2, the queries for "received" relevance (``avg``, CoCa)
 another 2 B N C^2.
 
-Text guidance (``text_guidance``): pruning can follow a text query instead of the [CLS] row, for
-text-conditioned retrieval. An image embedding then depends on the query: do not cache it. The
-guidance holds in the thread and ``with`` block that set it, for the models it was given, and not for
-a copy taken inside the block.
+Text guidance (``pumer_patch.adapters.guidance.text_guidance``, also importable from here): pruning
+can follow a text query instead of the [CLS] row, for text-conditioned retrieval; each token reaches
+the joint space through the tower's ``ln_post`` and ``proj``. An image embedding then depends on the
+query: do not cache it.
 
 Per call, the tower's forward opens a scope (``_loop.CallScope``) in which the transformer hands the
 token sizes to the pooling. ``forward_intermediates`` is refused while the patch reduces.
@@ -27,11 +27,10 @@ token sizes to the pooling. ``forward_intermediates`` is refused while the patch
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -46,6 +45,8 @@ from pumer_patch.ratios import Ratios
 from ._loop import Attended, CallScope, run_blocks
 from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
 from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, record_trace, warn_if_untested
+from .guidance import _GUIDES as _GUIDANCE  # noqa: F401  the one scope of text queries (tests read it)
+from .guidance import GuidedTower, guide_of, text_guidance
 
 __all__ = [
     "OpenClipAdapter", "OpenClipBlockStep", "PumerTransformer", "PumerOpenClipVisionTransformer", "text_guidance",
@@ -62,8 +63,6 @@ class _TowerCall:
 
 
 _CALL: CallScope[_TowerCall] = CallScope("pumer_patch_open_clip_call")
-# relevance from a text query, per patched tower, set by ``text_guidance`` for its ``with`` block
-_GUIDANCE: CallScope[Callable[[Tensor], Tensor]] = CallScope("pumer_patch_open_clip_guidance")
 
 
 def _mha_mask(bias: Tensor | None, heads: int) -> Tensor | None:
@@ -120,7 +119,7 @@ class PumerTransformer(Transformer):
             raise ValueError("the image tower of a pumer_patch-reduced open_clip model takes no attn_mask")
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, trace = run_blocks(
-            self.resblocks, x, state.plan, _STEP, protected=1, guide=_GUIDANCE.get(state), checkpointing=checkpointing
+            self.resblocks, x, state.plan, _STEP, protected=1, guide=guide_of(state), checkpointing=checkpointing
         )
         record_trace(state, trace)
         call = _CALL.get(state)
@@ -155,58 +154,9 @@ class PumerOpenClipVisionTransformer(OpenClipVisionTransformer):
         return super().forward_intermediates(*args, **kwargs)
 
 
-def _text_relevance(ln_post: nn.Module, proj: Tensor, text: Tensor, x: Tensor) -> Tensor:
-    """Cosine (B, N) of each token, mapped to the joint space by the tower's own head, with the text.
-
-    x: (B, N, C) tokens at the reduce block; text: (B or 1, D). ``ln_post`` and ``proj`` map the final
-    [CLS] to the image embedding; applied to intermediate tokens they give MaskCLIP-style patch
-    embeddings, the only bridge from an inner layer to the text space that needs no training.
-    """
-    if text.shape[0] not in (1, x.shape[0]):
-        raise ValueError(
-            f"text_guidance has {text.shape[0]} text features for a batch of {x.shape[0]} images; "
-            f"give one per image or one for all"
-        )
-    tokens = F.normalize((ln_post(x) @ proj).float(), dim=-1)  # (B, N, D)
-    query = F.normalize(text.float(), dim=-1).expand(x.shape[0], -1)  # (B, D)
-    return torch.einsum("bnd,bd->bn", tokens, query)
-
-
-@contextmanager
-def text_guidance(model: nn.Module, text_features: Tensor) -> Iterator[None]:
-    """Inside this ``with`` block, the patched open_clip image towers of ``model`` prune by a text query.
-
-    text_features: (B, D) one per image, or (D,) / (1, D) for the whole batch, in the joint embedding
-    space (e.g. ``model.encode_text(tokens)``, normalized or not). Relevance of an image token at a
-    pruning block is its cosine with the text after the tower's ``ln_post`` and ``proj``; merging is
-    unchanged. The image embedding then depends on the query, so it cannot be cached and reused
-    across queries as plain CLIP retrieval does. Needs a patch that prunes (``prune_ratio > 0``) and a
-    tower with a projection and no attentional pooler.
-    """
-    roots = [m for m in model.modules() if isinstance(m, OpenClipVisionTransformer) and hasattr(m, STATE_ATTR)]
-    if not roots:
-        raise ValueError(
-            "text_guidance needs an open_clip image tower patched by pumer_patch.apply; none found in model"
-        )
-    if not isinstance(text_features, Tensor) or not text_features.is_floating_point():
-        raise TypeError("text_features must be a floating Tensor (B, D), e.g. model.encode_text(tokens)")
-    text = (text_features.reshape(1, -1) if text_features.dim() == 1 else text_features).detach()
-    for root in roots:
-        state: PatchState = getattr(root, STATE_ATTR)
-        if root.attn_pool is not None or root.proj is None:
-            raise ValueError(
-                "text_guidance needs a tower whose tokens map to the joint space (a proj, no attentional pooler)"
-            )
-        if text.dim() != 2 or text.shape[1] != root.proj.shape[1]:
-            raise ValueError(
-                f"text_features must have shape (B, {root.proj.shape[1]}), got {tuple(text_features.shape)}"
-            )
-        if not any(r.prune > 0 for r in state.plan.schedule.values()):
-            raise ValueError("text guidance steers pruning, but this patch prunes nothing; apply with prune_ratio > 0")
-    with ExitStack() as stack:  # nested guidance is restored on exit
-        for root in roots:
-            stack.enter_context(_GUIDANCE.open(getattr(root, STATE_ATTR), partial(_text_relevance, root.ln_post, root.proj, text)))
-        yield
+def _joint(tower: OpenClipVisionTransformer, x: Tensor) -> Tensor:
+    """Tokens x (B, N, C) through the tower's own head (``ln_post``, ``proj``) into the joint space: (B, N, D)."""
+    return tower.ln_post(x) @ tower.proj
 
 
 class OpenClipAdapter(Adapter):
@@ -251,3 +201,16 @@ class OpenClipAdapter(Adapter):
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         return [(root, PumerOpenClipVisionTransformer), (root.transformer, PumerTransformer)]
+
+    def guided_towers(self, model: nn.Module) -> list[GuidedTower]:
+        """The patched image towers in ``model``, for ``text_guidance``; refuses one that maps no token to the text."""
+        towers = []
+        for root in model.modules():
+            if not isinstance(root, OpenClipVisionTransformer) or not hasattr(root, STATE_ATTR):
+                continue
+            if root.attn_pool is not None or root.proj is None:
+                raise ValueError(
+                    "text_guidance needs a tower whose tokens map to the joint space (a proj, no attentional pooler)"
+                )
+            towers.append(GuidedTower(getattr(root, STATE_ATTR), root.proj.shape[1], partial(_joint, root)))
+        return towers

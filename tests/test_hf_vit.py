@@ -62,6 +62,22 @@ def test_counts_follow_the_documented_arithmetic(name, prefix):
     assert lengths == [16 + prefix, 16 + prefix, expected[0][1], expected[0][1], expected[1][1]]
 
 
+def test_a_reduce_layer_looks_called_to_its_hooks_and_the_hidden_states():
+    # layer 0 reduces: the hidden states still start from the embeddings, and a hook on it sees its output
+    entry = by_name("hf-ViTModel")
+    model = entry.build()
+    with torch.no_grad():
+        embeddings = model(**entry.inputs(), output_hidden_states=True).hidden_states[0]
+        pumer_patch.apply(model, layers=[0, 2], merge_ratio=0.3)
+        seen: list[tuple[int, int]] = []
+        model.layers[0].register_forward_hook(lambda _m, args, out: seen.append((args[0].shape[1], out.shape[1])))
+        out = model(**entry.inputs(), output_hidden_states=True)
+    first, third = (c for _, c in counts(model))
+    assert torch.equal(out.hidden_states[0], embeddings)
+    assert [h.shape[1] for h in out.hidden_states] == [17, first, first, third, third]
+    assert seen == [(17, first)]
+
+
 def test_merge_schedule_is_tome_on_transformers_towers():
     model = pumer_patch.apply(by_name("hf-ViTModel").build(), merge_schedule=3)
     pooled(model, **_hf_images())
@@ -327,3 +343,26 @@ def test_text_guidance_holds_through_a_checkpointing_recompute():
         torch.testing.assert_close(grad, plain[name], msg=name)
     unguided = _guided_grads(True, False)
     assert any(not torch.allclose(unguided[n], plain[n]) for n in plain)  # the guidance chose other tokens
+
+
+def test_one_text_guidance_steers_the_towers_of_both_libraries():
+    from pumer_patch.adapters import guidance, open_clip
+
+    assert open_clip.text_guidance is guidance.text_guidance is text_guidance
+    both = torch.nn.ModuleDict({"hf": _hf_builder(CLIPModel, "sdpa")(), "oc": by_name("open_clip-vit_b32").build()})
+    pumer_patch.apply(both, layers=[0], prune_ratio=0.5)
+    assert len(pumer_patch.patched_roots(both)) == 2
+    hf_images, oc_images = _hf_images()["pixel_values"], by_name("open_clip-vit_b32").inputs()["image"]
+
+    def embed() -> tuple[torch.Tensor, torch.Tensor]:
+        return both["hf"].get_image_features(pixel_values=hf_images).pooler_output, both["oc"].encode_image(oc_images)
+
+    query = torch.randn(2, 24, generator=torch.Generator().manual_seed(4))  # both joint spaces are 24 wide
+    with torch.no_grad():
+        plain = embed()
+        with text_guidance(both, query):
+            guided = embed()
+        with text_guidance(both["hf"], query):
+            hf_only = embed()
+    assert not torch.equal(guided[0], plain[0]) and not torch.equal(guided[1], plain[1])
+    assert torch.equal(hf_only[0], guided[0]) and torch.equal(hf_only[1], plain[1])  # each model guides its own
