@@ -17,7 +17,7 @@ from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionP
 from transformers.models.vit.modeling_vit import ViTLayer
 
 import pumer_patch
-from contract_models import ENTRIES, _hf_builder, _hf_checkpointing, _hf_image_text, _hf_images, by_name
+from contract_models import ENTRIES, _hf_builder, _hf_image_text, _hf_images, by_name
 from model_state import same, snapshot
 from pumer_patch.adapters._loop import watching
 from pumer_patch.adapters.guidance import text_guidance
@@ -318,51 +318,3 @@ def test_a_hook_on_the_final_norm_keeps_the_dinov2_mean_size_weighted():
     torch.testing.assert_close(out.logits, expected)
     assert not torch.allclose(out.logits, unweighted, rtol=1e-3, atol=1e-4)
 
-
-def _guided_grads(checkpointing: bool, guided: bool) -> dict[str, torch.Tensor]:
-    model = _hf_builder(CLIPModel, "eager")().train()
-    if checkpointing:
-        _hf_checkpointing(model)
-    pumer_patch.apply(model, layers=[1], prune_ratio=0.5)
-    inputs = _hf_image_text()
-    with torch.no_grad():
-        query = model.get_text_features(input_ids=inputs["input_ids"]).pooler_output
-    if guided:
-        with text_guidance(model, query):
-            loss = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.square().sum()
-    else:
-        loss = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.square().sum()
-    loss.backward()  # outside the guidance: a recompute must still prune the tokens the query chose
-    return {name: p.grad for name, p in model.vision_model.named_parameters() if p.grad is not None}
-
-
-def test_text_guidance_holds_through_a_checkpointing_recompute():
-    plain, checkpointed = _guided_grads(False, True), _guided_grads(True, True)
-    assert plain.keys() == checkpointed.keys()
-    for name, grad in checkpointed.items():
-        torch.testing.assert_close(grad, plain[name], msg=name)
-    unguided = _guided_grads(True, False)
-    assert any(not torch.allclose(unguided[n], plain[n]) for n in plain)  # the guidance chose other tokens
-
-
-def test_one_text_guidance_steers_the_towers_of_both_libraries():
-    from pumer_patch.adapters import guidance, open_clip
-
-    assert open_clip.text_guidance is guidance.text_guidance is text_guidance
-    both = torch.nn.ModuleDict({"hf": _hf_builder(CLIPModel, "sdpa")(), "oc": by_name("open_clip-vit_b32").build()})
-    pumer_patch.apply(both, layers=[0], prune_ratio=0.5)
-    assert len(pumer_patch.patched_roots(both)) == 2
-    hf_images, oc_images = _hf_images()["pixel_values"], by_name("open_clip-vit_b32").inputs()["image"]
-
-    def embed() -> tuple[torch.Tensor, torch.Tensor]:
-        return both["hf"].get_image_features(pixel_values=hf_images).pooler_output, both["oc"].encode_image(oc_images)
-
-    query = torch.randn(2, 24, generator=torch.Generator().manual_seed(4))  # both joint spaces are 24 wide
-    with torch.no_grad():
-        plain = embed()
-        with text_guidance(both, query):
-            guided = embed()
-        with text_guidance(both["hf"], query):
-            hf_only = embed()
-    assert not torch.equal(guided[0], plain[0]) and not torch.equal(guided[1], plain[1])
-    assert torch.equal(hf_only[0], guided[0]) and torch.equal(hf_only[1], plain[1])  # each model guides its own
