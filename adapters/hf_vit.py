@@ -47,11 +47,13 @@ Heads that average tokens count each by its size: SigLIP's ``SiglipMultiheadAtte
 gets ``log(size)`` as a key bias (proportional attention of its probe), and the DINOv2 and SigLIP
 image classifiers take the size-weighted mean of the tokens they average. Within one forward the
 sizes go from the loop to the head in the root's per-call scope, whatever a hook between them (on
-the final norm, say) makes of the tensor; ``SiglipVisionModel`` also attaches them to the
-``last_hidden_state`` it returns (``pumer_patch.token_sizes``), for its head applied later. Where
-every size is one (nothing merged) the heads run the library's own lines. The pooling head's and the
-classifiers' forwards repeat transformers 5's, as does ``ViTModel.forward`` (checked by the
-zero-reduction parity tests). [CLS]-pooled outputs (CLIP, ViT, DINOv2's pooler) need no sizes.
+the final norm, say) makes of the tensor, as long as it keeps the token count (else
+``pumer_patch.TokenSizesLost``). ``SiglipVisionModel`` also attaches them to the
+``last_hidden_state`` it returns (``pumer_patch.token_sizes``), for its head applied later; features
+that lost them are ``TokenSizesLost`` there. Where every size is one (nothing merged) the heads run
+the library's own lines. The pooling head's and the classifiers' forwards repeat transformers 5's,
+as does ``ViTModel.forward`` (checked by the zero-reduction parity tests). [CLS]-pooled outputs
+(CLIP, ViT, DINOv2's pooler) need no sizes.
 
 Text guidance (``pumer_patch.adapters.guidance.text_guidance``) for ``CLIPModel`` and
 ``SiglipModel``: pruning can follow a text query; the image embedding then depends on the query.
