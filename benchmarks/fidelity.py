@@ -17,21 +17,22 @@ GFLOPs are counted on its own model):
 * ``PuMer prune+merge``: ``layers=[3, 6, 9]``, ``prune_ratio = merge_ratio = q`` (pruning by the
   [CLS] attention row, then merging).
 * ``prune only``: ``layers=[3, 6, 9]``, ``prune_ratio=q``.
-* ``random drop``: the control for pruning's relevance. The model's own stem, blocks and final norm
-  run in a loop here, and at the input of blocks 3, 6 and 9 ``pumer_patch.prune_tokens`` drops as
-  many patch tokens as prune-only drops there ([CLS] kept), by a seeded random relevance: the same
-  counts, no score (the adapters take no relevance function, so the draw happens between blocks
-  rather than inside them; its GFLOPs are measured like every other row's).
+* ``random drop``: the control for pruning's relevance, at prune-only's ratio. The adapters take no
+  relevance function, so the model's own stem, blocks and final norm run in a loop here; blocks 3, 6
+  and 9 run as their two residual halves, and between them ``pumer_patch.prune_tokens`` drops as many
+  patch tokens as pruning drops there ([CLS] kept) by a seeded random relevance: pruning's place and
+  counts, no score.
 
 Measures against the unreduced model on every image: the [CLS] and mean-pooled embedding cosine
-(merged tokens weighted by their size), the dense patch features spread back to the 16 x 16 grid
+(merged tokens weighted by their size); the dense patch features spread back to the 16 x 16 grid
 through the source map (``apply(..., trace=True)``, ``pumer_patch.recording``, ``pumer_patch.unmerge``)
-against the unreduced patch features (mean cosine; a pruned patch has no feature and counts 0, the
-share of patches still covered is its own column), and leave-one-out k-NN on the [CLS] embeddings
-within each data set: how often the reduced model's 1-NN and 5-NN (similarity-weighted vote) label
-equals the unreduced model's, and the 1-NN accuracy. Table figures are means over images (k-NN: over
-the five data sets); the JSON has each data set. Writes ``fidelity.json``, ``fidelity.md`` and
-``fidelity.png`` (fidelity against FLOPs) under ``--out``.
+against the unreduced patch features, as a mean cosine where a pruned patch has no feature and
+counts 0 (the share of patches still covered is its own column; the JSON's ``dense_cos_covered`` is
+the mean over those alone); and leave-one-out k-NN on the [CLS] embeddings within each data set: how
+often the reduced model's 1-NN and 5-NN (similarity-weighted vote) label equals the unreduced
+model's, and the 1-NN accuracy. Table figures are means over images (k-NN: over the five data sets);
+the JSON has each data set. Writes ``fidelity.json``, ``fidelity.md`` and ``fidelity.png``
+(fidelity against FLOPs) under ``--out``.
 """
 
 from __future__ import annotations
@@ -87,31 +88,61 @@ RANDOM = "random drop"  # follows prune only's ratio at each budget
 # ---------------------------------------------------------------------------------------------
 
 
+Half = Callable[[Tensor], Tensor]
+
+
 @dataclass(frozen=True)
 class Family:
     """One library's DINOv2-S: how to build it, call it, and take it apart for the random-drop loop.
 
     tokens(model, x) -> (B, N', C): the final-normed tokens, [CLS] first. parts(model) -> (stem, blocks,
-    norm): ``stem(x)`` is (B, 1 + N, C) tokens entering the blocks, ``norm`` the final norm.
+    norm): ``stem(x)`` is the (B, 1 + N, C) tokens entering the blocks, ``norm`` the final norm.
+    halves(block) -> (attention, mlp): the block's two residual halves, each (B, N, C) -> (B, N, C),
+    called through the block's own sub-modules (a block is ``mlp(attention(x))``).
     """
 
     name: str
     build: Callable[[], nn.Module]
     key: str  # the keyword ``model(**{key: x})`` takes, for FLOPs counting
     tokens: Callable[[nn.Module, Tensor], Tensor]
-    parts: Callable[[nn.Module], tuple[Callable[[Tensor], Tensor], Sequence[nn.Module], nn.Module]]
+    parts: Callable[[nn.Module], tuple[Half, Sequence[nn.Module], nn.Module]]
+    halves: Callable[[nn.Module], tuple[Half, Half]]
 
 
-def _hf_parts(model: nn.Module) -> tuple[Callable[[Tensor], Tensor], Sequence[nn.Module], nn.Module]:
+def _hf_parts(model: nn.Module) -> tuple[Half, Sequence[nn.Module], nn.Module]:
     return model.embeddings, model.encoder.layer, model.layernorm
 
 
-def _timm_parts(model: nn.Module) -> tuple[Callable[[Tensor], Tensor], Sequence[nn.Module], nn.Module]:
+def _hf_halves(layer: nn.Module) -> tuple[Half, Half]:
+    """``Dinov2Layer.forward``'s two halves (transformers 5), without attention masks."""
+
+    def attention(x: Tensor) -> Tensor:
+        return x + layer.drop_path(layer.layer_scale1(layer.attention(layer.norm1(x))[0]))
+
+    def mlp(x: Tensor) -> Tensor:
+        return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+
+    return attention, mlp
+
+
+def _timm_parts(model: nn.Module) -> tuple[Half, Sequence[nn.Module], nn.Module]:
     def stem(x: Tensor) -> Tensor:
         # timm's forward_features before its blocks
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
 
     return stem, model.blocks, model.norm
+
+
+def _timm_halves(block: nn.Module) -> tuple[Half, Half]:
+    """timm ``Block.forward``'s two halves, without attention masks."""
+
+    def attention(x: Tensor) -> Tensor:
+        return x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+
+    def mlp(x: Tensor) -> Tensor:
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    return attention, mlp
 
 
 FAMILIES = {
@@ -121,17 +152,22 @@ FAMILIES = {
         "pixel_values",
         lambda model, x: model(pixel_values=x).last_hidden_state,
         _hf_parts,
+        _hf_halves,
     ),
-    "timm": Family("timm", pretrained.dinov2_timm, "x", lambda model, x: model.forward_features(x), _timm_parts),
+    "timm": Family(
+        "timm", pretrained.dinov2_timm, "x", lambda model, x: model.forward_features(x), _timm_parts, _timm_halves
+    ),
 }
 
 
 class RandomDrop(nn.Module):
-    """The model's own stem, blocks and final norm, dropping random patch tokens at the input of ``layers``.
+    """The model's own stem, blocks and final norm, dropping random patch tokens inside ``layers``.
 
-    At each of ``layers``, ``pumer_patch.prune_tokens`` with a random relevance (B, N) drops as many
-    tokens as ``prune_ratio`` prunes there, [CLS] (the first token) never. The draws come from one
-    ``torch.Generator(seed)``, so a run is repeatable for the same batches in the same order.
+    A block of ``layers`` runs its attention half, then ``pumer_patch.prune_tokens`` with a random
+    relevance (B, N) drops as many tokens as ``prune_ratio`` prunes there, [CLS] (the first token)
+    never, then its MLP half: pruning's place and pruning's counts, so pruning's FLOPs but for its
+    relevance (the [CLS] attention row). Other blocks are the library's own call. The draws come from
+    one ``torch.Generator(seed)``, so a run is repeatable for the same batches in the same order.
     ``forward(pixel_values)`` returns ``Tokens``: x (B, N', C) final-normed, size ones, source (B, 1 + N).
     """
 
@@ -147,10 +183,14 @@ class RandomDrop(nn.Module):
         tokens = pumer_patch.Tokens(x, size=torch.ones(b, n), source=pumer_patch.init_source(b, n))
         for i, block in enumerate(blocks):
             if i in self.layers:
+                attention, mlp = self.family.halves(block)
+                tokens = pumer_patch.Tokens(attention(tokens.x), tokens.size, tokens.source)
                 relevance = torch.rand(b, tokens.count, generator=self.generator)
                 tokens = pumer_patch.prune_tokens(tokens, relevance, self.prune_ratio, protected=1)
-            out = block(tokens.x)
-            tokens = pumer_patch.Tokens(out[0] if isinstance(out, tuple) else out, tokens.size, tokens.source)
+                tokens = pumer_patch.Tokens(mlp(tokens.x), tokens.size, tokens.source)
+            else:
+                out = block(tokens.x)
+                tokens = pumer_patch.Tokens(out[0] if isinstance(out, tuple) else out, tokens.size, tokens.source)
         return pumer_patch.Tokens(norm(tokens.x), tokens.size, tokens.source)
 
 
@@ -216,6 +256,7 @@ def scores(reduced: Features, base: Features, images: pretrained.LabelledImages)
         "cls_cos": F.cosine_similarity(reduced.cls, base.cls, dim=-1).mean().item(),
         "mean_cos": F.cosine_similarity(reduced.pooled, base.pooled, dim=-1).mean().item(),
         "dense_cos": dense.mean().item(),
+        "dense_cos_covered": (dense.sum() / reduced.covered.sum()).item(),  # the patches that kept a token
         "coverage": reduced.covered.float().mean().item(),
         "tokens": reduced.tokens,
     }

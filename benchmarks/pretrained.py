@@ -170,7 +170,7 @@ def _export_state(path: str) -> dict[str, Tensor]:
             value = array.T if array.ndim == 2 else array  # MatMul computes x @ W, a Linear x @ weight.T
         if key in state:
             raise ValueError(f"{path}: two initializers map to {key}")
-        state[key] = torch.from_numpy(np.array(value, dtype=np.float32))  # a writable copy
+        state[key] = torch.from_numpy(np.array(value, dtype=np.float32, order="C"))  # a writable, contiguous copy
     if unknown:
         raise ValueError(f"{path}: initializers that map to no DINOv2 parameter: {', '.join(unknown)}")
     halves = [k for k in (_CLS_POSITION, _PATCH_POSITIONS) if k not in state]
