@@ -399,14 +399,16 @@ def _pool_sizes(module: nn.Module, features: Tensor, consumer: str) -> Tensor | 
         size = require_token_sizes(features, consumer=consumer, merged=_merges(state.plan))
     else:
         size = call.size
-    if size is not None and tuple(size.shape) != tuple(features.shape[:2]):
+    # weights of one change nothing: the library's own lines then run (bit for bit); a sync only here
+    if size is None or bool((size == 1).all()):
+        return None
+    if tuple(size.shape) != tuple(features.shape[:2]):
         raise TokenSizesLost(
             f"{consumer} got {tuple(features.shape[:2])} (B, N) tokens where the pumer_patch-reduced tower returned "
             f"{tuple(size.shape)}: something between them (a hook on the final norm?) changed the tokens, so their "
             f"sizes are unknown"
         )
-    # weights of one change nothing: the library's own lines then run (bit for bit); a sync only here
-    return None if size is None or bool((size == 1).all()) else size
+    return size
 
 
 class PumerSiglipVisionModel(SiglipVisionModel):
@@ -418,7 +420,8 @@ class PumerSiglipVisionModel(SiglipVisionModel):
         """The library's forward; its ``last_hidden_state`` (the output's first field) carries the token sizes."""
         with _CALL.open(getattr(self, STATE_ATTR), _TowerCall()) as call:
             out = super().forward(*args, **kwargs)
-        with_token_sizes(out[0], call.size)
+        if call.size is not None and call.size.shape == out[0].shape[:2]:  # else a hook changed the tokens
+            with_token_sizes(out[0], call.size)
         return out
 
 

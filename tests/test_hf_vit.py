@@ -296,11 +296,20 @@ def test_the_siglip_head_applied_later_reads_the_sizes_the_features_carry():
             model.head(out.last_hidden_state.clone())
 
 
-def test_a_hook_that_changes_the_token_count_is_a_clear_error():
-    model = pumer_patch.apply(by_name("hf-SiglipVisionModel").build(), layers=[1, 2], merge_ratio=0.4)
-    model.post_layernorm.register_forward_hook(lambda _m, _i, out: out[:, 1:])
+@pytest.mark.parametrize(("name", "norm"), [
+    ("hf-SiglipVisionModel", "post_layernorm"),  # the attention pooling head
+    ("hf-SiglipForImageClassification", "vision_model.post_layernorm"),  # the classifier's mean (and the head)
+    ("hf-Dinov2ForImageClassification", "dinov2.layernorm"),
+    ("hf-Dinov2WithRegistersForImageClassification-sdpa", "dinov2_with_registers.layernorm"),
+])
+def test_a_hook_that_changes_the_token_count_is_a_clear_error_at_every_head(name, norm):
+    entry = by_name(name)
+    model = pumer_patch.apply(entry.build(), layers=[1, 2], merge_ratio=0.4)
+    model.get_submodule(norm).register_forward_hook(lambda _m, _i, out: out[:, :-1])
     with pytest.raises(pumer_patch.TokenSizesLost, match="changed the tokens, so their sizes are unknown"):
-        pooled(model, **_hf_images())
+        pooled(model, **entry.inputs())
+    pumer_patch.apply(model, layers=[1, 2], prune_ratio=0.4)  # no merge, every size one: nothing to weigh
+    assert torch.isfinite(pooled(model, **entry.inputs())).all()
 
 
 def test_a_hook_on_the_final_norm_keeps_the_dinov2_mean_size_weighted():
