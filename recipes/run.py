@@ -26,7 +26,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 import pumer_patch
 from recipes.data.dataset import ImageTextDataset, OnBadImage
@@ -346,7 +346,7 @@ class EvalSplit:
     labels: Sequence[str]
     image_size: int
     dataset: ImageTextDataset[Any]
-    loader: Any  # the prepared DataLoader
+    loader: DataLoader  # prepared: each process's share
 
 
 def open_eval_split(spec: TaskSpec[ClassificationData], run: EvalRun) -> EvalSplit:
