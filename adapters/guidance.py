@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import loaded_adapters
 from ._loop import CallScope
 from .base import PatchState
 
@@ -67,8 +68,7 @@ def _relevance(embed: Callable[[Tensor], Tensor], text: Tensor, x: Tensor) -> Te
 
 
 def _guided_towers(model: nn.Module) -> list[GuidedTower]:
-    from . import loaded_adapters  # the package imports this module's users, not the other way round
-
+    """The guided towers in ``model``, from every loaded adapter that has some (``guided_towers``)."""
     return [tower for adapter in loaded_adapters() if hasattr(adapter, "guided_towers")
             for tower in adapter.guided_towers(model)]
 
