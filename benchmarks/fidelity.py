@@ -435,7 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     machine = {"device": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d")}
     log.info("machine: %s", machine)
-    images = pretrained.labelled_images(224, per_dataset)
+    try:
+        images = pretrained.labelled_images(224, per_dataset)
+    except pretrained.MissingExtra as err:
+        parser.exit(1, f"benchmarks.fidelity: {err}\n")
     log.info("%d labelled images at 224 px: %s", len(images), ", ".join(sorted(set(images.datasets))))
     rows: list[dict[str, Any]] = []
     matched: dict[tuple[str, float], float] = {}  # the same weights in both libraries: search the ratios once

