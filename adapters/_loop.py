@@ -160,10 +160,6 @@ class Recorder:
     checkpointing: bool = False
     counts: list[LayerCount] = field(default_factory=list)
 
-    @property
-    def policy(self) -> Policy:
-        return Policy.of(self.plan.mode)
-
     def run(self, fn: Callable[..., T], block: nn.Module, *args: Any, library_checkpoints: bool = False) -> T:
         """``fn(block, *args)``, under non-reentrant checkpointing when asked; ``fn`` gets all it needs as arguments.
 

@@ -10,22 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 from torch import Tensor, nn
 
 from pumer_patch.sizes import require_token_sizes
 
 from ._vit import reduces
-from .base import STATE_ATTR, Plan, library_class, warn_if_untested
+from .base import STATE_ATTR, Plan, library_class
 
-__all__ = ["PumerTimmRoot", "merges", "pooling_sizes", "refuse_masks", "warn_if_untested_timm"]
+__all__ = ["TIMM_TESTED", "PumerTimmRoot", "merges", "pooling_sizes", "refuse_masks"]
 
-_TESTED = ("1.0", "2")
-
-
-def warn_if_untested_timm(what: str) -> None:
-    """The version warning of both timm adapters: ``what`` names the timm code the patch repeats."""
-    warn_if_untested("timm", timm.__version__, _TESTED, what)
+#: the timm versions whose lines both timm adapters repeat (``base.warn_if_untested``)
+TIMM_TESTED = ("1.0", "2")
 
 
 def merges(plan: Plan) -> bool:

@@ -21,8 +21,9 @@ so the image pooler reads the most relevant survivor; the fractional text mask i
 cross-attentions; a block prunes only when its merge count is > 0 too, and merges text or image only
 when its prune ratio is > 0: the core's ``research="meter"`` rules). One edge differs: where 0 < p
 but round(p * N) == 0 (only N < 1 / (2p), tiny models) the research code still sorts the image by
-relevance and merges; here the block reduces nothing, as in ViLT's research code. ``default`` carries sizes into proportional attention (``log(size)`` on
-the keys of self- and cross-attention), protects the image [CLS] and keeps spatial order.
+relevance and merges; here the block reduces nothing, as in ViLT's research code. ``default``
+carries sizes into proportional attention (``log(size)`` on the keys of self- and cross-attention),
+protects the image [CLS] and keeps spatial order.
 
 Option ``encoder_merge_schedule`` (default mode only): ToMe's r per block of the CLIP image tower
 (an int for every block, or one per block). The tower is most of METER's FLOPs at 384 pixels and the

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import timm
 import torch
 from timm.layers import Attention, AttentionPoolLatent
 from timm.models.deit import VisionTransformerDistilled
@@ -39,9 +40,9 @@ from pumer_patch.ratios import Ratios
 from pumer_patch.sizes import with_token_sizes
 
 from ._loop import Attended, captured, run_blocks
-from ._timm_common import PumerTimmRoot, pooling_sizes, refuse_masks, warn_if_untested_timm
+from ._timm_common import TIMM_TESTED, PumerTimmRoot, pooling_sizes, refuse_masks
 from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
-from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, library_class, record_trace
+from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, library_class, record_trace, warn_if_untested
 
 __all__ = ["TimmAdapter", "TimmBlockStep", "PumerTimmVisionTransformer", "PumerTimmVisionTransformerDistilled"]
 
@@ -162,7 +163,7 @@ class TimmAdapter(Adapter):
         for i, block in enumerate(root.blocks):
             _check_library_part(block, Block, f"{cls.__qualname__}.blocks[{i}]")
             _check_library_part(block.attn, Attention, f"{cls.__qualname__}.blocks[{i}].attn")
-        warn_if_untested_timm("VisionTransformer.forward_features and Block.forward")
+        warn_if_untested("timm", timm.__version__, TIMM_TESTED, "VisionTransformer.forward_features and Block.forward")
 
     def resolve_options(
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]

@@ -24,10 +24,10 @@ setting tried, while for BEiT the measurement does not decide. So ``"mean"`` is 
 Register tokens and [CLS] (``num_prefix_tokens``) are protected: never pruned or merged, and no
 rotary (as timm). The blocks run through ``_loop.run_blocks`` with the positions as its carry (each
 token's cell and coordinate, moved by ``reduce_tokens`` with the tokens; the position maths lives in
-``_positions``). Relevance, merge metric,
-``merge_schedule`` and pooling by sizes follow ``_loop``, ``_vit`` and ``timm``: the metric is the keys the attention used (after q/k norm and rotary),
-captured from ``attn.q_norm`` / ``attn.k_norm`` (EVA) or recomputed from ``attn.qkv`` (BEiT's attention
-calls its projection through ``F.linear``; 2 N C^2 extra FLOPs at each reduce block).
+``_positions``). Relevance, merge metric, ``merge_schedule`` and pooling by sizes follow ``_loop``,
+``_vit`` and ``timm``: the metric is the keys the attention used (after q/k norm and rotary),
+captured from ``attn.q_norm`` / ``attn.k_norm`` (EVA) or recomputed from ``attn.qkv`` (BEiT's
+attention calls its projection through ``F.linear``; 2 N C^2 extra FLOPs at each reduce block).
 
 What runs: the library's own blocks (``blk(x, rope=..., attn_mask=bias)`` for EVA;
 ``blk(x, shared_rel_pos_bias=...)`` for BEiT, whose ``attn`` instances switch to a subclass that
@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import AttentionPoolLatent, AttentionRope
@@ -61,9 +62,11 @@ from pumer_patch.sizes import with_token_sizes
 
 from ._loop import Attended, BlockStep, CallScope, captured, run_blocks
 from ._positions import gather_bias, grid_carry, positions, rope_rows, rope_slope
-from ._timm_common import PumerTimmRoot, pooling_sizes, refuse_masks, warn_if_untested_timm
+from ._timm_common import TIMM_TESTED, PumerTimmRoot, pooling_sizes, refuse_masks
 from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
-from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, library_class, record_trace
+from .base import (
+    SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, library_class, record_trace, warn_if_untested,
+)
 
 __all__ = ["TimmEvaAdapter", "EvaOptions", "PumerEva", "PumerBeit", "PumerBeitAttention", "EvaStep", "BeitStep"]
 
@@ -396,7 +399,7 @@ class TimmEvaAdapter(Adapter):
                 ensure_class(block.attn, BeitAttention, f"{name}.blocks[{i}].attn")
         if expected is Eva and isinstance(root.attn_pool, AttentionPoolLatent) and root.attn_pool.pos_embed is not None:
             raise ValueError("this Eva's attention pool adds a position embedding per token, which a reduced ViT lacks")
-        warn_if_untested_timm("Eva / Beit forward_features")
+        warn_if_untested("timm", timm.__version__, TIMM_TESTED, "Eva / Beit forward_features")
 
     def resolve_options(
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]

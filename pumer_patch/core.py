@@ -129,6 +129,11 @@ def check_mode(mode: object) -> None:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
 
 
+def _check_research(research: object) -> None:
+    if research not in _RESEARCH:
+        raise ValueError(f"research must be one of {_RESEARCH}, got {research!r}")
+
+
 
 def _check_ratio(name: str, ratio: float) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
@@ -192,7 +197,8 @@ def _layer_counts(
     if not reduces_layer(ratios, mode, research):
         return None, False
     if mode == "default":
-        return _Counts(n - prune_count(n, ratios.prune, protected), round(ratios.merge * (n - protected)) + extra_merges), True
+        merges = round(ratios.merge * (n - protected)) + extra_merges
+        return _Counts(n - prune_count(n, ratios.prune, protected), merges), True
     n_prune, r = round(ratios.prune * n), round(ratios.merge * n)
     if research == "meter" and r == 0:
         return None, True
@@ -221,6 +227,7 @@ def reduced_counts(
     image stays whole where ``round(m * n_image)`` is zero, and nothing changes where ``p`` is 0.
     """
     check_mode(mode)
+    _check_research(research)
     ratios = Ratios.parse(ratios)
     reference = mode == "reference"
     counts, text_merges = _layer_counts(n_image, ratios, mode, image_protected, research)
@@ -645,8 +652,7 @@ def _check_inputs(
         raise ValueError(f"merge_style must be 'tome' or 'tip', got {merge_style!r}")
     if merge_style == "tip" and mode != "reference":
         raise ValueError("merge_style='tip' is the research code's arithmetic: use it with mode='reference'")
-    if research not in _RESEARCH:
-        raise ValueError(f"research must be one of {_RESEARCH}, got {research!r}")
+    _check_research(research)
     if isinstance(extra_merges, bool) or not isinstance(extra_merges, int) or extra_merges < 0:
         raise ValueError(f"extra_merges must be a non-negative int (ToMe's r), got {extra_merges!r}")
     if extra_merges and mode != "default":

@@ -271,3 +271,10 @@ def test_float16_keys_too_large_for_float16_dot_products_still_merge():
     image = pumer_patch.last_trace(model).image
     assert torch.isfinite(out).all() and torch.isfinite(image.x).all()
     assert counts(model) == [(0, 12), (1, 9), (2, 7)]
+
+
+def test_an_untested_timm_version_warns_at_the_apply_call(monkeypatch):
+    monkeypatch.setattr(timm, "__version__", "0.9.16")
+    with pytest.warns(UserWarning, match=r"repeats .* as of timm 1\.0\.\.<2; found 0\.9\.16") as warned:
+        pumer_patch.apply(make("vit"), layers=[1], merge_ratio=0.3)
+    assert warned[0].filename == __file__  # reported at the caller's line
