@@ -75,12 +75,12 @@ class LayerCount:
 
 @dataclass
 class Trace:
-    """What the last forward of a patched root did.
+    """What one forward of a patched root did (``pumer_patch.last_trace``, ``pumer_patch.recording``).
 
     counts: token counts after each reduce layer (always recorded; Python ints).
     image / text: final ``Tokens`` (``x`` detached, with ``size``, ``source`` and ``mask``), recorded
     only with ``apply(..., trace=True)``. patch_index: (B, N0 - 1, 2) the grid position (row, col) of
-    each image patch as it entered the blocks, and grid: (H, W), where the model knows them (ViLT).
+    each image patch as it entered the blocks (ViLT); grid: (H, W) the patch grid (ViLT, Eva, Beit).
     """
 
     counts: list[LayerCount] = field(default_factory=list)

@@ -17,9 +17,9 @@ Option ``attention="sdpa"`` (default ``"eager"``, ViLT's own): every layer of th
 self-attention with ``F.scaled_dot_product_attention`` from the layer's own query/key/value/output
 projections, and a reduce layer computes only the text query rows of the attention probabilities
 for its relevance (``2 B H T L d`` more FLOPs). On CPU it pays off at long sequences and about
-breaks even at short ones (README, "Benchmarks"); outputs agree with eager to float32 rounding
-(``test_sdpa_matches_eager``). Attention dropout still applies in
-training; the relevance rows are taken before dropout. ``output_attentions=True`` runs that forward
+breaks even at short ones (``benchmarks/README.md``); outputs agree with eager to float32 rounding
+(``test_sdpa_matches_eager``). Attention dropout still applies in training; the relevance rows are
+taken before dropout. ``output_attentions=True`` runs that forward
 eagerly (SDPA returns no probabilities). With ``attention="sdpa"`` the loop runs even when nothing
 is reduced (``layers=[]``), so SDPA alone can be had.
 
