@@ -8,7 +8,9 @@ gradient accumulation, mixed precision, distillation from a frozen teacher, eval
 steps with ``gather_for_metrics`` (each example counted exactly once on any number of processes),
 the best checkpoint kept as safetensors, early stopping, and resume from saved state that ends
 where an uninterrupted run would (same steps, same batches: a digest of every example index seen
-is part of the state, so that promise is checked, not assumed).
+is part of the state, so that promise is checked, not assumed). A save is crash-safe: it is written
+to a new folder, flushed to disk, listed in a manifest and only then switched in for the previous
+one, so a job killed while saving resumes from the last complete save and says which.
 
 Runs on CPU, one GPU, or several GPUs and nodes under ``accelerate launch``. Evaluation alone is the
 free function ``evaluate``: it needs a model, a task and a prepared loader, no training settings.
@@ -20,6 +22,8 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -48,6 +52,7 @@ __all__ = [
     "build_scheduler",
     "distill_loss",
     "Engine",
+    "complete_state",
 ]
 
 logger = get_logger(__name__)  # logs from the main process only (no N copies under accelerate launch)
@@ -318,10 +323,8 @@ class Engine:
         steps_per_epoch = math.ceil(len(train_loader) / acc.gradient_accumulation_steps)
         state = TrainState()
         acc.register_for_checkpointing(state)
-        state_dir = Path(cfg.output_dir) / "state"
         if resume:
-            if not (state_dir / "train_state.json").is_file():
-                raise FileNotFoundError(f"--resume: no saved state in {state_dir} (a run saves it at every evaluation)")
+            state_dir = complete_state(Path(cfg.output_dir))
             acc.load_state(str(state_dir))
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", state_dir, state.step, state.epoch,
                         state.batch_in_epoch)
@@ -434,9 +437,104 @@ class Engine:
         acc.wait_for_everyone()
 
     def _save_state(self, state: TrainState) -> None:
+        """Write the resumable state to ``state.tmp-<step>/``, then switch ``state/`` to it (see ``complete_state``).
+
+        A kill at any moment leaves a complete ``state/`` (the previous one until the switch) or, in
+        the instant between the two renames, a complete ``state.old-<step>/`` that resume falls back to.
+        """
         acc = self.accelerator
-        directory = Path(self.cfg.output_dir) / "state"
-        acc.save_state(str(directory), safe_serialization=True)
-        if acc.is_main_process:
-            (directory / "train_state.json").write_text(json.dumps(state.state_dict(), indent=2, default=float))
+        out = Path(self.cfg.output_dir)
+        tmp = out / f"state.tmp-{state.step}"
+        if acc.is_main_process and tmp.exists():  # a save of this step that died half-way (a resumed run's own)
+            shutil.rmtree(tmp)
         acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()  # every process's files (RNG states) are in before the manifest lists them
+        if acc.is_main_process:
+            (tmp / "train_state.json").write_text(json.dumps(state.state_dict(), indent=2, default=float))
+            files = sorted(f for f in tmp.iterdir() if f.is_file())
+            for f in files:
+                _fsync(f)
+            manifest = {"step": state.step, "files": {f.name: f.stat().st_size for f in files}}
+            (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+            _fsync(tmp / _MANIFEST)
+            _fsync(tmp)
+            final, old = out / "state", out / f"state.old-{state.step}"
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            _fsync(out)
+            for stale in out.glob("state.*"):  # the previous save, and unfinished saves of other steps
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+        acc.wait_for_everyone()
+
+
+_MANIFEST = "manifest.json"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to disk: a rename after it never points at unwritten data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _incomplete(directory: Path) -> str | None:
+    """Why ``directory`` is no complete saved state (None when it is): its manifest missing or a file off."""
+    manifest = directory / _MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"an unreadable manifest.json ({err})"
+    for name, size in listed.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def _saved_step(directory: Path) -> int:
+    return int(json.loads((directory / _MANIFEST).read_text())["step"])
+
+
+def complete_state(output_dir: Path) -> Path:
+    """The saved state a resume loads: ``state/`` when complete, else the latest complete leftover of a save.
+
+    A save is complete when its ``manifest.json`` (written last, after every file is on disk)
+    lists every file at its size. ``state/`` is only ever replaced by a complete save, so it is
+    incomplete only when written by hand or by an older version; a save killed between its two
+    renames leaves ``state.old-<step>/`` (the previous one) and ``state.tmp-<step>/`` (the new one).
+    Logs which folder it chose and why; raises ``FileNotFoundError`` when there is none.
+    """
+    final = output_dir / "state"
+    reasons: list[str] = []
+    if final.is_dir():
+        why = _incomplete(final)
+        if why is None:
+            unfinished = sorted(p.name for p in output_dir.glob("state.tmp-*") if _incomplete(p) is not None)
+            if unfinished:
+                logger.warning("resume: ignoring the unfinished save %s (the run was killed while saving)",
+                               ", ".join(unfinished))
+            return final
+        reasons.append(f"{final}: {why}")
+    leftovers = [p for p in output_dir.glob("state.*-*") if p.is_dir()]
+    for p in leftovers:
+        why = _incomplete(p)
+        if why is not None:
+            reasons.append(f"{p}: {why}")
+    complete = [p for p in leftovers if _incomplete(p) is None]
+    if not complete:
+        found = "; ".join(reasons) if reasons else "nothing saved"
+        raise FileNotFoundError(f"--resume: no complete saved state in {output_dir} ({found}); a run saves it at "
+                                "every evaluation; start afresh without --resume")
+    chosen = max(complete, key=_saved_step)
+    logger.warning("resume: %s; falling back to %s (step %d), the last complete save",
+                   "; ".join(reasons) or f"{final} is missing", chosen, _saved_step(chosen))
+    return chosen

@@ -174,3 +174,92 @@ def test_loader_workers_read_an_image_store_opened_in_the_parent(tmp_path: Path)
     assert [b["index"].tolist() for b in loader] == first  # persistent workers, same epoch, same order
     assert store["i1"]  # and the parent reads again after the fork
     assert math.isfinite(float(next(iter(loader))["pixel_values"].sum()))
+
+
+class Killed(BaseException):
+    """What a kill does to a save in progress: nothing after it runs (no ``except Exception`` catches it)."""
+
+
+class KillOnSave:
+    """A checkpointed object whose ``n``-th save dies. accelerate saves it after the model, optimizer,
+    scheduler and RNG files and before the engine's train state: a kill in the middle of a real save."""
+
+    def __init__(self, n: int | None = None) -> None:
+        self.n, self.saves = n, 0
+
+    def state_dict(self) -> dict[str, int]:
+        self.saves += 1
+        if self.saves == self.n:
+            raise Killed(f"killed during save {self.saves}")
+        return {"saves": self.saves}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.saves = state["saves"]
+
+
+def _fit_steps(out: Path, *, kill_at_save: int | None = None, resume: bool = False,
+               **settings: object) -> tuple[object, TinyClassifier]:
+    """8 steps of batch 4 on 16 points, an evaluation (and a save) every 2 steps, no early stop."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    cfg = FitConfig(output_dir=out, lr=1e-2, max_steps=8, eval_every=2, patience=100, progress=False, **settings)
+    engine, train, val = Engine.prepare(Accelerator(cpu=True), model, ConstantScoreTask(), cfg,
+                                        make_loader(Points(16), 4, shuffle=True, workers=0, drop_last=True),
+                                        make_loader(Points(7), 3, shuffle=False, workers=0))
+    engine.accelerator.register_for_checkpointing(KillOnSave(kill_at_save))
+    return engine.fit(train, val, resume=resume), model
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_a_save_killed_half_way_resumes_from_the_last_complete_one(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    whole, whole_model = _fit_steps(tmp_path / "whole")
+    # the save of step 4 dies after its weights, optimizer and scheduler are written
+    with pytest.raises(Killed):
+        _fit_steps(tmp_path / "killed", kill_at_save=2)
+    killed = tmp_path / "killed"
+    half = killed / "state.tmp-4"
+    assert (half / "model.safetensors").is_file() and not (half / "train_state.json").exists()
+    assert json.loads((killed / "state" / "manifest.json").read_text())["step"] == 2
+    assert json.loads((killed / "state" / "train_state.json").read_text())["step"] == 2
+    # the half-written folder holds step-4 weights: resuming from them with step-2 counters is what went wrong
+    assert not torch.equal(load_file(str(half / "model.safetensors"))["body.weight"],
+                           load_file(str(killed / "state" / "model.safetensors"))["body.weight"])
+    with caplog.at_level("WARNING"):
+        resumed, resumed_model = _fit_steps(killed, resume=True)
+    assert "ignoring the unfinished save state.tmp-4" in caplog.text
+    assert resumed.step == 8 and resumed.data_digest == whole.data_digest
+    _assert_same_weights(resumed_model, whole_model)
+    assert sorted(p.name for p in killed.glob("state*")) == ["state"]  # the new saves cleared what was left
+
+    # killed between the switch's two renames: no state/, the previous save as state.old-4; resume says so
+    stopped = tmp_path / "stopped"
+    _fit_steps(stopped, stop_after_steps=4)
+    (stopped / "state").rename(stopped / "state.old-4")
+    (stopped / "state.tmp-6").mkdir()
+    (stopped / "state.tmp-6" / "model.safetensors").write_bytes(
+        (stopped / "state.old-4" / "model.safetensors").read_bytes())
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resumed, resumed_model = _fit_steps(stopped, resume=True)
+    assert "falling back to" in caplog.text and "state.old-4 (step 4)" in caplog.text
+    assert "state.tmp-6: no manifest.json" in caplog.text
+    assert resumed.step == 8 and resumed.data_digest == whole.data_digest
+    _assert_same_weights(resumed_model, whole_model)
+
+    # a state/ whose files do not match its manifest, and nothing else: refused, naming why
+    truncated = tmp_path / "truncated"
+    _fit_steps(truncated, stop_after_steps=2)
+    weights = truncated / "state" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(FileNotFoundError, match=r"no complete saved state .*model\.safetensors has \d+ bytes, "
+                                                r"the manifest says \d+"):
+        _fit_steps(truncated, resume=True)
