@@ -7,8 +7,9 @@ multipliers by module-name pattern), linear warm-up then polynomial decay to an 
 gradient accumulation, mixed precision, distillation from a frozen teacher, evaluation every K
 steps with ``gather_for_metrics`` (each example counted exactly once on any number of processes),
 the best checkpoint kept as safetensors, early stopping, and resume from saved state that ends
-where an uninterrupted run would (same steps, same batches: a digest of every example index seen
-is part of the state, so that promise is checked, not assumed). A save is crash-safe: it is written
+where an uninterrupted run would (same steps, same batches: a digest of every example index seen,
+and of its augmentation seed when the batch has one, is part of the state, so that promise is
+checked, not assumed). A save is crash-safe: it is written
 to a new folder, flushed to disk, listed in a manifest and only then switched in for the previous
 one, so a job killed while saving resumes from the last complete save and says which.
 
@@ -127,7 +128,7 @@ class TrainState:
     best_score: float = -math.inf
     best_step: int = -1
     evals_without_gain: int = 0
-    data_digest: str = ""  # running sha1 over every example index taken, in order
+    data_digest: str = ""  # running sha1 over every example index (and augmentation seed) taken, in order
     loss: float | None = None  # running mean of the training loss (0.95 decay), for logs
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -380,7 +381,9 @@ class Engine:
     def _train_micro_step(self, batch: Mapping[str, Tensor], state: TrainState) -> float:
         acc, cfg = self.accelerator, self.cfg
         indices = acc.gather(batch["index"]).tolist()
-        state.data_digest = hashlib.sha1((state.data_digest + json.dumps(indices)).encode()).hexdigest()
+        # the augmentation's seeds too: same examples augmented otherwise are other data
+        taken = [indices, acc.gather(batch["augment_seed"]).tolist()] if "augment_seed" in batch else indices
+        state.data_digest = hashlib.sha1((state.data_digest + json.dumps(taken)).encode()).hexdigest()
         state.examples += len(indices)
         state.batch_in_epoch += 1
         with acc.accumulate(self.model):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import pumer_patch
 from recipes.data.dataset import ImageTextDataset, OnBadImage
-from recipes.data.loader import EpochSampler, loader_throughput, make_loader
+from recipes.data.loader import EpochKeySampler, EpochSampler, loader_throughput, make_loader
 from recipes.engine import Engine, FitConfig, Task, evaluate as evaluate_model
 from recipes.models import FAMILIES, Family, family_of, get_family, label_index, load_model, load_tokenizer, model_labels
 from recipes.presets import LossScale, Preset
@@ -154,8 +154,9 @@ class ClassificationData(TaskData, Protocol):
 
     def dataset(self, split: str, family: Family, labels: Sequence[str], tokenizer: Any, *, image_size: int,
                 text_length: int, train: bool, limit: int | None = None,
-                on_bad_image: OnBadImage = "error") -> ImageTextDataset[Any]:
-        """The split's examples, targets ordered by ``labels`` (the model's own label order)."""
+                on_bad_image: OnBadImage = "error", seed: int = 0) -> ImageTextDataset[Any]:
+        """The split's examples, targets ordered by ``labels`` (the model's own label order); ``seed``
+        seeds the training augmentation (with each example's epoch and index)."""
 
 
 D = TypeVar("D", bound=TaskData)
@@ -170,13 +171,13 @@ class SplitSet(Protocol[D]):
 
 def labelled_set(data: ClassificationData, split: str, inputs: Inputs, run: TrainRun, *,
                  train: bool) -> ImageTextDataset[Any]:
-    """A classification task's split: ``data.dataset`` with the inputs' transform, tokenizer and sizes
-    (``run`` plays no part: a split of labelled examples is the same for every run)."""
+    """A classification task's split: ``data.dataset`` with the inputs' transform, tokenizer and sizes,
+    its augmentation seeded by the run's seed."""
     if inputs.labels is None:
         raise ValueError("a classification task needs the model's labels")
     return data.dataset(split, inputs.family, inputs.labels, inputs.tokenizer, image_size=inputs.image_size,
                         text_length=inputs.text_length, train=train, limit=inputs.limit,
-                        on_bad_image=inputs.on_bad_image)
+                        on_bad_image=inputs.on_bad_image, seed=run.seed)
 
 
 def _same_model(model: nn.Module) -> nn.Module:
@@ -190,7 +191,8 @@ class TaskSpec(Generic[D]):
     name: the preset's ``task`` and the family's head key. metric: the column title of ``score``.
     data(folder, dataset) opens a data folder (``dataset``: which of several it holds, None for the
     one it holds); make_task builds the engine's task; split_set builds a split's training or
-    validation set; train_sampler orders the training set (an ``EpochSampler`` type); wrap_model
+    validation set; train_sampler orders the training set (an ``EpochSampler`` type; the default sends each
+example's epoch with its index, which seeds its augmentation); wrap_model
     wraps the model for training (what the engine calls and saves). distills: whether presets may
     distil from a teacher. splits: split names; train/eval splits are the defaults of ``train``
     and ``eval``. converter: the module that writes the data folder, named in errors and help.
@@ -207,7 +209,7 @@ class TaskSpec(Generic[D]):
     text_length: int
     converter: str
     split_set: SplitSet[D] = labelled_set
-    train_sampler: type[EpochSampler] = EpochSampler
+    train_sampler: type[EpochSampler] = EpochKeySampler
     wrap_model: Callable[[nn.Module], nn.Module] = _same_model
     distills: bool = True
 

@@ -18,7 +18,8 @@ pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
 
 from recipes.engine import Engine, FitConfig, build_scheduler, distill_loss, evaluate, param_groups  # noqa: E402
-from recipes.data.loader import make_loader  # noqa: E402
+from recipes.data.loader import EpochKeySampler, EpochSampler, make_loader  # noqa: E402
+from recipes.data.transforms import augment_seed  # noqa: E402
 
 
 class TinyClassifier(nn.Module):
@@ -175,6 +176,21 @@ def test_loader_workers_read_an_image_store_opened_in_the_parent(tmp_path: Path)
     assert store["i1"]  # and the parent reads again after the fork
     assert math.isfinite(float(next(iter(loader))["pixel_values"].sum()))
 
+    # RandAugment draws from (seed, epoch, index) alone: the same pixels with 2 workers or none, others next epoch
+    def pixels(workers: int, epoch: int) -> dict[int, Tensor]:
+        keyed = make_loader(data, 2, shuffle=True, workers=workers, seed=1, sampler=EpochKeySampler)
+        keyed.sampler.set_epoch(epoch)
+        out = {}
+        for b in keyed:
+            assert b["augment_seed"].tolist() == [augment_seed(0, epoch, i) for i in b["index"].tolist()]
+            out |= dict(zip(b["index"].tolist(), b["pixel_values"]))
+        return out
+
+    by_workers, alone, next_epoch = pixels(2, 0), pixels(0, 0), pixels(0, 1)
+    assert all(torch.equal(by_workers[i], alone[i]) for i in range(6))
+    assert any(not torch.equal(alone[i], next_epoch[i]) for i in range(6))
+    assert torch.equal(data[6 + 3]["pixel_values"], next_epoch[3])  # key e * N + i is example i of epoch e
+
 
 class Killed(BaseException):
     """What a kill does to a save in progress: nothing after it runs (no ``except Exception`` catches it)."""
@@ -197,14 +213,28 @@ class KillOnSave:
         self.saves = state["saves"]
 
 
-def _fit_steps(out: Path, *, kill_at_save: int | None = None, resume: bool = False,
+class SeededPoints(Points):
+    """``Points`` keyed ``e * n + i`` that name the seed an augmentation of example ``i`` in epoch ``e`` would use."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__(n)
+        self.seed = seed
+
+    def __getitem__(self, key: int) -> dict[str, Tensor]:
+        epoch, i = divmod(key, len(self))
+        return {**super().__getitem__(i), "augment_seed": torch.tensor(augment_seed(self.seed, epoch, i))}
+
+
+def _fit_steps(out: Path, *, kill_at_save: int | None = None, resume: bool = False, train_set: Dataset | None = None,
                **settings: object) -> tuple[object, TinyClassifier]:
     """8 steps of batch 4 on 16 points, an evaluation (and a save) every 2 steps, no early stop."""
     torch.manual_seed(0)
     model = TinyClassifier()
     cfg = FitConfig(output_dir=out, lr=1e-2, max_steps=8, eval_every=2, patience=100, progress=False, **settings)
+    sampler = EpochKeySampler if isinstance(train_set, SeededPoints) else EpochSampler
     engine, train, val = Engine.prepare(Accelerator(cpu=True), model, ConstantScoreTask(), cfg,
-                                        make_loader(Points(16), 4, shuffle=True, workers=0, drop_last=True),
+                                        make_loader(train_set or Points(16), 4, shuffle=True, workers=0,
+                                                    drop_last=True, sampler=sampler),
                                         make_loader(Points(7), 3, shuffle=False, workers=0))
     engine.accelerator.register_for_checkpointing(KillOnSave(kill_at_save))
     return engine.fit(train, val, resume=resume), model
@@ -263,3 +293,15 @@ def test_a_save_killed_half_way_resumes_from_the_last_complete_one(tmp_path: Pat
     with pytest.raises(FileNotFoundError, match=r"no complete saved state .*model\.safetensors has \d+ bytes, "
                                                 r"the manifest says \d+"):
         _fit_steps(truncated, resume=True)
+
+
+def test_the_data_digest_covers_the_augmentation_seeds(tmp_path: Path) -> None:
+    """Same examples in the same order, augmented from other seeds: other data, so another digest."""
+    one, one_model = _fit_steps(tmp_path / "one", train_set=SeededPoints(16, seed=0), checkpoint=False)
+    again, _ = _fit_steps(tmp_path / "again", train_set=SeededPoints(16, seed=0), checkpoint=False)
+    other, other_model = _fit_steps(tmp_path / "other", train_set=SeededPoints(16, seed=1), checkpoint=False)
+    plain, _ = _fit_steps(tmp_path / "plain", checkpoint=False)
+    _assert_same_weights(one_model, other_model)  # the points carry no pixels: only the seeds differ
+    assert one.examples == other.examples == plain.examples == 32
+    assert one.data_digest == again.data_digest
+    assert len({one.data_digest, other.data_digest, plain.data_digest}) == 3

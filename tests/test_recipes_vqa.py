@@ -2,7 +2,8 @@
 
 A tiny ViLT (and a tiny METER) saved with ``save_pretrained`` trains 3 steps and evaluates, with and
 without PuMer; the best checkpoint reloads and scores what training recorded; a run stopped after
-2 steps and resumed ends at the same step, having seen the same data, as an uninterrupted one;
+2 steps and resumed ends at the same step, having seen the same data (augmented the same way, with
+or without loader workers), with the same weights to the bit, as an uninterrupted one;
 eval-only compares unpatched and PuMer side by side; predictions come out in the official format.
 """
 
@@ -99,10 +100,14 @@ def test_vilt_trains_evaluates_and_reloads(data: Path, vilt: Path, tokenizer_dir
     assert "| variant | VQA score |" in (out / "eval.md").read_text()
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
-    # batch 4 over 12 questions: 3 steps an epoch, 5 steps cross an epoch boundary
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, vilt: Path, tokenizer_dir: Path, tmp_path: Path,
+                                                     workers: str) -> None:
+    from safetensors.torch import load_file
+
+    # batch 4 over 12 questions: 3 steps an epoch, 5 steps cross an epoch boundary; RandAugment on
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    common = ["--max-steps", "5", "--eval-every", "2"]
+    common = ["--max-steps", "5", "--eval-every", "2", "--workers", workers]
     assert cli.main(train_args("vqa", "vilt-vqa", data, vilt, whole, tokenizer_dir, *common)) == 0
     assert cli.main(train_args("vqa", "vilt-vqa", data, vilt, parts, tokenizer_dir, *common, "--stop-after-steps", "2")) == 0
     assert _info(parts)["step"] == 2
@@ -111,6 +116,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(data: Path, vilt: Path, tok
     assert (a["step"], a["examples"], a["data_digest"]) == (b["step"], b["examples"], b["data_digest"]) == (5, 20, a["data_digest"])
     assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]] == [2, 4, 5]
     assert [h["score"] for h in b["history"]] == pytest.approx([h["score"] for h in a["history"]], abs=1e-6)
+    # bit for bit, with loader workers too: each example's augmentation is seeded by (seed, epoch, index)
+    wa, wb = (load_file(str(out / "state" / "model.safetensors")) for out in (whole, parts))
+    assert wa.keys() == wb.keys() and [k for k in wa if not torch.equal(wa[k], wb[k])] == []
 
 
 def test_meter_trains_and_evaluates(data: Path, meter: Path, tokenizer_dir: Path, tmp_path: Path) -> None:

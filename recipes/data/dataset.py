@@ -7,7 +7,8 @@ Bad images are never silent: a key missing from the store is found before any tr
 either dropped (a warning names every key count and the store) or an error; an image that fails to
 decode is either an error naming key and store, or (``on_bad_image="skip"``) an example marked
 ``valid = False`` with zero pixels (all its images) and a warning, which losses and metrics leave
-out, so batch shapes and the gathered evaluation count stay exact.
+out, so batch shapes and the gathered evaluation count stay exact. The random augmentation of
+example ``i`` in epoch ``e`` is drawn from ``augment_seed(seed, e, i)``, whichever process reads it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .store import ImageStore
-from .transforms import to_pixels
+from .transforms import augment_seed, to_pixels
 
 __all__ = ["ImageTextDataset", "BadImageError", "ImageKey", "OnBadImage"]
 
@@ -39,11 +40,14 @@ class BadImageError(ValueError):
 
 
 class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
-    """Example ``i``: ``{"index", "input_ids" (T,), "attention_mask" (T,), "pixel_values" (3, S, S), "valid", **target}``.
+    """Example ``i``: ``{"index", "input_ids" (T,), "attention_mask" (T,), "pixel_values" (3, S, S), "valid",
+    "augment_seed", **target}``.
 
     records: the annotations; image_key(record) -> the stem in ``store``, or a tuple of K stems, which
     makes ``pixel_values`` (K, 3, S, S) in that order; text(record) -> the string to tokenize;
-    target(record) -> the task's target tensors (e.g. soft scores (L,)).
+    target(record) -> the task's target tensors (e.g. soft scores (L,)). Key ``e * N + i``
+    (``EpochKeySampler``) is example ``i`` in epoch ``e``, a plain index epoch 0; ``seed`` and the two
+    seed its augmentation (``augment_seed``, returned so that the run's data digest covers it).
     """
 
     def __init__(
@@ -59,10 +63,12 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
         max_length: int,
         image_size: int,
         on_bad_image: OnBadImage = "error",
+        seed: int = 0,
     ) -> None:
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         self.store, self.transform, self.image_size, self.on_bad_image = store, transform, image_size, on_bad_image
+        self.seed = seed
         keys = {k for r in records for k in _stems(image_key(r))}
         missing = sorted(k for k in keys if k not in store)
         if missing:
@@ -84,12 +90,14 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        key = self.keys[i]
-        valid, images = True, []
-        for stem in _stems(key):
+    def __getitem__(self, key: int) -> dict[str, Tensor]:
+        epoch, i = divmod(int(key), len(self))
+        seed = augment_seed(self.seed, epoch, i)
+        stems, valid, images = self.keys[i], True, []
+        for k, stem in enumerate(_stems(stems)):
             try:
-                images.append(to_pixels(self.transform, self.store[stem]))
+                # seed + k: the K images of one example (NLVR2's pair) are augmented independently
+                images.append(to_pixels(self.transform, self.store[stem], seed + k))
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
                 message = f"image {stem!r} in {self.store.path} does not decode: {err}"
                 if self.on_bad_image == "error":
@@ -98,12 +106,13 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
                 valid = False
                 break
         if valid:
-            pixels = images[0] if isinstance(key, str) else torch.stack(images)  # (3, S, S) or (K, 3, S, S)
+            pixels = images[0] if isinstance(stems, str) else torch.stack(images)  # (3, S, S) or (K, 3, S, S)
         else:
             size = (self.image_size, self.image_size)
-            pixels = torch.zeros(3, *size) if isinstance(key, str) else torch.zeros(len(key), 3, *size)
+            pixels = torch.zeros(3, *size) if isinstance(stems, str) else torch.zeros(len(stems), 3, *size)
         return {"index": torch.tensor(i), "input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
-                "pixel_values": pixels, "valid": torch.tensor(valid), **self.targets[i]}
+                "pixel_values": pixels, "valid": torch.tensor(valid), "augment_seed": torch.tensor(seed),
+                **self.targets[i]}
 
 
 def _stems(key: ImageKey) -> tuple[str, ...]:

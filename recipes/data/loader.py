@@ -39,7 +39,7 @@ class EpochSampler(Sampler[int]):
 
 class EpochKeySampler(EpochSampler):
     """``EpochSampler``'s order, index ``i`` sent as ``epoch * n + i``: a dataset that draws per epoch
-    (retrieval's negatives) reads the epoch from the key in whichever worker process receives it
+    (the training augmentation, retrieval's negatives) reads the epoch from the key in whichever worker process receives it
     (persistent workers never see ``set_epoch``)."""
 
     def __iter__(self) -> Iterator[int]:
@@ -68,7 +68,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: in
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         drop_last=drop_last,
-        # seeds RandAugment in the workers: worker seeds derive from this generator
+        # the workers' base seeds derive from it; the augmentation does not use them (it is seeded per example)
         generator=torch.Generator().manual_seed(seed),
     )
 

@@ -1,7 +1,9 @@
 """Per-model image transforms: decode, square resize S x S, RandAugment(2, 9) in training, normalise.
 
 The resize ignores aspect (every image becomes S x S), so ViLT needs no pixel mask and every batch
-has one static shape.
+has one static shape. The augmentation of an example is drawn from ``augment_seed(seed, epoch,
+index)`` alone (``to_pixels(..., seed=...)``), not from whichever loader worker decodes it: a
+resumed run, or one with another number of workers, augments every example the same way.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["ImageSpec", "build_image_transform", "decode_image", "to_pixels"]
+__all__ = ["ImageSpec", "build_image_transform", "decode_image", "augment_seed", "to_pixels"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,21 @@ def build_image_transform(spec: ImageSpec, size: int, *, train: bool) -> T.Compo
     return T.Compose(steps)
 
 
-def to_pixels(transform: T.Compose, data: bytes) -> Tensor:
-    """Decode ``data`` and apply ``transform``: (3, S, S)."""
-    return transform(decode_image(data))
+def augment_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of example ``index``'s random augmentation in ``epoch`` of a run seeded ``seed`` (0 <= it < 2^63)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def to_pixels(transform: T.Compose, data: bytes, seed: int | None = None) -> Tensor:
+    """Decode ``data`` and apply ``transform``: (3, S, S).
+
+    seed: the transform's random draws (RandAugment draws from torch's global generator) come from
+    ``torch.manual_seed(seed)`` on a forked generator, so they depend on the seed alone and the
+    caller's random stream is left as it was.
+    """
+    image = decode_image(data)
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)

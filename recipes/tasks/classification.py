@@ -94,7 +94,7 @@ class LabelledData:
 
     def dataset(self, split: str, family: Family, labels: Sequence[str], tokenizer: Any, *, image_size: int,
                 text_length: int, train: bool, limit: int | None = None,
-                on_bad_image: OnBadImage = "error") -> ImageTextDataset[Any]:
+                on_bad_image: OnBadImage = "error", seed: int = 0) -> ImageTextDataset[Any]:
         """The split's examples, targets ordered by ``labels`` (the model's own label order)."""
         if sorted(labels) != sorted(self.labels):
             raise ValueError(f"the model's labels {list(labels)} are not this task's {self.labels}; "
@@ -106,4 +106,4 @@ class LabelledData:
                                 target=lambda r: {"target": torch.tensor(position[self.label(r)])},
                                 transform=build_image_transform(family.image, image_size, train=train),
                                 tokenizer=tokenizer, max_length=text_length, image_size=image_size,
-                                on_bad_image=on_bad_image)
+                                on_bad_image=on_bad_image, seed=seed)

@@ -111,7 +111,7 @@ class VqaData:
 
     def dataset(self, split: str, family: Family, labels: Sequence[str], tokenizer: Any, *, image_size: int,
                 text_length: int, train: bool, limit: int | None = None,
-                on_bad_image: OnBadImage = "error") -> ImageTextDataset[VqaRecord]:
+                on_bad_image: OnBadImage = "error", seed: int = 0) -> ImageTextDataset[VqaRecord]:
         jsonl, store = SPLITS[split]
         records = read_jsonl(self.root / jsonl, VqaRecord.from_json)[:limit]
         position = {a: i for i, a in enumerate(labels)}
@@ -127,7 +127,7 @@ class VqaData:
                                 text=lambda r: r.question, target=target,
                                 transform=build_image_transform(family.image, image_size, train=train),
                                 tokenizer=tokenizer, max_length=text_length, image_size=image_size,
-                                on_bad_image=on_bad_image)
+                                on_bad_image=on_bad_image, seed=seed)
 
 
 VQA = TaskSpec(name="vqa", title="VQAv2", metric="VQA score", data=VqaData,

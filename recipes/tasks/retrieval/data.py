@@ -29,7 +29,7 @@ from recipes.data.records import (
     retrieval_annotation_file,
 )
 from recipes.data.store import ImageStore
-from recipes.data.transforms import build_image_transform, to_pixels
+from recipes.data.transforms import augment_seed, build_image_transform, to_pixels
 from recipes.models import Family
 
 __all__ = ["RetrievalData", "SplitData", "ImagePixels", "CandidateGroups"]
@@ -99,30 +99,37 @@ class SplitData:
 
 
 class ImagePixels(Dataset[dict[str, Tensor]]):
-    """Item ``i``: ``{"index", "pixel_values" (3, S, S), "valid"}`` of image ``i``.
+    """Item ``i``: ``{"index", "pixel_values" (3, S, S), "valid", "augment_seed"}`` of image ``i``.
+
+    Key ``e * I + i`` is image ``i`` in epoch ``e`` (a plain index epoch 0): its random augmentation
+    is drawn from ``augment_seed(seed, e, i)`` alone, whichever loader worker reads it.
 
     ``on_bad_image="skip"`` turns an undecodable image into zeros with ``valid`` False (training
     leaves its example out); evaluation keeps ``"error"``: every image is part of the task.
     """
 
     def __init__(self, records: Sequence[RetrievalRecord], store: ImageStore, transform: Any, image_size: int,
-                 on_bad_image: OnBadImage = "error") -> None:
+                 on_bad_image: OnBadImage = "error", seed: int = 0) -> None:
         self.keys = [r.img_id for r in records]
         self.store, self.transform, self.image_size, self.on_bad_image = store, transform, image_size, on_bad_image
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def __getitem__(self, key: int) -> dict[str, Tensor]:
+        epoch, i = divmod(int(key), len(self))
+        seed = augment_seed(self.seed, epoch, i)
         try:
-            pixels, valid = to_pixels(self.transform, self.store[self.keys[i]]), True
+            pixels, valid = to_pixels(self.transform, self.store[self.keys[i]], seed), True
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
             message = f"image {self.keys[i]!r} in {self.store.path} does not decode: {err}"
             if self.on_bad_image == "error":
                 raise BadImageError(message + " (--on-bad-image skip leaves it out of training)") from err
             logger.warning("%s; left out of loss and metrics", message)
             pixels, valid = torch.zeros(3, self.image_size, self.image_size), False
-        return {"index": torch.tensor(i), "pixel_values": pixels, "valid": torch.tensor(valid)}
+        return {"index": torch.tensor(i), "pixel_values": pixels, "valid": torch.tensor(valid),
+                "augment_seed": torch.tensor(seed)}
 
 
 class CandidateGroups(Dataset[dict[str, Tensor]]):
@@ -139,7 +146,7 @@ class CandidateGroups(Dataset[dict[str, Tensor]]):
             raise ValueError(f"--negatives {negatives} needs 1 to {images - 1} (the split has {images} images)")
         self.split, self.negatives, self.seed = split, negatives, seed
         self.pixels = ImagePixels(split.records, split.images.store, split.images.transform, split.images.image_size,
-                                  on_bad_image)
+                                  on_bad_image, seed)
 
     def __len__(self) -> int:
         return len(self.split.records)
@@ -160,7 +167,7 @@ class CandidateGroups(Dataset[dict[str, Tensor]]):
         return i, s.first_caption[images] + torch.from_numpy(pick)
 
     def __getitem__(self, key: int) -> dict[str, Tensor]:
-        i, captions = self.candidates(key)
-        example = self.pixels[i]
+        _, captions = self.candidates(key)
+        example = self.pixels[key]  # image i, augmented as epoch e's
         return {**example, "input_ids": self.split.input_ids[captions],
                 "attention_mask": self.split.attention_mask[captions]}
