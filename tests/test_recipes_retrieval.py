@@ -358,3 +358,39 @@ def test_eval_resumes_from_its_tiles_and_reranks_a_shortlist(data: Path, pretrai
     assert int(kept.sum()) == row["pairs"]
     torch.testing.assert_close(short[kept], exact[kept], atol=1e-6, rtol=1e-6)  # the shortlist's pairs exactly
     assert "Approximate" in (tmp_path / "short" / "eval.md").read_text()
+
+
+def test_tiles_of_other_weights_at_the_same_path_are_scored_afresh(data: Path, pretrained_meter: Path,
+                                                                   tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The tiles' fingerprint holds the weights, not the path: a model retrained in place is scored again."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(pretrained_meter, tmp_path / "model")
+    out = tmp_path / "eval"
+    args = ["retrieval", "eval", "--data", str(data), "--model", str(model), "--tokenizer", str(tokenizer_dir),
+            "--workers", "0", "--no-progress", "--eval-batch", "3", "--tile-images", "2", "--tile-captions", "4",
+            "--log-level", "WARNING", "--output", str(out)]
+
+    def row() -> dict:
+        return json.loads((out / "eval.json").read_text())["rows"][0]
+
+    assert cli.main(args) == 0
+    before, before_scores = row(), torch.load(out / "scores" / "unpatched" / "scores.pt")
+    g = torch.Generator().manual_seed(1)
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+               for k, v in weights.items()}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(args) == 0  # the same --model path, other weights: every tile again
+    changed, changed_scores = row(), torch.load(out / "scores" / "unpatched" / "scores.pt")
+    assert changed["tiles_skipped"] == 0 and changed["pairs_scored_now"] == 36
+    assert not torch.allclose(changed_scores, before_scores)
+    # what a fresh folder scores for the new weights, RSUM included
+    assert cli.main([*args[:-1], str(tmp_path / "fresh")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "eval.json").read_text())["rows"][0]
+    assert torch.equal(changed_scores, torch.load(tmp_path / "fresh" / "scores" / "unpatched" / "scores.pt"))
+    assert changed["rsum"] == fresh["rsum"]
+    assert cli.main(args) == 0  # unchanged weights: every tile found
+    again = row()
+    assert again["tiles_skipped"] == 6 and again["pairs_scored_now"] == 0 and again["rsum"] == changed["rsum"]

@@ -5,7 +5,9 @@ tiles (``tile_images`` x ``tile_captions``); under ``accelerate`` each process t
 share of the tiles (so it needs the features of about 1 / P of the images), scores their pairs in
 fixed-size batches, and saves each finished tile to the output folder (``tile_<row>_<col>.pt``).
 A rerun finds the finished tiles and skips them (resume by tile); ``meta.json`` records what the
-tiles were scored from, and a rerun with other settings is refused rather than mixed in. At the end
+tiles were scored from, the model's weights by a digest of their bytes (``weights_digest``), not
+by its path: a rerun with other settings is refused rather than mixed in, and a rerun whose model
+at the same path now holds other weights discards the stale tiles and scores afresh. At the end
 every process adds its tiles into a zero matrix and a count matrix, both are summed over processes,
 and every pair must have been counted exactly once (none missing, none twice) or the run fails.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +54,9 @@ from pumer_patch import token_sizes, with_token_sizes
 
 __all__ = ["RECALL_KS", "text_ranks", "image_ranks", "recall", "Tile", "make_tiles", "PairFn", "PairScorer",
            "FullPairScorer", "CachedPairHead", "CachedMeterScorer", "ScoreStats", "score_matrix", "shortlist",
-           "fingerprint"]
+           "fingerprint", "weights_digest"]
+
+logger = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10)
 _ROW_BLOCK = 1024  # rows (or columns) ranked at a time: bounds the (block, C) temporaries on COCO 5k x 25k
@@ -305,19 +310,43 @@ class ScoreStats:
         return self.scored_now / self.seconds if self.seconds > 0 else 0.0
 
 
+def weights_digest(model: nn.Module) -> str:
+    """A sha1 of every entry of ``model``'s state_dict: name, dtype, shape and bytes (one changed weight changes it)."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(**fields: Any) -> str:
     """A short hash of what a score matrix depends on (data, model, settings), for ``meta.json``."""
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _check_meta(out: Path, meta: Mapping[str, Any], accelerator: Accelerator) -> None:
-    """Refuse a folder holding tiles of other settings (every process reads before any writes), else record them."""
+    """Refuse a folder holding tiles of other settings (every process reads before any writes), else record them.
+
+    Tiles of the same settings but other weights (``meta["weights"]``: the model at the same path
+    was retrained, or a folder of an older version that recorded no weights) are stale: deleted,
+    with a warning, and scored afresh.
+    """
     path = out / "meta.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     accelerator.wait_for_everyone()
-    if old is not None and old != meta:
-        raise ValueError(f"{out} holds tiles scored with other settings ({old}); pass another --output or "
-                         f"delete {out} to score afresh")
+    changed = set() if old is None else {k for k in old.keys() | meta.keys() if old.get(k) != meta.get(k)}
+    if changed == {"weights"}:
+        if accelerator.is_main_process:
+            stale = sorted(out.glob("tile_*.pt"))
+            logger.warning("%s: the model's weights changed since its %d tiles were scored; scoring afresh",
+                           out, len(stale))
+            for tile in stale:
+                tile.unlink()
+            path.unlink()
+        old = None
+    elif changed:
+        raise ValueError(f"{out} holds tiles scored with other settings ({', '.join(sorted(changed))} differ: "
+                         f"{old}); pass another --output or delete {out} to score afresh")
     if old is None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(meta, indent=2))

@@ -72,6 +72,7 @@ from recipes.tasks.retrieval.scoring import (
     recall,
     score_matrix,
     shortlist,
+    weights_digest,
 )
 
 __all__ = ["ITM_WEIGHT", "RETRIEVAL", "RetrievalTask", "PairScoring", "candidate_set", "evaluate", "markdown_table"]
@@ -212,6 +213,7 @@ def evaluate(run: EvalRun, scoring: PairScoring) -> dict[str, Any]:
                 n_images * n_captions)
     base_meta = {"model": str(Path(run.model).resolve()) if Path(run.model).exists() else run.model,
                  "data": fingerprint(ids=[r.img_id for r in split.records], captions=[r.captions for r in split.records]),
+                 "weights": weights_digest(model),  # the weights themselves: a path can hold another model later
                  "image_size": image_size, "text_length": run.text_length,
                  "mixed_precision": run.launch.mixed_precision, "cached": scoring.cache}
     tiles = dict(tile_images=scoring.tile_images, tile_captions=scoring.tile_captions, pair_batch=scoring.pair_batch,
