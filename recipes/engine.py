@@ -489,7 +489,7 @@ def _incomplete(directory: Path) -> str | None:
     """Why ``directory`` is no complete saved state (None when it is): its manifest missing or a file off."""
     manifest = directory / _MANIFEST
     if not manifest.is_file():
-        return "no manifest.json (the save did not finish)"
+        return "no manifest.json (a save that did not finish, or one of a version without manifests)"
     try:
         listed = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as err:

@@ -281,7 +281,7 @@ def test_a_save_killed_half_way_resumes_from_the_last_complete_one(tmp_path: Pat
     with caplog.at_level("WARNING"):
         resumed, resumed_model = _fit_steps(stopped, resume=True)
     assert "falling back to" in caplog.text and "state.old-4 (step 4)" in caplog.text
-    assert "state.tmp-6: no manifest.json" in caplog.text
+    assert "state.tmp-6: no manifest.json (a save that did not finish" in caplog.text
     assert resumed.step == 8 and resumed.data_digest == whole.data_digest
     _assert_same_weights(resumed_model, whole_model)
 

@@ -39,8 +39,8 @@ class EpochSampler(Sampler[int]):
 
 class EpochKeySampler(EpochSampler):
     """``EpochSampler``'s order, index ``i`` sent as ``epoch * n + i``: a dataset that draws per epoch
-    (the training augmentation, retrieval's negatives) reads the epoch from the key in whichever worker process receives it
-    (persistent workers never see ``set_epoch``)."""
+    (the training augmentation, retrieval's negatives) reads the epoch from the key in whichever
+    worker process receives it (persistent workers never see ``set_epoch``)."""
 
     def __iter__(self) -> Iterator[int]:
         base = self.epoch * self.n
