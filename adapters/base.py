@@ -154,6 +154,10 @@ class Adapter:
     def blocks(self, root: nn.Module) -> Sequence[nn.Module]:
         raise NotImplementedError
 
+    def guided_towers(self, model: nn.Module) -> list[Any]:
+        """The patched image towers in ``model`` that take a text query (``guidance.GuidedTower`` s); none by default."""
+        return []
+
     def check(self, root: nn.Module) -> None:
         """Raise ``ValueError`` if ``root`` cannot be patched. Must not mutate."""
 

@@ -69,8 +69,7 @@ def _relevance(embed: Callable[[Tensor], Tensor], text: Tensor, x: Tensor) -> Te
 
 def _guided_towers(model: nn.Module) -> list[GuidedTower]:
     """The guided towers in ``model``, from every loaded adapter that has some (``guided_towers``)."""
-    return [tower for adapter in loaded_adapters() if hasattr(adapter, "guided_towers")
-            for tower in adapter.guided_towers(model)]
+    return [tower for adapter in loaded_adapters() for tower in adapter.guided_towers(model)]
 
 
 @contextmanager

@@ -45,7 +45,6 @@ from pumer_patch.ratios import Ratios
 from ._loop import Attended, CallScope, run_blocks
 from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
 from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, record_trace, warn_if_untested
-from .guidance import _GUIDES as _GUIDANCE  # noqa: F401  the one scope of text queries (tests read it)
 from .guidance import GuidedTower, guide_of, text_guidance
 
 __all__ = [

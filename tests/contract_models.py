@@ -158,7 +158,7 @@ def _vilt_vqa_loss(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
     return model(**inputs, labels=torch.linspace(0, 1, 3).expand(inputs["input_ids"].shape[0], -1)).loss
 
 
-def _hf_checkpointing(model: nn.Module) -> None:
+def hf_checkpointing(model: nn.Module) -> None:
     # transformers 5 renamed gradient_checkpointing_enable (deprecated, same switch)
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
@@ -179,7 +179,7 @@ def _vilt(cls: type[nn.Module], suffix: str = "", options: dict[str, Any] | None
         inputs=_vilt_inputs(2 if nlvr2 else 1),
         output=_vilt_output,
         mlp=lambda layer: layer.intermediate,
-        checkpointing=_hf_checkpointing,
+        checkpointing=hf_checkpointing,
         patch=dict(layers=[1, 3], prune_ratio=0.2, merge_ratio=0.3, text_merge_ratio=0.2, **(options or {})),
         text=True,
         save_pretrained=True,
@@ -343,7 +343,7 @@ def _hf_config(cls: type[nn.Module]) -> Any:
                      attention_probs_dropout_prob=0.1)
 
 
-def _hf_builder(cls: type[nn.Module], attention: str) -> Callable[[], nn.Module]:
+def hf_builder(cls: type[nn.Module], attention: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
         return cls._from_config(_hf_config(cls), attn_implementation=attention).eval()
@@ -351,11 +351,11 @@ def _hf_builder(cls: type[nn.Module], attention: str) -> Callable[[], nn.Module]
     return build
 
 
-def _hf_images(batch: int = 2, seed: int = 0, text: int = 0) -> dict[str, Any]:
+def hf_images(batch: int = 2, seed: int = 0, text: int = 0) -> dict[str, Any]:
     return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
 
 
-def _hf_image_text(batch: int = 2, seed: int = 0, text: int = 8) -> dict[str, Any]:
+def hf_image_text(batch: int = 2, seed: int = 0, text: int = 8) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 50, (batch, text), generator=g)
     ids[:, -1] = 2  # CLIP pools its text at the end-of-text token
@@ -377,11 +377,11 @@ def _hf_vit(cls: type[nn.Module], attention: str = "eager", **kwargs: Any) -> En
     return Entry(
         name=f"hf-{cls.__name__}" + ("" if attention == "eager" else f"-{attention}"),
         family="hf_vit",
-        build=_hf_builder(cls, attention),
-        inputs=_hf_image_text if text else _hf_images,
+        build=hf_builder(cls, attention),
+        inputs=hf_image_text if text else hf_images,
         output=_hf_output,
         mlp=lambda layer: layer.mlp,
-        checkpointing=_hf_checkpointing,
+        checkpointing=hf_checkpointing,
         patch=dict(layers=[1, 2], prune_ratio=0.2, merge_ratio=0.3),
         bad_options=_VIT_BAD,
         **{"save_pretrained": True, **kwargs},
@@ -435,7 +435,7 @@ def _meter(cls: type[nn.Module], suffix: str = "", options: dict[str, Any] | Non
         inputs=_meter_inputs(2 if cls is MeterForVisualReasoning else 1),
         output=lambda m, inputs: m(**inputs).logits,
         mlp=lambda layer: layer.intermediate,
-        checkpointing=_hf_checkpointing,
+        checkpointing=hf_checkpointing,
         patch=dict(layers=[1, 3], prune_ratio=0.2, merge_ratio=0.3, text_merge_ratio=0.2, **(options or {})),
         text=True,
         save_pretrained=True,

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import CLIPModel
 
 import pumer_patch
-from contract_models import _hf_builder, _hf_checkpointing, _hf_image_text, _hf_images, by_name
+from contract_models import by_name, hf_builder, hf_checkpointing, hf_image_text, hf_images
 from pumer_patch.adapters import guidance, hf_vit, open_clip
 from pumer_patch.adapters.guidance import text_guidance
 
@@ -25,13 +25,13 @@ def test_one_text_guidance_for_every_library():
 
 
 def test_one_with_block_steers_the_towers_of_both_libraries():
-    both = nn.ModuleDict({"hf": _hf_builder(CLIPModel, "sdpa")(), "oc": by_name("open_clip-vit_b32").build()})
+    both = nn.ModuleDict({"hf": hf_builder(CLIPModel, "sdpa")(), "oc": by_name("open_clip-vit_b32").build()})
     pumer_patch.apply(both, layers=[0], prune_ratio=0.5)
     assert len(pumer_patch.patched_roots(both)) == 2
-    hf_images, oc_images = _hf_images()["pixel_values"], by_name("open_clip-vit_b32").inputs()["image"]
+    hf_pixels, oc_images = hf_images()["pixel_values"], by_name("open_clip-vit_b32").inputs()["image"]
 
     def embed() -> tuple[torch.Tensor, torch.Tensor]:
-        return both["hf"].get_image_features(pixel_values=hf_images).pooler_output, both["oc"].encode_image(oc_images)
+        return both["hf"].get_image_features(pixel_values=hf_pixels).pooler_output, both["oc"].encode_image(oc_images)
 
     query = torch.randn(2, 24, generator=torch.Generator().manual_seed(4))  # both joint spaces are 24 wide
     with torch.no_grad():
@@ -45,8 +45,8 @@ def test_one_with_block_steers_the_towers_of_both_libraries():
 
 
 def _hf_clip() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor], Callable[[nn.Module], torch.Tensor]]:
-    inputs = _hf_image_text()
-    model = _hf_builder(CLIPModel, "eager")()
+    inputs = hf_image_text()
+    model = hf_builder(CLIPModel, "eager")()
     return (model, lambda m: m.get_text_features(input_ids=inputs["input_ids"]).pooler_output,
             lambda m: m.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
 
@@ -57,7 +57,7 @@ def _open_clip() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor], Callab
     return entry.build(), lambda m: m.encode_text(inputs["text"]), lambda m: m.encode_image(inputs["image"])
 
 
-MODELS = {"hf_clip": (_hf_clip, _hf_checkpointing), "open_clip": (_open_clip, lambda m: m.set_grad_checkpointing())}
+MODELS = {"hf_clip": (_hf_clip, hf_checkpointing), "open_clip": (_open_clip, lambda m: m.set_grad_checkpointing())}
 
 
 def _grads(name: str, checkpointing: bool, guided: bool) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionP
 from transformers.models.vit.modeling_vit import ViTLayer
 
 import pumer_patch
-from contract_models import ENTRIES, _hf_builder, _hf_image_text, _hf_images, by_name
+from contract_models import ENTRIES, by_name, hf_builder, hf_image_text, hf_images
 from model_state import same, snapshot
 from pumer_patch.adapters._loop import watching
 from pumer_patch.adapters.guidance import text_guidance
@@ -80,15 +80,15 @@ def test_a_reduce_layer_looks_called_to_its_hooks_and_the_hidden_states():
 
 def test_merge_schedule_is_tome_on_transformers_towers():
     model = pumer_patch.apply(by_name("hf-ViTModel").build(), merge_schedule=3)
-    pooled(model, **_hf_images())
+    pooled(model, **hf_images())
     assert counts(model) == [(0, 14), (1, 11), (2, 8), (3, 5)]
 
 
 @pytest.mark.parametrize("cls", [CLIPVisionModel, SiglipVisionModel, Dinov2Model])
 def test_eager_and_sdpa_agree(cls):
     # eager: relevance from the layer's own probabilities; SDPA: from the query rows it needs alone
-    inputs = _hf_images()
-    models = {a: pumer_patch.apply(_hf_builder(cls, a)(), layers=[1, 2], prune_ratio=0.3, merge_ratio=0.3)
+    inputs = hf_images()
+    models = {a: pumer_patch.apply(hf_builder(cls, a)(), layers=[1, 2], prune_ratio=0.3, merge_ratio=0.3)
               for a in ("eager", "sdpa")}
     eager, sdpa = (pooled(m, **inputs) for m in models.values())
     assert counts(models["eager"]) == counts(models["sdpa"])
@@ -135,7 +135,7 @@ def test_padding_content_never_changes_a_real_samples_output():
     # DINOv2 takes a token padding mask; padded tokens are only counted, never read
     entry = by_name("hf-Dinov2Model-sdpa")
     model = pumer_patch.apply(entry.build(), layers=[0, 1, 2], prune_ratio=0.2, merge_ratio=0.3)
-    x = _hf_images()["pixel_values"]
+    x = hf_images()["pixel_values"]
     mask = torch.ones(2, 17, dtype=torch.long)
     mask[1, -4:] = 0  # the last patch row of the second image
     other = x.clone()
@@ -150,7 +150,7 @@ def test_siglip_pooling_head_gets_log_sizes():
     handle = model.head.attention.register_forward_pre_hook(
         lambda m, args, kwargs: seen.update(mask=kwargs["attn_mask"]), with_kwargs=True
     )
-    pooled(model, **_hf_images())
+    pooled(model, **hf_images())
     handle.remove()
     size = pumer_patch.last_trace(model).image.size  # (B, N')
     assert size.max() > 1
@@ -173,8 +173,8 @@ def test_classifier_means_count_merged_tokens_by_size():
 
 @pytest.mark.parametrize("cls", [CLIPModel, SiglipModel])
 def test_text_tower_is_left_alone(cls):
-    model = _hf_builder(cls, "sdpa")()
-    ids = _hf_image_text()["input_ids"]
+    model = hf_builder(cls, "sdpa")()
+    ids = hf_image_text()["input_ids"]
     with torch.no_grad():
         before = model.get_text_features(input_ids=ids).pooler_output
         pumer_patch.apply(model, layers=[0, 1], prune_ratio=0.3, merge_ratio=0.3)
@@ -184,8 +184,8 @@ def test_text_tower_is_left_alone(cls):
 
 @pytest.mark.parametrize("cls", [CLIPModel, SiglipModel])
 def test_text_guidance_steers_pruning(cls):
-    model = pumer_patch.apply(_hf_builder(cls, "eager")(), layers=[0], prune_ratio=0.5)
-    inputs = _hf_image_text()
+    model = pumer_patch.apply(hf_builder(cls, "eager")(), layers=[0], prune_ratio=0.5)
+    inputs = hf_image_text()
     with torch.no_grad():
         plain = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         query = model.get_text_features(input_ids=inputs["input_ids"]).pooler_output
@@ -275,7 +275,7 @@ def test_a_hook_on_the_final_norm_keeps_the_siglip_pool_size_weighted():
     model = pumer_patch.apply(by_name("hf-SiglipVisionModel").build(), layers=[1, 2], merge_ratio=0.4, trace=True)
     handle = model.post_layernorm.register_forward_hook(lambda _m, _i, out: out * 2 + 1)  # a new tensor
     with torch.no_grad():
-        out = model(**_hf_images())
+        out = model(**hf_images())
         handle.remove()
         size = pumer_patch.last_trace(model).image.size
         tokens = out.last_hidden_state  # what the hook made of the final norm's output
@@ -289,7 +289,7 @@ def test_a_hook_on_the_final_norm_keeps_the_siglip_pool_size_weighted():
 def test_the_siglip_head_applied_later_reads_the_sizes_the_features_carry():
     model = pumer_patch.apply(by_name("hf-SiglipVisionModel").build(), layers=[1, 2], merge_ratio=0.4)
     with torch.no_grad():
-        out = model(**_hf_images())
+        out = model(**hf_images())
         assert pumer_patch.token_sizes(out.last_hidden_state) is not None
         assert torch.equal(model.head(out.last_hidden_state), out.pooler_output)
         with pytest.raises(pumer_patch.TokenSizesLost, match="SigLIP's attention pooling head got features whose"):

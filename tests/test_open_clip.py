@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pumer_patch
 from model_state import same, snapshot
-from pumer_patch.adapters.open_clip import _GUIDANCE, PumerTransformer, text_guidance
+from pumer_patch.adapters.guidance import guide_of
+from pumer_patch.adapters.open_clip import PumerTransformer, text_guidance
 from pumer_patch.adapters.timm import PumerTimmVisionTransformer
 
 TEXT = dict(context_length=8, vocab_size=50, width=32, heads=2, layers=2)
@@ -212,7 +213,7 @@ def test_text_guidance_prunes_the_tokens_closest_to_the_text():
     expected[:, 0] = True
     expected.scatter_(1, top, True)
     assert torch.equal(kept, expected)
-    assert _GUIDANCE.get(model.visual._pumer) is None  # the guidance ends with the block
+    assert guide_of(model.visual._pumer) is None  # the guidance ends with the block
     assert not torch.equal(encode(model, "image"), guided)
 
 
@@ -232,7 +233,7 @@ def test_text_guidance_errors():
     with pytest.raises(ValueError, match="3 text features for a batch of 2"):
         with text_guidance(model, torch.randn(3, 24)):
             encode(model)
-    assert _GUIDANCE.get(model.visual._pumer) is None
+    assert guide_of(model.visual._pumer) is None
     with text_guidance(model, torch.randn(24)):  # one query for the whole batch
         assert torch.isfinite(encode(model)).all()
 
