@@ -4,7 +4,7 @@ Pure torch: tensors in, tensors out; nothing here knows a model. Every function 
 at once (no Python loop over samples or tokens) and every output count depends only on the input
 shapes and the ratios, so shapes stay static for ``torch.compile`` and CUDA graphs.
 
-Two modes (see README, "Reference and default mode"):
+Two modes (see docs/design.md, "Reference mode"):
 
 * ``"default"``: protected leading tokens (image [CLS], text [CLS]) are never pruned or merged,
   survivors keep their original order, token sizes are carried so merged tokens are averaged by the
@@ -290,7 +290,7 @@ def take_rows(x: Tensor, idx: Tensor) -> Tensor:
     """The rows of x (B, N, C) at idx (B, K): (B, K, C).
 
     ``x.gather(1, idx[..., None].expand(...))`` reads one index per element; indexing whole rows
-    copies C contiguous values per index, about 2.5x faster on CPU at ViT shapes.
+    copies C contiguous values per index, which is faster (``benchmarks.reduce_op`` times the step).
     """
     return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), idx]
 

@@ -1,4 +1,4 @@
-"""The adapter contract, checked on every tiny model of ``contract_models.ENTRIES`` (README, "What apply promises").
+"""The adapter contract, checked on every tiny model of ``contract_models.ENTRIES`` (the promises README makes for apply).
 
 Per entry: zero-ratio bit parity, apply -> remove round trip (classes, hooks, attributes, state_dict,
 outputs), re-apply replaces, copies (deepcopy, pickle, torch.save, save_pretrained), the bad-input

@@ -100,10 +100,9 @@ class MeterStudyConfig:
     per block of the CLIP tower (``encoder_merge_schedule``). Each reduced variant (PuMer, the tower's
     ToMe, both) is also finetuned with its reduction on, distilled from the unpatched METER.
 
-    Trained 2 epochs (the ViLT 6) and finetuned a quarter epoch per reduction (the ViLT one), for a
-    default run of about 12.5 minutes on the two Xeon cores the ViLT was timed on (estimated; timed
-    whole: 25 minutes on a slower 2-core AMD EPYC, see README). A METER step costs about what a ViLT
-    step does (1.1x on one thread); 3 epochs and half-epoch finetunes measured 83.3% test accuracy.
+    Trained 2 epochs (the ViLT 6) and finetuned a quarter epoch per reduction (the ViLT one), to keep
+    the default run short (README gives the measured run time); a METER step costs about what a ViLT
+    step does, and more epochs buy a few points of accuracy.
     """
 
     model: MeterModelConfig = field(default_factory=MeterModelConfig)
