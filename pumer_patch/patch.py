@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -89,6 +91,35 @@ def _resolve_schedule(
         if i < 0:
             raise ValueError(f"layer {i} is negative; count blocks from 0 (layers=[2, 5, 8])")
     return {i: r for i, r in sorted(schedule.items())}, False
+
+
+_CONFIG_RATIOS = ("prune_r", "merge_r", "merge_text")
+
+
+def _check_config_fields(config: Any) -> None:
+    """Refuse a malformed reduction in a checkpoint's config instead of coercing it.
+
+    ``int()`` and ``float()`` would read ``[0.9, 2.7]`` as layers 0 and 2, ``True`` as layer 1, a
+    dict as its keys and ``"0.1"`` as a ratio: a reduction the checkpoint was never trained with.
+    """
+    layers = getattr(config, "reduce_layers", None)
+    if layers is not None:
+        fix = "write the layer indices as a list of ints, e.g. reduce_layers=[2, 5, 8]"
+        if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence):
+            raise TypeError(f"config.reduce_layers={layers!r} is a {type(layers).__name__}; {fix}")
+        for value in layers:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(
+                    f"config.reduce_layers={list(layers)} holds {type(value).__name__} {value!r}, not a layer index; {fix}"
+                )
+    for name in _CONFIG_RATIOS:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(
+                f"config.{name}={value!r} is a {type(value).__name__}; write the ratio as a number in [0, 1), e.g. {name}=0.1"
+            )
 
 
 def _find_roots(model: nn.Module) -> list[tuple[Adapter, nn.Module]]:
@@ -211,7 +242,10 @@ def apply_from_config(model: nn.Module, trace: bool = False) -> nn.Module:
     ``from_pretrained`` keeps them in its config, and the ViLT converters carry them into the
     ``ViltConfig``. ``reduce_layers`` is read in the research numbering (METER: two per fusion block).
     """
-    specs = [(adapter, adapter.config_reduction(root)) for adapter, root in _find_roots(model)]
+    roots = _find_roots(model)
+    for _, root in roots:
+        _check_config_fields(getattr(root, "config", None))
+    specs = [(adapter, adapter.config_reduction(root)) for adapter, root in roots]
     specs = [(adapter, spec) for adapter, spec in specs if spec is not None]
     if not specs:
         raise ValueError(

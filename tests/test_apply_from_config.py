@@ -43,3 +43,33 @@ def test_a_config_without_a_reduction_or_an_unknown_sim_method_is_refused():
     with pytest.raises(ValueError, match="sim_method='qk' is not supported"):
         pumer_patch.apply_from_config(model)
     assert not pumer_patch.is_patched(model)
+
+
+@pytest.mark.parametrize(
+    "field, value, error, message",
+    [
+        ("reduce_layers", [0.9, 2.7], TypeError, r"config.reduce_layers=\[0.9, 2.7\] holds float 0.9"),
+        ("reduce_layers", [True, 2], TypeError, r"holds bool True, not a layer index"),
+        ("reduce_layers", {2: "a", 5: "b"}, TypeError, r"reduce_layers=\{2: 'a', 5: 'b'\} is a dict"),
+        ("reduce_layers", "25", TypeError, r"reduce_layers='25' is a str; write the layer indices as a list of ints"),
+        ("reduce_layers", ["2", "5"], TypeError, r"holds str '2'"),
+        ("prune_r", "0.1", TypeError, r"config.prune_r='0.1' is a str; write the ratio as a number"),
+        ("merge_r", True, TypeError, r"config.merge_r=True is a bool"),
+    ],
+)
+def test_a_malformed_reduction_field_is_refused_not_coerced(field, value, error, message):
+    fields = {"prune_r": 0.1, "merge_r": 0.3, "merge_text": 0.2, "reduce_layers": [2, 5], field: value}
+    model = vilt(**fields)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        pumer_patch.apply_from_config(model)
+    assert not pumer_patch.is_patched(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_numpy_layer_indices_in_a_config_are_read_as_ints():
+    np = pytest.importorskip("numpy")
+    model = vilt(prune_r=0.1, merge_r=0.3, reduce_layers=[np.int64(2), np.int32(5)])
+    pumer_patch.apply_from_config(model)
+    assert sorted(model.vilt._pumer.plan.schedule) == [2, 5]
