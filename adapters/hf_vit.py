@@ -272,6 +272,21 @@ def _key_padding(attention_mask: Tensor | None) -> Tensor | None:
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
+def _check_implementation(config: Any, name: str) -> None:
+    """Raise unless the tower's attention takes an additive key bias (checked at apply and at every forward).
+
+    A user may switch the implementation after ``apply`` (``model.set_attn_implementation``): the
+    forward then refuses with the same fix instead of failing inside the library's attention.
+    """
+    implementation = config._attn_implementation
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"the {name} runs attn_implementation={implementation!r}; pumer_patch adds a log(size) key bias that "
+            f"only 'eager' and 'sdpa' take: model.set_attn_implementation('sdpa') (or build it with "
+            f"attn_implementation='sdpa'), then pumer_patch.apply"
+        )
+
+
 class _ReducingLoop:
     """What the patched looping modules share: the loop over their layers, for one forward.
 
@@ -288,6 +303,7 @@ class _ReducingLoop:
     ) -> Tensor:
         """x (B, N, C) through ``layers``, reducing at the planned ones -> (B, N', C); hands the sizes to the heads."""
         state: PatchState = getattr(self, SHARED_ATTR)
+        _check_implementation(self.config, type(self).__bases__[-1].__name__)
         step = self._step(attention_mask, x.shape[1], kwargs)
         tokens, trace = run_blocks(
             layers, x, state.plan, step, protected=self._prefix(), guide=guide_of(state),
@@ -645,13 +661,7 @@ class HfVitAdapter(Adapter):
         for module, patched in swaps:
             library = patched.__bases__[-1]
             ensure_class(module, library, f"the {library.__name__}" + ("" if module is tower else f" of the {name}"))
-        implementation = tower.config._attn_implementation
-        if implementation not in _IMPLEMENTATIONS:
-            raise ValueError(
-                f"the {name} runs attn_implementation={implementation!r}; pumer_patch adds a log(size) key bias that "
-                f"only 'eager' and 'sdpa' take: model.set_attn_implementation('sdpa') (or build it with "
-                f"attn_implementation='sdpa'), then pumer_patch.apply"
-            )
+        _check_implementation(tower.config, name)
         for i, layer in enumerate(kind.layers_of(tower)):
             where = f"{name} layer {i}"
             ensure_class(layer, kind.layer, where)

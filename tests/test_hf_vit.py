@@ -108,6 +108,21 @@ def test_other_attention_implementations_are_refused_naming_the_fix():
     assert same(snapshot(model), before)
 
 
+@pytest.mark.parametrize("name", ["hf-CLIPModel-sdpa", "hf-SiglipVisionModel", "hf-Dinov2Model-sdpa",
+                                  "hf-Dinov2WithRegistersForImageClassification-sdpa", "hf-ViTModel"])
+def test_an_implementation_switched_after_apply_is_refused_at_the_forward_naming_the_fix(name):
+    entry = by_name(name)
+    model = pumer_patch.apply(entry.build(), layers=[1], merge_ratio=0.3)
+    model.set_attn_implementation("flex_attention")  # no log(size) key bias: it would fail inside the library
+    with pytest.raises(ValueError, match="runs attn_implementation='flex_attention'.*set_attn_implementation"):
+        with torch.no_grad():
+            model(**entry.inputs())
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        model(**entry.inputs())  # and runs again once switched back
+    assert pumer_patch.last_trace(model).counts
+
+
 @pytest.mark.parametrize("name", ["hf-CLIPVisionModel", "hf-SiglipVisionModel", "hf-ViTModel"])
 def test_interpolate_pos_encoding_and_other_image_sizes(name):
     entry = by_name(name)
