@@ -21,6 +21,7 @@ head applied later, or twice, or to another batch's features first, pools each b
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -48,6 +49,11 @@ class VitOptions:
     relevance: Literal["auto", "cls", "received"] = "auto"
 
 
+def _is_count(r: object) -> bool:
+    """A token count: any int, numpy's too (a schedule built with numpy), never a bool."""
+    return isinstance(r, numbers.Integral) and not isinstance(r, bool)
+
+
 def resolve_vit_options(
     options: dict[str, object], n_blocks: int, has_cls: bool, auto: Relevance, mode: Mode
 ) -> VitOptions:
@@ -64,7 +70,7 @@ def resolve_vit_options(
     given = VitOptions(**options)
     schedule = given.merge_schedule
     if schedule is not None:
-        if isinstance(schedule, int) and not isinstance(schedule, bool):
+        if _is_count(schedule):
             schedule = [schedule] * n_blocks
         if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
             raise TypeError(
@@ -74,11 +80,11 @@ def resolve_vit_options(
             raise ValueError(
                 f"merge_schedule has {len(schedule)} entries but the model has {n_blocks} blocks; give one r per block"
             )
-        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in schedule):
+        if any(not _is_count(r) or r < 0 for r in schedule):
             raise ValueError(
                 f"merge_schedule entries must be non-negative ints (tokens merged at that block), got {list(schedule)}"
             )
-        schedule = tuple(schedule) if any(schedule) else None
+        schedule = tuple(int(r) for r in schedule) if any(schedule) else None
     relevance = given.relevance
     if relevance not in ("auto", "cls", "received"):
         raise ValueError(f"relevance must be 'auto', 'cls' or 'received', got {relevance!r}")

@@ -38,14 +38,18 @@ def _resolve_schedule(
     merge_ratio: float | None,
     text_merge_ratio: float | None,
     adapter_options: bool,
-) -> tuple[dict[int, Ratios], bool]:
-    """The block schedule ``{index: Ratios}`` and whether it came from a paper config string.
+) -> tuple[dict[int, Ratios], bool, str | None]:
+    """The block schedule ``{index: Ratios}``, whether it came from a paper config string, and a warning.
 
     A paper string keeps the research code's layer numbering, which an adapter may translate
     (METER counts two per fusion block); numeric ``layers`` are the adapter's own block indices.
+    The warning, or None, says when the layers and ratios given reduce nothing (all ratios zero, or
+    ratios with ``layers=[]``): legal (a zero-ratio patch is bit-identical to the model), but more
+    often a slip than meant. ``layers=[]`` with an adapter schedule alone (plain ToMe) is no slip.
     """
     loose = {"prune": prune_ratio, "merge": merge_ratio, "text_merge": text_merge_ratio}
     loose = {k: v for k, v in loose.items() if v is not None}
+    idle: str | None = None
     if layers is None and ratios is None and not loose and not adapter_options:
         raise ValueError(
             "nothing to reduce: pass layers=[...] with ratios (layers=[2, 5, 8], prune_ratio=0.1, ...), a paper "
@@ -60,10 +64,12 @@ def _resolve_schedule(
         if ratios is not None or loose:
             raise ValueError(f"layers={layers!r} is a paper config that names the ratios; do not pass ratios too")
         parsed, layer_list = parse_config(layers)
-        return {i: parsed for i in sorted(layer_list)}, True
+        return {i: parsed for i in sorted(layer_list)}, True, _zero_warning(f"layers={layers!r}", parsed)
     if isinstance(ratios, Mapping) and not ratios:
         raise ValueError("ratios={} names no layer; pass {layer: ratios, ...} or leave ratios out")
-    per_layer = isinstance(ratios, Mapping) and not set(ratios) <= {"prune", "merge", "text_merge"}
+    # a mapping with any string key is one layer's ratios (a typo such as "merg" is then named as such),
+    # one keyed by block indices only is a per-layer schedule
+    per_layer = isinstance(ratios, Mapping) and not any(isinstance(k, str) for k in ratios)
     if per_layer:
         if loose:
             raise ValueError("pass either a per-layer ratios dict or prune_ratio/merge_ratio/text_merge_ratio, not both")
@@ -81,6 +87,8 @@ def _resolve_schedule(
         layers = [] if layers is None else layers
         if not isinstance(layers, Sequence):
             raise TypeError(f"layers must be a list of block indices such as [2, 5, 8], got {layers!r}")
+        if not layers and not one.is_zero:  # layers=[] given: without layers, ratios were refused above
+            idle = f"ratios {one} with layers=[] reduce nothing: name the blocks to reduce at, e.g. layers=[2, 5, 8]"
         schedule = {}
         for value in layers:
             i = _index(value, f"each entry of layers={list(layers)}")
@@ -90,7 +98,19 @@ def _resolve_schedule(
     for i in schedule:
         if i < 0:
             raise ValueError(f"layer {i} is negative; count blocks from 0 (layers=[2, 5, 8])")
-    return {i: r for i, r in sorted(schedule.items())}, False
+    if schedule and all(r.is_zero for r in schedule.values()):
+        idle = _zero_warning(f"layers={sorted(schedule)}", Ratios())
+    return {i: r for i, r in sorted(schedule.items())}, False, idle
+
+
+def _zero_warning(layers: str, ratios: Ratios) -> str | None:
+    """The warning for reduce layers whose ratios are all zero, or None when they reduce."""
+    if not ratios.is_zero:
+        return None
+    return (
+        f"{layers} with all ratios zero reduces nothing there; give a non-zero prune_ratio, merge_ratio or "
+        f"text_merge_ratio (a zero-ratio patch is bit-identical to the model)"
+    )
 
 
 _CONFIG_RATIOS = ("prune_r", "merge_r", "merge_text")
@@ -110,7 +130,8 @@ def _check_config_fields(config: Any) -> None:
         for value in layers:
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise TypeError(
-                    f"config.reduce_layers={list(layers)} holds {type(value).__name__} {value!r}, not a layer index; {fix}"
+                    f"config.reduce_layers={list(layers)} holds {type(value).__name__} {value!r}, "
+                    f"not a layer index; {fix}"
                 )
     for name in _CONFIG_RATIOS:
         value = getattr(config, name, None)
@@ -118,7 +139,8 @@ def _check_config_fields(config: Any) -> None:
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
             raise TypeError(
-                f"config.{name}={value!r} is a {type(value).__name__}; write the ratio as a number in [0, 1), e.g. {name}=0.1"
+                f"config.{name}={value!r} is a {type(value).__name__}; "
+                f"write the ratio as a number in [0, 1), e.g. {name}=0.1"
             )
 
 
@@ -198,7 +220,9 @@ def apply(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(trace, bool):
         raise TypeError(f"trace must be True or False, got {trace!r}")
-    schedule, from_paper = _resolve_schedule(layers, ratios, prune_ratio, merge_ratio, text_merge_ratio, bool(options))
+    schedule, from_paper, idle = _resolve_schedule(
+        layers, ratios, prune_ratio, merge_ratio, text_merge_ratio, bool(options)
+    )
     roots = _find_roots(model)
     _refuse_unknown_timm_vits(model, roots)
     if not roots:
@@ -227,6 +251,8 @@ def apply(
         kept = {i: r for i, r in blocks.items() if not r.is_zero}
         resolved = adapter.resolve_options(model, root, dict(options), mode, kept)
         planned.append((adapter, root, Plan(schedule=kept, mode=mode, trace=trace, options=resolved)))
+    if idle is not None:  # after validation: a call that raises does not warn first
+        warnings.warn(idle, stacklevel=2)
     for adapter, root, plan in planned:
         if hasattr(root, STATE_ATTR):
             get_adapter(getattr(root, STATE_ATTR).adapter).unpatch(root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import re
@@ -12,6 +13,7 @@ from typing import Union
 
 __all__ = ["Ratios", "RatiosLike", "parse_config"]
 
+_NAMES = ("prune", "merge", "text_merge")
 _RATIOS_RE = re.compile(r"^p(?P<p>\d*\.?\d+)-?r(?P<r>\d*\.?\d+)-?t(?P<t>\d*\.?\d+)$")
 _CONFIG_RE = re.compile(r"^(?P<ratios>p\d*\.?\d+-?r\d*\.?\d+-?t\d*\.?\d+)-(?P<layers>\d+)$")
 
@@ -60,9 +62,16 @@ class Ratios:
                 )
             return cls(float(match["p"]), float(match["r"]), float(match["t"]))
         if isinstance(spec, Mapping):
-            unknown = set(spec) - {"prune", "merge", "text_merge"}
+            unknown = [key for key in spec if key not in _NAMES]
             if unknown:
-                raise ValueError(f"ratios mapping has unknown keys {sorted(unknown)}; use prune, merge, text_merge")
+                close = {key: difflib.get_close_matches(str(key), _NAMES, 1) for key in unknown}
+                hints = [f"{match[0]!r} for {key!r}" for key, match in close.items() if match]
+                per_layer = any(not isinstance(key, str) or key.strip().isdigit() for key in unknown)
+                raise ValueError(
+                    f"ratios mapping has unknown key(s) {unknown}; the keys are 'prune', 'merge' and 'text_merge'"
+                    + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                    + ("; a per-layer schedule has only int block indices as keys: {2: 'p0.1-r0.3-t0.2'}" if per_layer else "")
+                )
             return cls(**spec)
         if isinstance(spec, Sequence) and len(spec) == 3:
             return cls(*spec)

@@ -1,0 +1,103 @@
+"""What ``apply`` makes of its inputs: a typo, numpy's ints, a patch that reduces nothing, wrapped models."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from contract_models import by_name
+
+import pumer_patch
+from pumer_patch.adapters.base import STATE_ATTR
+
+
+def plan_of(model: torch.nn.Module):
+    (root,) = pumer_patch.patched_roots(model)
+    return vars(root)[STATE_ATTR].plan
+
+
+@pytest.mark.parametrize("name", ["vilt-ForQuestionAnswering", "timm-vit"])
+def test_a_typo_in_a_ratios_mapping_names_the_key_not_a_block_index(name):
+    model = by_name(name).build()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['merg'\].*did you mean 'merge' for 'merg'") as raised:
+        pumer_patch.apply(model, layers=[1], ratios={"prune": 0.1, "merg": 0.1})
+    assert "block index" not in str(raised.value)
+    assert not pumer_patch.is_patched(model)
+
+
+def test_a_ratios_mapping_that_mixes_layers_and_names_says_which_is_which():
+    model = by_name("timm-vit").build()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \[2\].*only int block indices as keys"):
+        pumer_patch.apply(model, ratios={2: "p0.1-r0.3-t0", "prune": 0.1})
+
+
+@pytest.mark.parametrize("schedule", [np.int64(2), [np.int64(2)] * 4, list(np.full(4, 2, dtype=np.int32))])
+def test_numpy_ints_in_merge_schedule_read_as_ints(schedule):
+    model = by_name("timm-vit").build()
+    pumer_patch.apply(model, layers=[], merge_schedule=schedule)
+    resolved = plan_of(model).options.merge_schedule
+    assert resolved == (2,) * 4 and all(type(r) is int for r in resolved)
+
+
+def test_numpy_ints_in_meters_encoder_merge_schedule_read_as_ints():
+    model = by_name("meter-QuestionAnswering").build()
+    pumer_patch.apply(model, layers=[], encoder_merge_schedule=np.int64(2))
+    expected = by_name("meter-QuestionAnswering").build()
+    pumer_patch.apply(expected, layers=[], encoder_merge_schedule=2)
+    assert plan_of(model).options == plan_of(expected).options
+
+
+def test_a_bool_or_a_float_in_merge_schedule_is_still_refused():
+    model = by_name("timm-vit").build()
+    for schedule in ([True] * 4, [np.float32(2.0)] * 4, [2.0] * 4):
+        with pytest.raises(ValueError, match="merge_schedule entries must be non-negative ints"):
+            pumer_patch.apply(model, layers=[], merge_schedule=schedule)
+    assert not pumer_patch.is_patched(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layers=[1, 2], prune_ratio=0.0, merge_ratio=0.0), r"layers=\[1, 2\] with all ratios zero reduces nothing"),
+        (dict(layers=[1, 2], ratios="p0-r0-t0"), r"layers=\[1, 2\] with all ratios zero reduces nothing"),
+        (dict(ratios={1: "p0-r0-t0", 3: (0, 0, 0)}), r"layers=\[1, 3\] with all ratios zero reduces nothing"),
+        (dict(layers="p0-r0-t0-25"), r"layers='p0-r0-t0-25' with all ratios zero reduces nothing"),
+        (dict(layers=[], prune_ratio=0.3), r"ratios p0.3-r0-t0 with layers=\[\] reduce nothing: name the blocks"),
+        (dict(layers=[], ratios="p0-r0.2-t0"), r"ratios p0-r0.2-t0 with layers=\[\] reduce nothing"),
+    ],
+    ids=repr,
+)
+def test_layers_and_ratios_that_reduce_nothing_warn_at_the_apply_call(kwargs, message):
+    model = by_name("vilt-ForQuestionAnswering").build()
+    with pytest.warns(UserWarning, match=message) as warned:
+        pumer_patch.apply(model, **kwargs)
+    assert [w.filename for w in warned] == [__file__]  # stacklevel: the user's line, not ours
+    assert pumer_patch.is_patched(model)  # legal: a warning, not a refusal
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("timm-vit", dict(layers=[], merge_schedule=2)),  # plain ToMe
+        ("timm-vit", dict(merge_schedule=2)),
+        ("timm-vit", dict(layers=[], prune_ratio=0.0)),  # zero ratios and no layers: nothing claimed
+        ("vilt-ForQuestionAnswering", dict(layers=[1], merge_ratio=0.2)),
+        ("vilt-ForQuestionAnswering", dict(ratios={1: "p0-r0-t0", 3: "p0.1-r0-t0"})),  # one layer reduces
+    ],
+    ids=repr,
+)
+def test_a_patch_that_reduces_or_claims_nothing_does_not_warn(name, kwargs):
+    model = by_name(name).build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pumer_patch.apply(model, **kwargs)
+
+
+def test_a_refused_call_does_not_warn_first():
+    model = by_name("vilt-ForQuestionAnswering").build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="out of range"):
+            pumer_patch.apply(model, layers=[1, 99], prune_ratio=0.0)
