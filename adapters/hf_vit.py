@@ -636,6 +636,26 @@ _SUPPORTED = (
 )
 
 
+def _refuse_towers_feeding_a_language_model(model: nn.Module, towers: Sequence[nn.Module]) -> None:
+    """Raise if a tower sits inside a vision-language model (LLaVA, PaliGemma: a module with a ``language_model``).
+
+    Such a model reads every patch's hidden state (``vision_feature_layer``) and places one embedding
+    per patch in the language model's sequence, so a tower that returns fewer tokens breaks it. No
+    adapter reduces tokens inside those models yet; refusing beats a crash in the outer forward.
+    """
+    tower_ids = {id(t) for t in towers}
+    for name, module in model.named_modules():
+        if not isinstance(getattr(module, "language_model", None), nn.Module):
+            continue
+        inside = [sub for sub in module.modules() if id(sub) in tower_ids]
+        if inside:
+            raise ValueError(
+                f"the {type(inside[0]).__name__} in {name or 'the model'} ({type(module).__name__}) feeds every "
+                f"patch's features to a language model, which needs all of them: pumer_patch does not reduce the "
+                f"vision tower of a vision-language model. Patch a tower that you run on its own, not inside it"
+            )
+
+
 class HfVitAdapter(Adapter):
     name = "hf_vit"
     supports = _SUPPORTED
@@ -645,6 +665,7 @@ class HfVitAdapter(Adapter):
         heads = [m for m in model.modules() if isinstance(m, tuple(_HEADS))]
         held = {id(_tower(head)) for head in heads}  # a classifier's tower is patched as part of the classifier
         towers = [m for m in model.modules() if isinstance(m, tuple(k.model for k in _KINDS)) and id(m) not in held]
+        _refuse_towers_feeding_a_language_model(model, towers)
         return heads + towers
 
     def blocks(self, root: nn.Module) -> Sequence[nn.Module]:

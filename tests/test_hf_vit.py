@@ -108,6 +108,36 @@ def test_other_attention_implementations_are_refused_naming_the_fix():
     assert same(snapshot(model), before)
 
 
+def _llava() -> torch.nn.Module:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=100)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=99))
+
+
+def _paligemma() -> torch.nn.Module:
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    text = GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16, vocab_size=100)
+    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=99))
+
+
+@pytest.mark.parametrize("build", [_llava, _paligemma], ids=["llava", "paligemma"])
+def test_a_tower_inside_a_vision_language_model_is_refused_and_left_untouched(build):
+    model = build()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="feeds every patch's features to a language model"):
+        pumer_patch.apply(model, layers=[1], merge_ratio=0.3)
+    assert not pumer_patch.is_patched(model)
+    assert same(snapshot(model), before)
+
+
 @pytest.mark.parametrize("name", ["hf-CLIPModel-sdpa", "hf-SiglipVisionModel", "hf-Dinov2Model-sdpa",
                                   "hf-Dinov2WithRegistersForImageClassification-sdpa", "hf-ViTModel"])
 def test_an_implementation_switched_after_apply_is_refused_at_the_forward_naming_the_fix(name):
