@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -144,6 +145,29 @@ def _check_config_fields(config: Any) -> None:
             )
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers that delegate attribute lookups to it: ``torch.compile``'s
+    ``OptimizedModule`` (``_orig_mod``), ``DataParallel`` and ``DistributedDataParallel`` (``module``).
+
+    Through them ``getattr`` finds the inner model's attributes on the wrapper too, which would count
+    one patch twice; our state is read from the instance (``vars``) of the model they wrap.
+    """
+    while True:
+        # no OptimizedModule exists unless dynamo was imported, and importing it here would cost seconds
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")
+        if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _state(module: nn.Module) -> PatchState | None:
+    """Our state on ``module`` itself, never one that a wrapper's ``__getattr__`` finds further in."""
+    return vars(module).get(STATE_ATTR)
+
+
 def _find_roots(model: nn.Module) -> list[tuple[Adapter, nn.Module]]:
     """Every root of every loaded adapter, less those nested inside another root (its owner's business).
 
@@ -218,13 +242,14 @@ def apply(
     check_mode(mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inner = _unwrap(model)
     if not isinstance(trace, bool):
         raise TypeError(f"trace must be True or False, got {trace!r}")
     schedule, from_paper, idle = _resolve_schedule(
         layers, ratios, prune_ratio, merge_ratio, text_merge_ratio, bool(options)
     )
-    roots = _find_roots(model)
-    _refuse_unknown_timm_vits(model, roots)
+    roots = _find_roots(inner)
+    _refuse_unknown_timm_vits(inner, roots)
     if not roots:
         supported = "; ".join(get_adapter(name).supports for name in REGISTRY)
         raise TypeError(
@@ -249,13 +274,13 @@ def apply(
             )
         adapter.check(root)
         kept = {i: r for i, r in blocks.items() if not r.is_zero}
-        resolved = adapter.resolve_options(model, root, dict(options), mode, kept)
+        resolved = adapter.resolve_options(inner, root, dict(options), mode, kept)
         planned.append((adapter, root, Plan(schedule=kept, mode=mode, trace=trace, options=resolved)))
     if idle is not None:  # after validation: a call that raises does not warn first
         warnings.warn(idle, stacklevel=2)
     for adapter, root, plan in planned:
-        if hasattr(root, STATE_ATTR):
-            get_adapter(getattr(root, STATE_ATTR).adapter).unpatch(root)
+        if (old := _state(root)) is not None:
+            get_adapter(old.adapter).unpatch(root)
         adapter.patch(root, PatchState(adapter=adapter.name, plan=plan))
     return model
 
@@ -268,7 +293,7 @@ def apply_from_config(model: nn.Module, trace: bool = False) -> nn.Module:
     ``from_pretrained`` keeps them in its config, and the ViLT converters carry them into the
     ``ViltConfig``. ``reduce_layers`` is read in the research numbering (METER: two per fusion block).
     """
-    roots = _find_roots(model)
+    roots = _find_roots(_unwrap(model))
     for _, root in roots:
         _check_config_fields(getattr(root, "config", None))
     specs = [(adapter, adapter.config_reduction(root)) for adapter, root in roots]
@@ -284,8 +309,8 @@ def apply_from_config(model: nn.Module, trace: bool = False) -> nn.Module:
 
 
 def patched_roots(model: nn.Module) -> list[nn.Module]:
-    """The sub-modules of ``model`` that carry a pumer_patch patch."""
-    return [m for m in model.modules() if hasattr(m, STATE_ATTR)]
+    """The sub-modules of ``model`` (or of the model a compile / DataParallel wrapper holds) that carry a patch."""
+    return [m for m in _unwrap(model).modules() if _state(m) is not None]
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -298,7 +323,7 @@ def remove(model: nn.Module) -> nn.Module:
     Checks every root first, so a model that another tool patched on top of ours is an error that
     changes nothing.
     """
-    roots = [(get_adapter(getattr(root, STATE_ATTR).adapter), root) for root in patched_roots(model)]
+    roots = [(get_adapter(vars(root)[STATE_ATTR].adapter), root) for root in patched_roots(model)]
     for adapter, root in roots:
         check_restorable(*(module for module, _ in adapter.swaps(root)))
     for adapter, root in roots:
@@ -307,7 +332,7 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def _states(model: nn.Module) -> list[PatchState]:
-    states = [getattr(root, STATE_ATTR) for root in patched_roots(model)]
+    states = [vars(root)[STATE_ATTR] for root in patched_roots(model)]
     if not states:
         raise ValueError("the model is not patched; call pumer_patch.apply first")
     return states

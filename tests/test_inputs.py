@@ -10,7 +10,7 @@ import torch
 from contract_models import by_name
 
 import pumer_patch
-from pumer_patch.adapters.base import STATE_ATTR
+from pumer_patch.adapters.base import STATE_ATTR, Trace
 
 
 def plan_of(model: torch.nn.Module):
@@ -101,3 +101,38 @@ def test_a_refused_call_does_not_warn_first():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="out of range"):
             pumer_patch.apply(model, layers=[1, 99], prune_ratio=0.0)
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    return torch.compile(model)  # built, never run: the wrapper alone is what apply and remove meet
+
+
+WRAPPERS = {"torch.compile": compiled, "DataParallel": torch.nn.DataParallel}
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS.values(), ids=WRAPPERS.keys())
+@pytest.mark.parametrize("name", ["timm-vit", "vilt-ForQuestionAnswering", "meter-QuestionAnswering"])
+@pytest.mark.parametrize("patched", ["before wrapping", "through the wrapper"])
+def test_apply_remove_and_traces_through_a_wrapper_that_delegates_lookups(wrap, name, patched):
+    entry = by_name(name)
+    model = entry.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if patched == "before wrapping":
+        pumer_patch.apply(model, **entry.patch, trace=True)
+    wrapper = wrap(model)
+    if patched == "through the wrapper":
+        assert pumer_patch.apply(wrapper, **entry.patch, trace=True) is wrapper
+    assert pumer_patch.patched_roots(wrapper) == pumer_patch.patched_roots(model)
+    assert len(pumer_patch.patched_roots(wrapper)) == 1  # one root, not also the wrapper's view of it
+    assert pumer_patch.is_patched(wrapper)
+    with torch.no_grad():
+        model(**entry.inputs())
+    assert isinstance(pumer_patch.last_trace(wrapper), Trace)
+    pumer_patch.apply(wrapper, **entry.patch)  # re-patching through the wrapper replaces, never stacks
+    assert len(pumer_patch.patched_roots(wrapper)) == 1
+    assert pumer_patch.remove(wrapper) is wrapper
+    assert not pumer_patch.is_patched(wrapper) and not pumer_patch.is_patched(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="not patched"):
+        pumer_patch.last_trace(wrapper)
