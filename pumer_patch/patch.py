@@ -272,6 +272,11 @@ def apply(
                 f"layers {bad} out of range for {type(root).__name__} with {n_blocks} blocks; "
                 f"valid indices are 0..{n_blocks - 1}"
             )
+        if "_original_forward" in vars(root):  # accelerate's mark where prepare wraps forward for mixed precision
+            raise ValueError(
+                f"{type(root).__name__}'s forward was wrapped by accelerate's Accelerator.prepare (mixed precision); "
+                f"call pumer_patch.apply(model, ...) before accelerator.prepare(model)"
+            )
         adapter.check(root)
         kept = {i: r for i, r in blocks.items() if not r.is_zero}
         resolved = adapter.resolve_options(inner, root, dict(options), mode, kept)

@@ -136,3 +136,20 @@ def test_apply_remove_and_traces_through_a_wrapper_that_delegates_lookups(wrap, 
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     with pytest.raises(ValueError, match="not patched"):
         pumer_patch.last_trace(wrapper)
+
+
+@pytest.mark.parametrize("name", ["timm-vit", "hf-ViTModel"])  # their root is the prepared model itself
+def test_apply_after_accelerate_prepare_says_apply_before_prepare(name):
+    accelerate = pytest.importorskip("accelerate")
+    entry = by_name(name)
+    accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    prepared = accelerator.prepare(entry.build())
+    with pytest.raises(ValueError, match=r"wrapped by accelerate's Accelerator.prepare .* before accelerator.prepare"):
+        pumer_patch.apply(prepared, **entry.patch)
+    assert not pumer_patch.is_patched(prepared)
+    model = entry.build()  # the order the message asks for works
+    pumer_patch.apply(model, **entry.patch)
+    prepared = accelerator.prepare(model)
+    with torch.no_grad():
+        entry.output(prepared, entry.inputs())
+    assert pumer_patch.is_patched(prepared)
