@@ -138,8 +138,17 @@ def test_apply_remove_and_traces_through_a_wrapper_that_delegates_lookups(wrap, 
         pumer_patch.last_trace(wrapper)
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; other tests made it without mixed precision, so start and end clean."""
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("name", ["timm-vit", "hf-ViTModel"])  # their root is the prepared model itself
-def test_apply_after_accelerate_prepare_says_apply_before_prepare(name):
+def test_apply_after_accelerate_prepare_says_apply_before_prepare(name, fresh_accelerator_state):
     accelerate = pytest.importorskip("accelerate")
     entry = by_name(name)
     accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
