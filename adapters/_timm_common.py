@@ -12,10 +12,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pumer_patch.sizes import require_token_sizes
+from pumer_patch.core import Tokens
+from pumer_patch.sizes import require_token_sizes, with_token_sizes
 
 from ._vit import reduces
-from .base import STATE_ATTR, Plan, library_class
+from .base import STATE_ATTR, PatchState, Plan, Trace, library_class, record_trace
 
 __all__ = ["TIMM_TESTED", "PumerTimmRoot", "merges", "pooling_sizes", "refuse_masks"]
 
@@ -46,7 +47,26 @@ def refuse_masks(attn_mask: Tensor | None, is_causal: bool) -> None:
 
 
 class PumerTimmRoot(nn.Module):
-    """Mixed into every patched timm root before timm's class (the last base): the refusals a reduced root needs."""
+    """Mixed into every patched timm root before timm's class (the last base).
+
+    ``forward_features`` runs timm's own when the plan reduces nothing, else the root's reducing
+    loop (``_reduce_features``), and attaches the token sizes to the normed features for the heads;
+    the refusals are what a reduced token sequence cannot give.
+    """
+
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """(B, 3, H, W) -> (B, N', C), carrying its token sizes; the arguments are timm's."""
+        state: PatchState = getattr(self, STATE_ATTR)
+        if not reduces(state.plan):
+            record_trace(state, Trace())
+            return super().forward_features(x, *args, **kwargs)
+        tokens, trace = self._reduce_features(x, state.plan, *args, **kwargs)
+        record_trace(state, trace)
+        return with_token_sizes(self.norm(tokens.x), tokens.size)
+
+    def _reduce_features(self, x: Tensor, plan: Plan, *args: Any, **kwargs: Any) -> tuple[Tokens, Trace]:
+        """(B, 3, H, W) -> the tokens leaving the last block (before the final norm) and the trace."""
+        raise NotImplementedError
 
     def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
         if reduces(getattr(self, STATE_ATTR).plan):

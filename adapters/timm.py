@@ -35,14 +35,13 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from pumer_patch.core import Mode, attention_bias
+from pumer_patch.core import Mode, Tokens, attention_bias
 from pumer_patch.ratios import Ratios
-from pumer_patch.sizes import with_token_sizes
 
 from ._loop import Attended, captured, run_blocks
 from ._timm_common import TIMM_TESTED, PumerTimmRoot, pooling_sizes, refuse_masks
-from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
-from .base import STATE_ATTR, Adapter, PatchState, Trace, ensure_class, library_class, record_trace, warn_if_untested
+from ._vit import VitOptions, resolve_vit_options, weighted_mean
+from .base import Adapter, Plan, Trace, ensure_class, library_class, warn_if_untested
 
 __all__ = ["TimmAdapter", "TimmBlockStep", "PumerTimmVisionTransformer", "PumerTimmVisionTransformerDistilled"]
 
@@ -81,20 +80,13 @@ _STEP = TimmBlockStep()
 class _ReducingVit(PumerTimmRoot):
     """``forward_features`` through the reducing loop, ``pool`` by token sizes; see the module docstring."""
 
-    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """(B, 3, H, W) -> (B, N', C); the features carry their token sizes for ``pool``."""
-        state: PatchState = getattr(self, STATE_ATTR)
-        if not reduces(state.plan):
-            record_trace(state, Trace())
-            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+    def _reduce_features(
+        self, x: Tensor, plan: Plan, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> tuple[Tokens, Trace]:
         refuse_masks(attn_mask, is_causal)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        tokens, trace = run_blocks(
-            self.blocks, x, state.plan, _STEP, protected=self.num_prefix_tokens, checkpointing=checkpointing
-        )
-        record_trace(state, trace)
-        return with_token_sizes(self.norm(tokens.x), tokens.size)
+        return run_blocks(self.blocks, x, plan, _STEP, protected=self.num_prefix_tokens, checkpointing=checkpointing)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         """(B, N', C) -> (B, C), counting each token by its size where the pooling averages."""

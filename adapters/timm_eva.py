@@ -56,17 +56,14 @@ from timm.models.beit import Block as BeitBlock
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor, nn
 
-from pumer_patch.core import Mode, attention_bias
+from pumer_patch.core import Mode, Tokens, attention_bias
 from pumer_patch.ratios import Ratios
-from pumer_patch.sizes import with_token_sizes
 
 from ._loop import Attended, BlockStep, CallScope, captured, run_blocks
 from ._positions import gather_bias, grid_carry, positions, rope_rows, rope_slope
 from ._timm_common import TIMM_TESTED, PumerTimmRoot, pooling_sizes, refuse_masks
-from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
-from .base import (
-    SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, library_class, record_trace, warn_if_untested,
-)
+from ._vit import VitOptions, resolve_vit_options, weighted_mean
+from .base import SHARED_ATTR, Adapter, Plan, Trace, ensure_class, library_class, warn_if_untested
 
 __all__ = ["TimmEvaAdapter", "EvaOptions", "PumerEva", "PumerBeit", "PumerBeitAttention", "EvaStep", "BeitStep"]
 
@@ -278,12 +275,9 @@ class PumerEva(PumerTimmRoot, Eva):
 
     _pumer_patched = True
 
-    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """(B, 3, H, W) -> (B, N', C); the features carry their token sizes."""
-        state: PatchState = getattr(self, STATE_ATTR)
-        if not reduces(state.plan):
-            record_trace(state, Trace())
-            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+    def _reduce_features(
+        self, x: Tensor, plan: Plan, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> tuple[Tokens, Trace]:
         refuse_masks(attn_mask, is_causal)
         if self.patch_drop is not None and self.training:
             raise ValueError(
@@ -294,16 +288,15 @@ class PumerEva(PumerTimmRoot, Eva):
         grid = _grid_of(self, embedded)
         x, rope = self._pos_embed(embedded)
         x = self.norm_pre(x)
-        position = state.plan.options.merge_position
+        position = plan.options.merge_position
         step = EvaStep(self, rope, grid, position)
         carry = grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, position == "mean")
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, trace = run_blocks(
-            self.blocks, x, state.plan, step, protected=self.num_prefix_tokens, checkpointing=checkpointing, carry=carry
+            self.blocks, x, plan, step, protected=self.num_prefix_tokens, checkpointing=checkpointing, carry=carry
         )
         trace.grid = grid
-        record_trace(state, trace)
-        return with_token_sizes(self.norm(tokens.x), tokens.size)
+        return tokens, trace
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         """(B, N', C) -> (B, C), counting each token by its size where the pooling averages."""
@@ -324,17 +317,13 @@ class PumerEva(PumerTimmRoot, Eva):
 class PumerBeit(PumerTimmRoot, Beit):
     """``Beit`` whose features come from the reducing loop and whose head pools by token sizes.
 
-    ``forward_features`` and ``forward_head`` repeat timm 1.0's embedding and head lines around the
+    Its reducing features and ``forward_head`` repeat timm 1.0's embedding and head lines around the
     loop and the size-weighted mean (BEiT pools inline, with no ``pool`` to wrap).
     """
 
     _pumer_patched = True
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        state: PatchState = getattr(self, STATE_ATTR)
-        if not reduces(state.plan):
-            record_trace(state, Trace())
-            return super().forward_features(x)
+    def _reduce_features(self, x: Tensor, plan: Plan) -> tuple[Tokens, Trace]:
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         if self.pos_embed is not None:
@@ -342,16 +331,15 @@ class PumerBeit(PumerTimmRoot, Beit):
         x = self.pos_drop(x)
         shared = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         grid = tuple(self.patch_embed.grid_size)
-        mean = state.plan.options.merge_position == "mean"
+        mean = plan.options.merge_position == "mean"
         carry = grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, mean)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, trace = run_blocks(
-            self.blocks, x, state.plan, BeitStep(self, shared), protected=self.num_prefix_tokens,
+            self.blocks, x, plan, BeitStep(self, shared), protected=self.num_prefix_tokens,
             checkpointing=checkpointing, carry=carry,
         )
         trace.grid = grid
-        record_trace(state, trace)
-        return with_token_sizes(self.norm(tokens.x), tokens.size)
+        return tokens, trace
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool != "avg":
