@@ -9,13 +9,16 @@ text lengths); every result is compared with the same inputs' single-threaded re
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 import torch
 
 import pumer_patch
 from contract_models import ENTRIES, Entry
+
+T = TypeVar("T")
 
 THREADS = 3
 CALLS = 4  # per thread
@@ -28,22 +31,22 @@ def _inputs(entry: Entry, varied: bool) -> list[dict[str, Any]]:
     return [entry.inputs(batch=1 + t, seed=t, text=12 - 3 * t) for t in range(THREADS)]
 
 
-def _serve(entry: Entry, model: torch.nn.Module, inputs: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
-    """Each thread calls ``model`` CALLS times on its own inputs; results per thread, in call order."""
-    results: list[list[torch.Tensor]] = [[] for _ in inputs]
+def _in_threads(n: int, call: Callable[[int], T]) -> list[list[T]]:
+    """n threads start together, thread t runs ``call(t)`` CALLS times without gradients; results per thread, in order."""
+    results: list[list[T]] = [[] for _ in range(n)]
     errors: list[BaseException] = []
-    barrier = threading.Barrier(len(inputs))
+    barrier = threading.Barrier(n)
 
     def work(t: int) -> None:
         try:
             barrier.wait()
             with torch.no_grad():
                 for _ in range(CALLS):
-                    results[t].append(entry.output(model, inputs[t]))
+                    results[t].append(call(t))
         except BaseException as error:  # re-raised in the main thread
             errors.append(error)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(len(inputs))]
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -67,7 +70,7 @@ def test_concurrent_calls_each_get_their_own_result(entry, patched, varied):
     inputs = _inputs(entry, varied)
     with torch.no_grad():
         expected = [entry.output(model, x) for x in inputs]
-    for t, outputs in enumerate(_serve(entry, model, inputs)):
+    for t, outputs in enumerate(_in_threads(len(inputs), lambda t: entry.output(model, inputs[t]))):
         assert len(outputs) == CALLS
         for out in outputs:
             if entry.random_patch_order and not patched:
@@ -83,27 +86,11 @@ def test_concurrent_calls_each_get_their_own_result(entry, patched, varied):
 def test_last_trace_is_the_calling_threads_own(entry):
     model = pumer_patch.apply(entry.build(), **entry.patch, trace=True)
     inputs = [entry.inputs(batch=1 + t, seed=t) for t in range(2)]  # a batch size per thread
-    seen: list[list[int]] = [[], []]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(2)
 
-    def work(t: int) -> None:
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                for _ in range(CALLS):
-                    entry.output(model, inputs[t])
-                    trace = pumer_patch.last_trace(model)
-                    seen[t].append(trace.image.x.shape[0])
-        except BaseException as error:  # re-raised in the main thread
-            errors.append(error)
+    def batch_of_own_trace(t: int) -> int:
+        entry.output(model, inputs[t])
+        return pumer_patch.last_trace(model).image.x.shape[0]
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    if errors:
-        raise errors[0]
+    seen = _in_threads(2, batch_of_own_trace)
     assert seen == [[1] * CALLS, [2] * CALLS]  # each thread reads the trace of its own last call
     assert pumer_patch.last_trace(model) is None  # and this thread ran nothing
