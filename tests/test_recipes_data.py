@@ -24,7 +24,15 @@ from recipes.data.records import RecordError, VqaRecord, read_jsonl, write_jsonl
 from recipes.data.store import ImageStore, MissingImageError, write_image_folder, write_image_store  # noqa: E402
 from recipes.data.transforms import build_image_transform, decode_image  # noqa: E402
 from recipes.models import FAMILIES, bundled_bert_vocab_dir, label_index  # noqa: E402
-from recipes.tasks.vqa_answers import answer_vocabulary, normalize_answer, soft_score, soft_scores, vqa_score  # noqa: E402
+from recipes.tasks.vqa_answers import (  # noqa: E402
+    answer_vocabulary,
+    normalize_answer,
+    official_accuracy,
+    soft_score,
+    soft_scores,
+    vqa_accuracy,
+    vqa_soft_score,
+)
 
 
 def image_bytes(colour: tuple[int, int, int], fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
@@ -69,7 +77,8 @@ def test_store_writer_refuses_duplicates_and_overwrites(tmp_path: Path) -> None:
 
 def test_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
-    good = {"qid": 1, "question": "what?", "img_id": "a", "label": {"yes": 1.0}, "answer_type": "yes/no"}
+    good = {"qid": 1, "question": "what?", "img_id": "a", "label": {"yes": 1.0}, "answer_type": "yes/no",
+            "answers": ["yes"] * 10}
     write_jsonl(path, [good, {**good, "qid": "2"}])
     with pytest.raises(RecordError, match=r"a\.jsonl:2: field 'qid' should be int"):
         read_jsonl(path, VqaRecord.from_json)
@@ -80,7 +89,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(RecordError, match=r"a\.jsonl:1:"):
         read_jsonl(path, VqaRecord.from_json)
     path.write_text(json.dumps(good) + "\n")
-    assert read_jsonl(path, VqaRecord.from_json) == [VqaRecord(1, "what?", "a", {"yes": 1.0}, "yes/no")]
+    assert read_jsonl(path, VqaRecord.from_json) == [VqaRecord(1, "what?", "a", {"yes": 1.0}, "yes/no", ("yes",) * 10)]
 
 
 def test_transforms_square_resize_and_normalise() -> None:
@@ -160,12 +169,64 @@ def test_vocabulary_soft_scores_and_vqa_score() -> None:
     assert answer_vocabulary(pairs) == ["2"]  # "cat" has 8 questions only
     assert answer_vocabulary(pairs, min_questions=8) == ["2", "cat"]
     assert [soft_score(n) for n in range(7)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0, 1.0]
-    raw = ["two", "2", "Two.", "2", "3", "three", "cat", "dog", "dog", "2"]  # 2 x5, 3 x2, cat 1, dog 2
-    assert soft_scores(raw, {"2", "3", "cat"}) == {"2": 1.0, "3": 0.6, "cat": 0.3}
+    raw = ["two", "2", "Two.", "2", "3", "three", "cat", "dog", "dog", "2"]
+    # normalised: 2 x5, 3 x2, cat 1, dog 2; raw strings (the research code's targets): 2 x3, 3 x1, cat 1
+    assert soft_scores(raw, {"2", "3", "cat"}, "normalised") == {"2": 1.0, "3": 0.6, "cat": 0.3}
+    assert soft_scores(raw, {"2", "3", "cat"}) == soft_scores(raw, {"2", "3", "cat"}, "raw") == {"2": 0.9, "3": 0.3, "cat": 0.3}
+    with pytest.raises(ValueError, match="reading"):
+        soft_scores(raw, {"2"}, "lower")  # type: ignore[arg-type]
     labels = [{"2": 1.0, "3": 0.6}, {"cat": 0.3}, {}]
-    assert vqa_score(["3", "cat", "dog"], labels) == pytest.approx((0.6 + 0.3 + 0.0) / 3)
+    assert vqa_soft_score(["3", "cat", "dog"], labels) == pytest.approx((0.6 + 0.3 + 0.0) / 3)
     with pytest.raises(ValueError, match="2 predictions for 3"):
-        vqa_score(["3", "cat"], labels)
+        vqa_soft_score(["3", "cat"], labels)
+
+
+# A messy fixture for the official accuracy, worked by hand from the evaluation script's rules: the
+# prediction gets the punctuation and digit/article rules (lower-cased); the human answers get the
+# punctuation rule only, and only when they disagree; accuracy = min(1, matches among the other nine / 3)
+# averaged over the ten ways to leave one human answer out.
+MESSY = [
+    # Q1 prediction "2". Humans disagree -> punctuation only: "2." -> "2" (a period before no digit goes);
+    # "two", "TWO", "a 2" stay (no digits, no articles, no lower-casing on the human side). 3 match:
+    # leaving out a match leaves 2 (2/3, three times), leaving out another leaves 3 (1, seven times):
+    # (3 * 2/3 + 7) / 10 = 0.9. Raw-count target: "2" twice -> 0.6; normalised: 9 -> 1.0 (and "3" 0.3).
+    ("2", ["two", "Two", "2", "two", "2.", "three", "two", "a 2", "TWO", "2"], 0.9, {"2": 0.6}, {"2": 1.0, "3": 0.3}),
+    # Q2 prediction "yes". Unanimous humans are compared unprocessed: "Yes." is not "yes": 0.
+    # Raw-count: "Yes." is no vocabulary answer -> {}; normalised: 10 -> 1.0.
+    ("yes", ["Yes."] * 10, 0.0, {}, {"yes": 1.0}),
+    # Q3 prediction "red". Punctuation only: "red," -> "red " (a comma not next to a space becomes a
+    # space, nothing strips it); "Red", "RED", "the red" stay. 2 match: (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
+    # Raw-count: red 2, blue 2 -> 0.6 each; normalised: red 8 -> 1.0, blue 0.6.
+    ("red", ["Red", "red", "the red", "Red", "RED", "blue", "blue", "red,", "Red", "red"], 0.6,
+     {"blue": 0.6, "red": 0.6}, {"blue": 0.6, "red": 1.0}),
+    # Q4 prediction "1000". A digit-comma-digit run deletes every punctuation mark: "1,000" -> "1000";
+    # "1 000" and "one thousand" stay. 4 match: 1 for every left-out answer = 1.0.
+    # Raw-count: "1000" twice -> 0.6 ("10" is no vocabulary answer); normalised: 4 -> 1.0.
+    ("1000", ["1,000", "1,000", "one thousand", "1 000", "1000", "ten", "10", "many", "lots", "1000"], 1.0,
+     {"1000": 0.6}, {"1000": 1.0}),
+    # Q5: no human answer in the vocabulary; it stays and scores 0 in both metrics.
+    ("chair", ["wooden chair"] * 10, 0.0, {}, {}),
+]
+MESSY_VOCABULARY = {"2", "3", "yes", "red", "blue", "1000", "chair"}
+
+
+def test_official_vqa_accuracy_on_a_hand_computed_messy_fixture() -> None:
+    for prediction, humans, accuracy, raw_label, normalised_label in MESSY:
+        assert official_accuracy(prediction, humans) == pytest.approx(accuracy), (prediction, humans)
+        assert soft_scores(humans, MESSY_VOCABULARY, "raw") == raw_label
+        assert soft_scores(humans, MESSY_VOCABULARY, "normalised") == normalised_label
+    predictions, answers = [m[0] for m in MESSY], [m[1] for m in MESSY]
+    assert vqa_accuracy(predictions, answers) == pytest.approx((0.9 + 0 + 0.6 + 1.0 + 0) / 5)  # 0.5
+    # ViLT's soft score, read off the raw-count targets (the default) and off the normalised ones
+    assert vqa_soft_score(predictions, [m[3] for m in MESSY]) == pytest.approx((0.6 + 0 + 0.6 + 0.6 + 0) / 5)  # 0.36
+    assert vqa_soft_score(predictions, [m[4] for m in MESSY]) == pytest.approx((1.0 + 1.0 + 1.0 + 1.0 + 0) / 5)  # 0.8
+    # the prediction side is normalised: digits, articles, case, a final period, tabs and new lines
+    assert official_accuracy(" The Two.\n", MESSY[0][1]) == pytest.approx(0.9)
+    assert official_accuracy("Red", MESSY[2][1]) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="2 predictions for 5"):
+        vqa_accuracy(["2", "yes"], answers)
+    with pytest.raises(ValueError, match="leaves one"):
+        official_accuracy("2", ["2"])
 
 
 def test_label_index_reorders_by_answer_string() -> None:
@@ -205,12 +266,21 @@ def test_converter_on_official_style_files(tmp_path: Path) -> None:
     assert convert(raw, out, dirs) == {"train": 6, "val": 4, "test": 1}
     assert json.loads((out / "answers.json").read_text()) == ["2"]
     train = read_jsonl(out / "vqav2_train.jsonl", VqaRecord.from_json)
-    # "two" x4 + "2" = 5 matches of "2" -> 1.0; "three"/"3" match "3", which is not in the vocabulary
-    assert train[0] == VqaRecord(1, "how many 0?", "COCO_train2014_000000000001", {"2": 1.0}, "number")
+    # the research code's targets count raw strings: "2" once -> 0.3 ("two" x4 is not the string "2");
+    # "three"/"3" match "3", which is not in the vocabulary; the ten raw answers are kept as given
+    answers = ("two",) * 4 + ("2", "three", "3", "Cat", "dog", "dog")
+    assert train[0] == VqaRecord(1, "how many 0?", "COCO_train2014_000000000001", {"2": 0.3}, "number", answers)
     val = read_jsonl(out / "vqav2_val.jsonl", VqaRecord.from_json)
-    assert val[-1].label == {} and val[-1].img_id == "COCO_val2014_000000000003"
+    assert val[-1].label == {} and val[-1].img_id == "COCO_val2014_000000000003" and val[-1].answers == ("cat",) * 10
+    report = json.loads((out / "vqav2_conversion.json").read_text())
+    assert report["targets"] == "raw" and report["records"] == {"train": 6, "val": 4, "test": 1}
+    assert report["dropped"] == {}  # question 10 has no vocabulary answer: kept, and counted
+    assert list(report["kept_and_counted"].values()) == [{"count": 1, "examples": ["val question 10"]}]
     test = read_jsonl(out / "vqav2_test.jsonl", VqaRecord.from_json)
-    assert test == [VqaRecord(99, "what?", "COCO_test2015_000000000004", {}, None)]
+    assert test == [VqaRecord(99, "what?", "COCO_test2015_000000000004", {}, None)] and not test[0].labelled
+    # the other reading: normalised answers, "two" x4 + "2" = 5 matches of "2" -> 1.0
+    assert convert(raw, tmp_path / "normalised", dirs, images=False, targets="normalised")["train"] == 6
+    assert read_jsonl(tmp_path / "normalised" / "vqav2_train.jsonl", VqaRecord.from_json)[0].label == {"2": 1.0}
     assert sorted(ImageStore(out / "coco-trainval2014.lmdb").keys()) == [
         "COCO_train2014_000000000001", "COCO_train2014_000000000002", "COCO_val2014_000000000003"]
     assert list(ImageStore(out / "coco-test2015.lmdb").keys()) == ["COCO_test2015_000000000004"]

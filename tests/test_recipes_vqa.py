@@ -44,8 +44,9 @@ def write_data(root: Path, n_train: int = 12, n_val: int = 6, n_test: int = 5) -
             img_id = f"COCO_{coco}_{k:012d}"
             (test_images if split == "test" else images).append((img_id, image_bytes(COLOURS[colour], "PNG" if k % 2 else "JPEG", (48, 40))))
             label = {} if split == "test" else {colour: 1.0, "yes": 0.3}
+            answers = [] if split == "test" else [colour] * 9 + ["yes"]  # the raw human answers
             rows.append({"qid": 1000 * len(split) + k, "question": "what colour is the square?", "img_id": img_id,
-                         "label": label, "answer_type": None if split == "test" else "other"})
+                         "label": label, "answer_type": None if split == "test" else "other", "answers": answers})
         write_jsonl(root / f"vqav2_{split}.jsonl", rows)
     write_image_store(root / "coco-trainval2014.lmdb", images)
     write_image_store(root / "coco-test2015.lmdb", test_images)
@@ -97,7 +98,7 @@ def test_vilt_trains_evaluates_and_reloads(data: Path, vilt: Path, tokenizer_dir
     if pumer is not None:
         assert [r["variant"] for r in rows] == ["unpatched", f"PuMer {pumer} (default)"]
         assert rows[1]["gflops_per_example"] < rows[0]["gflops_per_example"]
-    assert "| variant | VQA score |" in (out / "eval.md").read_text()
+    assert "| variant | VQA accuracy (official) |" in (out / "eval.md").read_text()
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
@@ -143,7 +144,9 @@ def test_eval_decodes_through_the_models_own_labels_and_predicts(data: Path, vil
               "--eval-batch", "4", "--no-progress"]
     assert cli.main(["vqa", "eval", *common, "--output", str(tmp_path / "eval")]) == 0
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"]
-    assert rows[0]["score"] == pytest.approx(0.5) and rows[0]["examples"] == 6  # red on half the val questions
+    # red on half the val questions: 9 of 10 people said it, official accuracy 1 and soft score 1 there
+    assert rows[0]["score"] == pytest.approx(0.5) and rows[0]["examples"] == 6
+    assert rows[0]["soft_score"] == pytest.approx(0.5) and rows[0]["unlabelled"] == 0
     assert cli.main(["vqa", "predict", *common, "--output", str(tmp_path / "pred.json")]) == 0
     pred = json.loads((tmp_path / "pred.json").read_text())
     assert pred == [{"question_id": 4000 + k, "answer": "red"} for k in range(5)]

@@ -18,13 +18,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import torch
-from PIL import UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .store import ImageStore
-from .transforms import augment_seed, to_pixels
+from .transforms import IMAGE_ERRORS, augment_seed, to_pixels
 
 __all__ = ["ImageTextDataset", "BadImageError", "ImageKey", "OnBadImage"]
 
@@ -98,7 +97,7 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
             try:
                 # seed + k: the K images of one example (NLVR2's pair) are augmented independently
                 images.append(to_pixels(self.transform, self.store[stem], seed + k))
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
+            except IMAGE_ERRORS as err:  # corrupt, truncated or oversized
                 message = f"image {stem!r} in {self.store.path} does not decode: {err}"
                 if self.on_bad_image == "error":
                     raise BadImageError(message + " (--on-bad-image skip leaves it out)") from err

@@ -1,5 +1,8 @@
 """Image stores: one single-file LMDB per image collection, key = image stem (UTF-8), value = raw bytes.
 
+A store in lmdb's own folder layout (``NAME.lmdb/data.mdb``, what ``lmdb.open`` writes by default)
+is read as well; the writers write single files.
+
 The reader opens its environment lazily, read-only and once per process, so a ``DataLoader`` worker
 (forked or spawned) never shares a handle opened in its parent: LMDB handles are not fork-safe.
 """
@@ -8,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import lmdb
 
-__all__ = ["ImageStore", "MissingImageError", "write_image_store", "write_image_folder", "IMAGE_SUFFIXES"]
+__all__ = ["ImageStore", "MissingImageError", "is_image_store", "write_image_store", "write_image_folder",
+           "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +35,7 @@ def _environment(path: Path) -> lmdb.Environment:
     env = _ENVIRONMENTS.get(key)
     if env is None:
         # lock=False: read-only readers need no lock file; readahead=False: random access over a big file
-        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+        env = lmdb.open(str(path), subdir=path.is_dir(), readonly=True, lock=False, readahead=False, meminit=False,
                         max_readers=2048)
         _ENVIRONMENTS[key] = env
     return env
@@ -44,6 +49,12 @@ def _close_all() -> None:
 os.register_at_fork(before=_close_all)
 
 
+def is_image_store(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an LMDB store: a single file, or a folder in lmdb's layout (holding ``data.mdb``)."""
+    path = Path(path)
+    return path.is_file() or (path / "data.mdb").is_file()
+
+
 class MissingImageError(KeyError):
     """An image key absent from its store; the message names the key and the LMDB file."""
 
@@ -52,7 +63,7 @@ class MissingImageError(KeyError):
 
 
 class ImageStore:
-    """Read-only access to one single-file LMDB image store (``subdir=False``).
+    """Read-only access to one LMDB image store: a single file (``subdir=False``) or lmdb's folder layout.
 
     ``store[key]`` -> the raw JPEG/PNG bytes of the image whose file stem is ``key``.
     Picklable (it holds only the path): the environment opens on first use in each process.
@@ -60,7 +71,10 @@ class ImageStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
+        if self.path.is_dir() and not is_image_store(self.path):
+            raise FileNotFoundError(f"image store {self.path} is a folder without data.mdb: not an LMDB store "
+                                    f"(a single-file LMDB, or a folder holding lmdb's data.mdb)")
+        if not is_image_store(self.path):
             raise FileNotFoundError(
                 f"image store {self.path} does not exist (expected one single-file LMDB per image collection; "
                 f"write one with recipes.prepare.convert_vqav2 or recipes.data.store.write_image_folder)"
@@ -99,7 +113,8 @@ def write_image_store(path: str | os.PathLike[str], items: Iterable[tuple[str, b
     """Write ``(key, raw bytes)`` pairs into a new single-file LMDB at ``path``; returns how many.
 
     A key given twice is an error (two images with one stem would silently shadow each other).
-    Written to ``path + ".partial"`` and renamed last, so an interrupted write leaves no half store.
+    Written to ``path + ".partial"`` and renamed last, so an interrupted write leaves no half store
+    (and one that fails, an error from ``items`` included, leaves nothing).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -122,9 +137,15 @@ def write_image_store(path: str | os.PathLike[str], items: Iterable[tuple[str, b
                 txn = env.begin(write=True)
         txn.commit()
         env.sync()
-    finally:
+    except BaseException:
         env.close()
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        env.close()  # a second close does nothing
     Path(f"{partial}-lock").unlink(missing_ok=True)
+    if path.is_dir():  # an old store in lmdb's folder layout, being overwritten
+        shutil.rmtree(path)
     partial.replace(path)
     logger.info("wrote %d images to %s (%.1f MB)", count, path, path.stat().st_size / 1e6)
     return count

@@ -18,7 +18,13 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["ImageSpec", "build_image_transform", "decode_image", "augment_seed", "to_pixels"]
+__all__ = ["ImageSpec", "build_image_transform", "decode_image", "image_problem", "IMAGE_ERRORS", "augment_seed",
+           "to_pixels"]
+
+# What PIL raises on a corrupt, truncated or oversized image (UnidentifiedImageError is an OSError;
+# DecompressionBombError is not, and the warning is raised where warnings are errors).
+IMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                                             Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -31,10 +37,28 @@ class ImageSpec:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Raw JPEG/PNG bytes -> an RGB PIL image (fully loaded, so a truncated file fails here, not later)."""
+    """Raw JPEG/PNG bytes -> an RGB PIL image (fully loaded, so a truncated file fails here, not later).
+
+    An image of more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` is refused (a
+    ``DecompressionBombError``) before it is decoded: PIL itself only warns below twice the limit.
+    """
     image = Image.open(io.BytesIO(data))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise Image.DecompressionBombError(
+            f"{image.width} x {image.height} pixels exceed PIL's decompression-bomb limit of {limit} "
+            f"(PIL.Image.MAX_IMAGE_PIXELS)")
     image.load()
     return image.convert("RGB")
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why ``decode_image`` cannot decode ``data`` (the exception's type and message), or None when it can."""
+    try:
+        decode_image(data)
+    except IMAGE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def build_image_transform(spec: ImageSpec, size: int, *, train: bool) -> T.Compose:

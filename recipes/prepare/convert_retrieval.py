@@ -14,12 +14,18 @@ Images go into the single-file LMDB store of the collection, keyed by file stem:
 or ``coco-trainval2014.lmdb`` (COCO: ``IMAGES/<filepath>/<filename>``, ``filepath`` being
 ``train2014`` or ``val2014``; the VQAv2 recipe reads the same store). An existing store that already
 holds every image the splits name is kept; one that lacks some is an error unless ``--overwrite``.
+Every image stored is decoded once here. ``<dataset>_conversion.json`` holds what was dropped.
+
+Checked at the door (``recipes.prepare.checks``): a file that is not UTF-8 or not JSON, or an
+entry with a missing or mistyped field, is refused, naming the file and the image. Dropped and
+counted: empty captions (and an image left with none), and, with ``--on-bad-image skip``, images
+that are missing or do not decode (by default an error: leaving an evaluation image out changes
+the benchmark).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -36,12 +42,16 @@ from recipes.data.records import (
 )
 from recipes.data.store import ImageStore, write_image_store
 from recipes.logs import configure_logging
+from recipes.prepare.checks import OnBadImage, Tally, checked_images, read_json_file, refuse, write_report
 
 __all__ = ["convert", "main"]
 
 logger = logging.getLogger(__name__)
 
 _KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+EMPTY_CAPTION = "empty caption"
+NO_CAPTION = "image without a non-empty caption"
+BAD_IMAGE = "image missing or not decodable"
 
 
 def _dataset_of(path: Path, data: Mapping[str, Any]) -> str:
@@ -59,52 +69,73 @@ def _image_path(images: Path, entry: Mapping[str, Any]) -> Path:
 
 
 def convert(karpathy: Path, images: Path | None, out: Path, *, dataset: str | None = None, restval: bool = True,
-            overwrite: bool = False) -> dict[str, int]:
-    """Write the three jsonl files and (``images`` given) the image store; returns images per split."""
-    if not karpathy.is_file():
-        raise FileNotFoundError(f"{karpathy} does not exist (Karpathy's dataset_flickr30k.json / dataset_coco.json "
-                                f"from caption_datasets.zip)")
-    data = json.loads(karpathy.read_text())
+            overwrite: bool = False, on_bad_image: OnBadImage = "error") -> dict[str, int]:
+    """Write the three jsonl files, (``images`` given) the image store and the tally; returns images per split."""
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"--on-bad-image must be 'error' or 'skip', got {on_bad_image!r}")
+    data = read_json_file(karpathy, "Karpathy's dataset_flickr30k.json / dataset_coco.json from caption_datasets.zip")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{karpathy} has no 'images' list; is it Karpathy's dataset_*.json?")
     dataset = dataset or _dataset_of(karpathy, data)
     if dataset not in RETRIEVAL_DATASETS:
         raise ValueError(f"--dataset must be one of {RETRIEVAL_DATASETS}, got {dataset!r}")
-    rows: dict[str, list[dict[str, Any]]] = {split: [] for split in RETRIEVAL_SPLITS}
+    dropped = Tally()
+    rows: dict[str, list[RetrievalRecord]] = {split: [] for split in RETRIEVAL_SPLITS}
     files: dict[str, Path] = {}
     for n, entry in enumerate(data["images"]):
+        name = entry.get("filename", "?") if isinstance(entry, dict) else "?"
         try:
             split = _KARPATHY_SPLITS[entry["split"]]
             if entry["split"] == "restval" and not restval:
                 continue
             stem = Path(entry["filename"]).stem
-            record = RetrievalRecord(item_id=int(entry["imgid"]), img_id=stem,
-                                     captions=tuple(s["raw"].strip() for s in entry["sentences"]))
+            captions = []
+            for j, sentence in enumerate(entry["sentences"]):
+                if not sentence["raw"].strip():
+                    dropped.add(EMPTY_CAPTION, f"image {n} ({name}) sentence {j}")
+                    continue
+                captions.append(sentence["raw"].strip())
+            if not captions:
+                dropped.add(NO_CAPTION, f"image {n} ({name})")
+                continue
+            record = RetrievalRecord(item_id=int(entry["imgid"]), img_id=stem, captions=tuple(captions))
             record = RetrievalRecord.from_json(record.to_json())  # validated as the task will read it
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{karpathy}: image {n} ({entry.get('filename', '?')}): bad or missing field {err}") from err
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise refuse(karpathy, f"image {n} ({name})", ValueError(f"bad or missing field {err}")) from err
         if stem in files:
             raise ValueError(f"{karpathy}: two images with the file stem {stem!r}")
         files[stem] = _image_path(images, entry) if images is not None else Path(entry["filename"])
-        rows[split].append(record.to_json())
-    out.mkdir(parents=True, exist_ok=True)
-    for split, lines in rows.items():
-        write_jsonl(out / retrieval_annotation_file(dataset, split), lines)
-        logger.info("%s %s: %d images, %d captions", dataset, split, len(lines), sum(len(r["captions"]) for r in lines))
+        rows[split].append(record)
+    bad: set[str] = set()
     store = out / RETRIEVAL_STORES[dataset]
     if store.exists() and not overwrite:
-        missing = sorted(set(files) - set(ImageStore(store).keys()))
-        if missing:
-            raise FileExistsError(f"{store} exists but lacks {len(missing)} images the splits name, e.g. {missing[:3]}; "
-                                  f"pass --overwrite with --images to rewrite it")
-        logger.info("%s exists and holds every image the splits name: kept", store)
+        absent = sorted(set(files) - set(ImageStore(store).keys()))
+        if absent and on_bad_image == "error":
+            raise FileExistsError(f"{store} exists but lacks {len(absent)} images the splits name, e.g. {absent[:3]}; "
+                                  f"pass --overwrite with --images to rewrite it (or --on-bad-image skip to drop them)")
+        bad.update(absent)
+        logger.info("%s exists and holds %s image the splits name: kept", store, "some" if absent else "every")
     elif images is not None:
         absent = sorted(str(p) for p in files.values() if not p.is_file())
-        if absent:
+        if absent and on_bad_image == "error":
             raise FileNotFoundError(f"{len(absent)} of the {len(files)} images the splits name are missing, "
                                     f"e.g. {absent[:3]}")
-        write_image_store(store, ((k, p.read_bytes()) for k, p in sorted(files.items())), overwrite=overwrite)
-    return {split: len(lines) for split, lines in rows.items()}
+        out.mkdir(parents=True, exist_ok=True)
+        write_image_store(store, checked_images(sorted(files.items()), on_bad_image=on_bad_image, dropped=dropped,
+                                                bad=bad), overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    for split, records in rows.items():
+        for r in records:
+            if r.img_id in bad:
+                dropped.add(BAD_IMAGE, f"{split} image {r.img_id}")
+        kept = [r for r in records if r.img_id not in bad]
+        write_jsonl(out / retrieval_annotation_file(dataset, split), [r.to_json() for r in kept])
+        counts[split] = len(kept)
+        logger.info("%s %s: %d images, %d captions", dataset, split, len(kept), sum(len(r.captions) for r in kept))
+    dropped.log(logger, "dropped")
+    write_report(out / f"{dataset}_conversion.json", counts, dropped)
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,10 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dataset", choices=RETRIEVAL_DATASETS, help="[from the file's 'dataset' field or name]")
     p.add_argument("--no-restval", action="store_true", help="leave COCO's restval images out of train")
     p.add_argument("--overwrite", action="store_true", help="replace an existing image store")
+    p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                   help="an image that is missing or does not decode: stop, or leave it out [error]")
     args = p.parse_args(argv)
     configure_logging()
     convert(args.karpathy, args.images, args.out, dataset=args.dataset, restval=not args.no_restval,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, on_bad_image=args.on_bad_image)
     return 0
 
 

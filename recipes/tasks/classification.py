@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from recipes.data.dataset import ImageTextDataset, OnBadImage
 from recipes.data.records import read_jsonl
-from recipes.data.store import ImageStore
+from recipes.data.store import ImageStore, is_image_store
 from recipes.data.transforms import build_image_transform
 from recipes.models import Family
 from recipes.run import TaskContext
@@ -62,10 +62,13 @@ class ClassificationTask(ImageTextCall):
 
 
 def check_split_files(root: Path, files: Mapping[str, Sequence[str]], splits: Sequence[str], converter: str) -> None:
-    """Raise ``FileNotFoundError`` naming the first of ``files[split]`` (for each of ``splits``) missing in ``root``."""
+    """Raise ``FileNotFoundError`` naming the first of ``files[split]`` (for each of ``splits``) missing in ``root``.
+
+    An image store may be a single file or a folder in lmdb's layout.
+    """
     for split in splits:
         for name in files[split]:
-            if not (root / name).is_file():
+            if not is_image_store(root / name):  # a file, or an LMDB folder
                 raise FileNotFoundError(f"{root / name} does not exist (needed for the {split} split); "
                                         f"write the data folder with python -m {converter}")
 

@@ -15,6 +15,12 @@ against each code's own scale, so each preset keeps the scale of the code it rep
 (``loss_scale``: ``label_count`` for ViLT, ``mean`` for METER). The loss is computed here, not by
 the model, so both families follow the preset.
 
+Metrics. ``score`` is the official VQA accuracy (the evaluation script's rules on the raw human
+answers the records keep: ``recipes.tasks.vqa_answers.vqa_accuracy``); ``soft_score`` beside it is
+ViLT's soft score, the training target's score of the predicted answer, which depends on how the
+targets were counted (``convert_vqav2 --targets``). Questions none of whose human answers is in the
+vocabulary stay in both, as in the official metric. The best checkpoint is chosen on ``score``.
+
 Labels. Targets and predictions use the model's own ``id2label`` (matched to the data by answer
 string): a finetuned checkpoint with another label order (``dandelin/vilt-b32-finetuned-vqa``) is
 scored correctly, and answers outside its labels can never be predicted, as with any vocabulary.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +48,7 @@ from recipes.models import Family
 from recipes.presets import LossScale
 from recipes.run import EvalRun, TaskContext, TaskSpec, open_eval_split, patch
 from recipes.tasks.classification import ImageTextCall, check_split_files
-from recipes.tasks.vqa_answers import vqa_score
+from recipes.tasks.vqa_answers import vqa_accuracy, vqa_soft_score
 
 __all__ = ["SPLITS", "VQA", "VqaTask", "VqaData", "predict"]
 
@@ -54,7 +61,8 @@ SPLITS = {"train": ("vqav2_train.jsonl", "coco-trainval2014.lmdb"),
 
 
 class VqaTask(ImageTextCall):
-    """The engine's ``Task`` for VQA: soft-score BCE at the preset's scale; VQA score of the argmax answer.
+    """The engine's ``Task`` for VQA: soft-score BCE at the preset's scale; the official accuracy and
+    ViLT's soft score of the argmax answer.
 
     labels: the model's answers in logit order; records: the evaluation split's, by dataset index.
     """
@@ -81,10 +89,17 @@ class VqaTask(ImageTextCall):
         return {"index": batch["index"], "prediction": outputs.logits.argmax(-1), "valid": batch["valid"]}
 
     def metrics(self, outputs: Mapping[str, Tensor]) -> dict[str, float]:
+        """``score``: the official accuracy; ``soft_score``: ViLT's soft score (both NaN on a split
+        without human answers, whose questions ``unlabelled`` counts); ``skipped_images``."""
         keep = outputs["valid"].bool()
         index, pred = outputs["index"][keep].tolist(), outputs["prediction"][keep].tolist()
-        score = vqa_score([self.labels[p] for p in pred], [self.records[i].label for i in index])
-        return {"score": score, "skipped_images": float((~keep).sum())}
+        scored = [(self.labels[p], self.records[i]) for i, p in zip(index, pred) if self.records[i].labelled]
+        counts = {"unlabelled": float(len(index) - len(scored)), "skipped_images": float((~keep).sum())}
+        if not scored:
+            return {"score": math.nan, "soft_score": math.nan, **counts}
+        answers, records = [a for a, _ in scored], [r for _, r in scored]
+        return {"score": vqa_accuracy(answers, [r.answers for r in records]),
+                "soft_score": vqa_soft_score(answers, [r.label for r in records]), **counts}
 
     def answers(self, outputs: Mapping[str, Tensor]) -> list[dict[str, Any]]:
         """The official predictions format: ``[{question_id, answer}]`` in dataset order."""
@@ -130,7 +145,7 @@ class VqaData:
                                 on_bad_image=on_bad_image, seed=seed)
 
 
-VQA = TaskSpec(name="vqa", title="VQAv2", metric="VQA score", data=VqaData,
+VQA = TaskSpec(name="vqa", title="VQAv2", metric="VQA accuracy (official)", data=VqaData,
                make_task=VqaTask.from_context,
                splits=tuple(SPLITS), train_split="train", eval_split="val", text_length=32,
                converter="recipes.prepare.convert_vqav2")

@@ -1,4 +1,4 @@
-"""VQA answers: the official normalisation, the vocabulary rule, soft scores and the VQA score.
+"""VQA answers: the evaluation script's normalisation, the vocabulary rule, soft scores and both metrics.
 
 The normalisation is the VQA evaluation script's (``vqaEval.py``: ``processPunctuation`` then
 ``processDigitArticle``), which bottom-up-attention's ``preprocess_answer`` reuses and follows by
@@ -9,8 +9,20 @@ and the soft scores of every VQAv2 checkpoint were built with it:
 - ``periodStrip`` is ``(?!<=\\d)(\\.)(?!\\d)`` (a typo for a look-behind: it drops every period not
   followed by a digit, so "2.5" stays) and the script passes ``re.UNICODE`` as ``count``: at most 32
   periods are removed;
-- number words zero to ten become digits ("none" becomes "0"), articles go, contraction spellings
-  without apostrophes get them back ("dont" -> "don't").
+- number words zero to ten become digits ("none" becomes "0"), words are lower-cased, articles go,
+  contraction spellings without apostrophes get them back ("dont" -> "don't").
+
+Two metrics, never confused:
+- ``vqa_accuracy``, the official one, as the script computes it: the prediction gets the
+  punctuation and the digit/article rules (lower-cased with them); the ten human answers get the
+  punctuation rule only, and only when they disagree (no digits, no articles, no lower-casing);
+  a question's accuracy is ``min(1, matches among the other nine / 3)`` averaged over the ten
+  ways to leave one human answer out.
+- ``vqa_soft_score``, ViLT's: the training target's soft score of the predicted answer.
+
+Soft-score targets come in two readings (``TargetReading``): ``"raw"`` counts the raw human answer
+strings that equal a vocabulary answer, as the PuMer (and ViLT) research code does; ``"normalised"``
+normalises each human answer first, so "Two" and "two" count for "2".
 """
 
 from __future__ import annotations
@@ -18,15 +30,23 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 __all__ = [
     "normalize_answer",
     "answer_vocabulary",
     "soft_score",
     "soft_scores",
-    "vqa_score",
+    "vqa_soft_score",
+    "official_accuracy",
+    "vqa_accuracy",
+    "TargetReading",
+    "TARGET_READINGS",
     "MIN_QUESTIONS",
 ]
+
+TargetReading = Literal["raw", "normalised"]
+TARGET_READINGS: tuple[TargetReading, ...] = ("raw", "normalised")
 
 MIN_QUESTIONS = 9  # an answer enters the vocabulary when it is the consensus answer of >= 9 questions
 
@@ -103,18 +123,55 @@ def soft_score(matches: int) -> float:
     return (0.0, 0.3, 0.6, 0.9)[matches] if matches < 4 else 1.0
 
 
-def soft_scores(raw_answers: Sequence[str], vocabulary: Mapping[str, int] | set[str]) -> dict[str, float]:
-    """``{answer: score}`` over the vocabulary answers among the (normalised) raw human answers."""
+def soft_scores(raw_answers: Sequence[str], vocabulary: Mapping[str, int] | set[str],
+                reading: TargetReading = "raw") -> dict[str, float]:
+    """``{answer: score}`` over the vocabulary answers among the human answers, counted as ``reading`` says.
+
+    raw: a human answer counts for a vocabulary answer when the strings are equal (the research
+    code's targets); normalised: when its ``normalize_answer`` is.
+    """
+    if reading not in TARGET_READINGS:
+        raise ValueError(f"reading must be one of {TARGET_READINGS}, got {reading!r}")
     counts: dict[str, int] = defaultdict(int)
     for a in raw_answers:
-        counts[normalize_answer(a)] += 1
+        counts[a if reading == "raw" else normalize_answer(a)] += 1
     return {a: soft_score(n) for a, n in sorted(counts.items()) if a in vocabulary}
 
 
-def vqa_score(predictions: Sequence[str], labels: Sequence[Mapping[str, float]]) -> float:
-    """Mean over questions of the target score of the predicted answer (0 when it has none)."""
+def vqa_soft_score(predictions: Sequence[str], labels: Sequence[Mapping[str, float]]) -> float:
+    """ViLT's VQA score: mean over questions of the target soft score of the predicted answer (0 when it has none)."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} questions")
     if not labels:
         raise ValueError("no questions to score")
     return sum(label.get(p, 0.0) for p, label in zip(predictions, labels)) / len(labels)
+
+
+def _strip_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def official_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """The VQA evaluation script's accuracy of one answer to one question (0 to 1).
+
+    prediction: the answer as predicted (normalised here); human_answers: the question's raw human
+    answers (ten in VQAv2), compared as the script compares them.
+    """
+    if len(human_answers) < 2:
+        raise ValueError(f"the official accuracy leaves one of >= 2 human answers out, got {len(human_answers)}")
+    predicted = _process_digit_article(_process_punctuation(_strip_whitespace(prediction)))
+    humans = list(human_answers)
+    if len(set(humans)) > 1:  # the script compares unanimous answers unprocessed
+        humans = [_process_punctuation(h) for h in humans]
+    matches = sum(h == predicted for h in humans)
+    # leaving human answer j out: the others hold matches - [answer j matched] of the prediction
+    return sum(min(1.0, (matches - (h == predicted)) / 3) for h in humans) / len(humans)
+
+
+def vqa_accuracy(predictions: Sequence[str], human_answers: Sequence[Sequence[str]]) -> float:
+    """The official VQA accuracy: mean over questions of ``official_accuracy`` (0 to 1, not in percent)."""
+    if len(predictions) != len(human_answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(human_answers)} questions")
+    if not human_answers:
+        raise ValueError("no questions to score")
+    return sum(official_accuracy(p, h) for p, h in zip(predictions, human_answers)) / len(human_answers)

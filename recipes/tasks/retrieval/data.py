@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -28,8 +27,8 @@ from recipes.data.records import (
     read_jsonl,
     retrieval_annotation_file,
 )
-from recipes.data.store import ImageStore
-from recipes.data.transforms import augment_seed, build_image_transform, to_pixels
+from recipes.data.store import ImageStore, is_image_store
+from recipes.data.transforms import IMAGE_ERRORS, augment_seed, build_image_transform, to_pixels
 from recipes.models import Family
 
 __all__ = ["RetrievalData", "SplitData", "ImagePixels", "CandidateGroups"]
@@ -62,7 +61,7 @@ class RetrievalData:
     def check(self, splits: Sequence[str]) -> None:
         """Fail now, before any model loads, if a split's annotations or the image store is missing."""
         for path in [self.root / retrieval_annotation_file(self.dataset, s) for s in splits] + [self.store_path]:
-            if not path.is_file():
+            if not is_image_store(path):  # a file, or the store as an LMDB folder
                 raise FileNotFoundError(f"{path} does not exist; write the data folder with "
                                         f"python -m recipes.prepare.convert_retrieval")
 
@@ -122,7 +121,7 @@ class ImagePixels(Dataset[dict[str, Tensor]]):
         seed = augment_seed(self.seed, epoch, i)
         try:
             pixels, valid = to_pixels(self.transform, self.store[self.keys[i]], seed), True
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt data
+        except IMAGE_ERRORS as err:  # corrupt, truncated or oversized
             message = f"image {self.keys[i]!r} in {self.store.path} does not decode: {err}"
             if self.on_bad_image == "error":
                 raise BadImageError(message + " (--on-bad-image skip leaves it out of training)") from err
