@@ -18,6 +18,7 @@ __all__ = ["Adapter", "LayerCount", "PatchState", "Plan", "Trace", "REGISTRY", "
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "meter": ("pumer_patch.models.meter", "pumer_patch.adapters.meter", "MeterAdapter"),
     "vilt": ("transformers", "pumer_patch.adapters.vilt", "ViltAdapter"),
+    "hf_vlm": ("transformers", "pumer_patch.adapters.hf_vlm", "HfVlmAdapter"),
     "hf_vit": ("transformers", "pumer_patch.adapters.hf_vit", "HfVitAdapter"),
     "open_clip": ("open_clip", "pumer_patch.adapters.open_clip", "OpenClipAdapter"),
     "timm_eva": ("timm", "pumer_patch.adapters.timm_eva", "TimmEvaAdapter"),

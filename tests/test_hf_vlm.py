@@ -1,0 +1,284 @@
+"""The transformers VLM adapter: visual tokens pruned and merged inside a LLaVA's language model."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import pumer_patch
+from pumer_patch.adapters.hf_vlm import prompt_end
+from pumer_patch.core import reduced_counts
+from pumer_patch.ratios import Ratios
+from tests.model_state import same, snapshot
+from tests.vlm_models import VISUAL, llava, prompt
+
+IMPLEMENTATIONS = ["sdpa", "eager"]
+
+
+def _forward(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits
+
+
+def _generate(model, inputs, steps=4, **kwargs):
+    gen_inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+    with torch.no_grad():
+        return model.generate(**gen_inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, **kwargs)
+
+
+def _real_columns(model, logits, row):
+    """The logits (L_real, V) of the real columns of sample ``row`` in the last forward (trace=True)."""
+    mask = pumer_patch.last_trace(model).image.mask[row]
+    return logits[row][mask]
+
+
+# --------------------------------------------------------------------------------------------
+# parity and the contract
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("ratios", [{"prune_ratio": 0.0}, {"prune_ratio": 0.01, "merge_ratio": 0.01}],
+                         ids=["zero", "removes-nothing"])
+def test_a_patch_that_removes_nothing_is_bit_identical_in_forward_and_generate(implementation, ratios):
+    model = llava(implementation)
+    inputs = prompt([(3, 1, 4), (1, 1, 6)])
+    ref, ref_gen = _forward(model, inputs), _generate(model, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-zero ratios warn that they reduce nothing
+        pumer_patch.apply(model, layers=[0, 2], **ratios)
+    out, gen = _forward(model, inputs), _generate(model, inputs)
+    assert torch.equal(out, ref)
+    assert torch.equal(gen.sequences, ref_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(gen.logits, ref_gen.logits))
+
+
+def test_remove_restores_the_model_and_the_state_dict_never_changes():
+    model = llava()
+    inputs = prompt([(3, 1, 4)])
+    before, ref = snapshot(model), _forward(model, inputs)
+    pumer_patch.apply(model, layers=[1], prune_ratio=0.3, merge_ratio=0.2)
+    assert pumer_patch.is_patched(model)
+    assert model.state_dict().keys() == before[1].keys()
+    assert _forward(model, inputs).shape[1] < ref.shape[1]
+    pumer_patch.remove(model)
+    assert same(snapshot(model), before)
+    assert torch.equal(_forward(model, inputs), ref)
+
+
+def test_the_vision_tower_belongs_to_the_vlm_and_stays_whole():
+    model = pumer_patch.apply(llava(), layers=[1], merge_ratio=0.3)
+    assert pumer_patch.patched_roots(model) == [model]
+    assert not any(hasattr(type(m), "_pumer_patched") for m in model.model.vision_tower.modules())
+
+
+def test_a_deepcopy_reduces_alike_and_on_its_own():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3, merge_ratio=0.2)
+    inputs = prompt([(3, 1, 4), (1, 1, 6)])
+    twin = copy.deepcopy(model)
+    assert torch.equal(_forward(twin, inputs), _forward(model, inputs))
+    pumer_patch.remove(twin)
+    assert pumer_patch.is_patched(model) and not pumer_patch.is_patched(twin)
+    assert _forward(twin, inputs).shape[1] > _forward(model, inputs).shape[1]
+
+
+# --------------------------------------------------------------------------------------------
+# generate and the cache
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("options", [
+    {"layers": [1], "prune_ratio": 0.3, "merge_ratio": 0.2},
+    {"layers": [0, 1], "prune_ratio": 0.25, "merge_ratio": 0.25, "text_tokens": "last"},
+    {"layers": [1], "prune_ratio": 0.2, "merge_ratio": 0.3, "merge_position": "mean"},
+    {"layers": [0], "prune_ratio": 0.3, "merge_ratio": 0.2, "where": "input"},
+    {"layers": [0], "merge_ratio": 0.4, "where": "input"},
+], ids=["pumer", "fastv-rule-two-layers", "mean-position", "input", "input-merge-only"])
+def test_cached_generation_equals_a_no_cache_recompute_of_the_same_reduced_sequence(implementation, options):
+    model = pumer_patch.apply(llava(implementation), **options)
+    inputs = prompt([(3, 1, 4), (1, 1, 6)])
+    steps = 4
+    gen = _generate(model, inputs, steps)
+    sequences = gen.sequences
+    length = inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, steps, dtype=torch.long)], dim=1)
+    for t in range(steps):
+        n = length + t
+        ids = sequences[:, :n]
+        position_ids = (mask[:, :n].cumsum(-1) - 1).masked_fill(mask[:, :n] == 0, 0)
+        with prompt_end(length), torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask[:, :n], position_ids=position_ids,
+                           pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
+        torch.testing.assert_close(logits, gen.logits[t], rtol=0, atol=1e-5)
+
+
+def test_decode_continues_at_the_position_after_the_unreduced_prompt():
+    """A manual decoding loop without position ids numbers the new token as the unpatched model does."""
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.5)
+    inputs = prompt([(3, 1, 4)])
+    inputs.pop("position_ids")
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+        step = model(input_ids=token, attention_mask=mask, cache=out.cache).logits[:, -1]
+        n = inputs["input_ids"].shape[1]
+        with prompt_end(n):
+            full = model(input_ids=torch.cat([inputs["input_ids"], token], 1), attention_mask=mask,
+                         pixel_values=inputs["pixel_values"]).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+    kept = n - VISUAL // 2
+    assert [out.cache.get_seq_length(i) for i in range(3)] == [n + 1, n + 1, kept + 1]
+
+
+def test_a_static_cache_is_refused_while_the_patch_reduces():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3)
+    inputs = prompt([(3, 1, 4)])
+    cache = StaticCache(config=model.config.text_config, max_cache_len=64)
+    with pytest.raises(ValueError, match="use the default DynamicCache"):
+        _forward(model, inputs, cache=cache, use_cache=True)
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_sample_gives_the_same_output_in_a_padded_batch_as_alone(implementation, side):
+    model = pumer_patch.apply(llava(implementation), layers=[0, 1], prune_ratio=0.3, merge_ratio=0.2, trace=True)
+    samples = [(3, 1, 4), (1, 1, 9), (2, 0, 5)]  # the last one has no image: nothing of it goes
+    batch = prompt(samples, side)
+    logits = _forward(model, batch)
+    for row, sample in enumerate(samples):
+        alone = prompt([sample], side)
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        assert torch.equal(alone["input_ids"][0], ids)  # the same tokens, the same image
+        first = sum(s[1] for s in samples[:row])
+        if "pixel_values" in alone:
+            assert torch.equal(alone["pixel_values"], batch["pixel_values"][first : first + sample[1]])
+        expected = _forward(model, alone)[0]
+        got = _forward(model, batch)  # again: the trace is the last forward's
+        assert torch.equal(got, logits)
+        torch.testing.assert_close(_real_columns(model, got, row), expected, rtol=0, atol=1e-5)
+
+
+def test_a_prompt_without_image_is_the_library_s_own_forward():
+    model = llava()
+    inputs = prompt([(5, 0, 4), (2, 0, 7)])
+    ref, ref_gen = _forward(model, inputs), _generate(model, inputs)
+    pumer_patch.apply(model, layers=[1], prune_ratio=0.5, merge_ratio=0.2)
+    assert torch.equal(_forward(model, inputs), ref)
+    assert torch.equal(_generate(model, inputs).sequences, ref_gen.sequences)
+
+
+# --------------------------------------------------------------------------------------------
+# counts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_token_counts_per_layer_follow_reduced_counts_per_image(images):
+    ratios = {"prune_ratio": 0.3, "merge_ratio": 0.2}
+    model = pumer_patch.apply(llava(), layers=[0, 2], **ratios)
+    inputs = prompt([(3, images, 4), (1, images, 6)])
+    logits = _forward(model, inputs)
+    per_image = [VISUAL]
+    for _ in range(2):
+        per_image.append(reduced_counts(per_image[-1], 0, Ratios(prune=0.3, merge=0.2), image_protected=0)[0])
+    counts = pumer_patch.last_trace(model).counts
+    assert [(c.layer, c.image) for c in counts] == [(0, images * per_image[1]), (2, images * per_image[2])]
+    text = 3 + 4 + 2 * images  # the longer sample's text
+    assert all(c.text == text for c in counts)
+    assert logits.shape[1] == text + images * per_image[2]
+
+
+def test_several_reduce_layers_compound_and_the_cache_holds_each_stage():
+    model = pumer_patch.apply(llava(layers=4), layers=[0, 2], prune_ratio=0.5)
+    inputs = prompt([(3, 1, 4)])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    n = inputs["input_ids"].shape[1]
+    assert [out.cache.get_seq_length(i) for i in range(4)] == [n, n - 8, n - 8, n - 12]
+
+
+def test_output_hidden_states_has_every_layer_at_its_own_length():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.5)
+    inputs = prompt([(3, 1, 4)])
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    n = inputs["input_ids"].shape[1]
+    assert [h.shape[1] for h in hidden] == [n, n, n - 8, n - 8]
+
+
+def test_fastv_rule_ranks_by_the_last_prompt_token_alone():
+    inputs = prompt([(3, 1, 6)])
+    fastv = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.5, text_tokens="last", trace=True)
+    _forward(fastv, inputs)
+    fastv_out = pumer_patch.last_trace(fastv).image.x
+    pumer = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.5, trace=True)
+    _forward(pumer, inputs)
+    assert fastv_out.shape == pumer_patch.last_trace(pumer).image.x.shape
+    assert not torch.equal(fastv_out, pumer_patch.last_trace(pumer).image.x)  # another rule, other survivors
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "error", "match"), [
+    ({"layers": [3], "prune_ratio": 0.3}, ValueError, r"layers \[3\] out of range.*3 blocks"),
+    ({"layers": [1], "prune_ratio": 1.2}, ValueError, "must lie in"),
+    ({"layers": [1], "merge_ratio": -0.1}, ValueError, "must lie in"),
+    ({"layers": [1], "prune_ratio": 0.3, "where": "input"}, ValueError, "pass layers=\\[0\\]"),
+    ({"layers": [1], "prune_ratio": 0.3, "where": "tower"}, ValueError, "where must be one of"),
+    ({"layers": [1], "prune_ratio": 0.3, "text_tokens": "first"}, ValueError, "text_tokens must be one of"),
+    ({"layers": [1], "text_merge_ratio": 0.3}, ValueError, "text_merge_ratio has no effect"),
+    ({"layers": [1], "prune_ratio": 0.3, "mode": "reference"}, ValueError, "take mode='default'"),
+    ({"layers": [1], "prune_ratio": 0.3, "relevance": "cls"}, ValueError, "unknown option"),
+])
+def test_bad_input_is_refused_and_the_model_left_untouched(options, error, match):
+    model = llava()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        pumer_patch.apply(model, **options)
+    assert not pumer_patch.is_patched(model)
+    assert same(snapshot(model), before)
+
+
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
+def test_an_attention_without_an_additive_mask_is_refused_naming_the_fix(implementation):
+    model = llava()
+    model.config.text_config._attn_implementation = implementation
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="only 'eager' and 'sdpa' take: model.set_attn_implementation"):
+        pumer_patch.apply(model, layers=[1], prune_ratio=0.3)
+    assert same(snapshot(model), before)
+
+
+def test_an_implementation_switched_after_apply_is_refused_at_the_forward():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3)
+    model.config.text_config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="runs attn_implementation='flex_attention'"):
+        _forward(model, prompt([(3, 1, 4)]))
+
+
+def test_labels_are_refused_while_the_patch_reduces():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3)
+    inputs = prompt([(3, 1, 4)])
+    with pytest.raises(ValueError, match="labels cannot follow a reduced sequence"):
+        model(**inputs, labels=inputs["input_ids"])
+
+
+def test_prompt_end_takes_a_length():
+    with pytest.raises(ValueError, match="prompt's length"):
+        with prompt_end(0):
+            pass
