@@ -98,7 +98,7 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
                 # seed + k: the K images of one example (NLVR2's pair) are augmented independently
                 images.append(to_pixels(self.transform, self.store[stem], seed + k))
             except IMAGE_ERRORS as err:  # corrupt, truncated or oversized
-                message = f"image {stem!r} in {self.store.path} does not decode: {err}"
+                message = f"image {stem!r} in {self.store.path} does not decode: {type(err).__name__}: {err}"
                 if self.on_bad_image == "error":
                     raise BadImageError(message + " (--on-bad-image skip leaves it out)") from err
                 logger.warning("%s; example %d left out of loss and metrics", message, i)

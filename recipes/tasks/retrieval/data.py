@@ -122,7 +122,7 @@ class ImagePixels(Dataset[dict[str, Tensor]]):
         try:
             pixels, valid = to_pixels(self.transform, self.store[self.keys[i]], seed), True
         except IMAGE_ERRORS as err:  # corrupt, truncated or oversized
-            message = f"image {self.keys[i]!r} in {self.store.path} does not decode: {err}"
+            message = f"image {self.keys[i]!r} in {self.store.path} does not decode: {type(err).__name__}: {err}"
             if self.on_bad_image == "error":
                 raise BadImageError(message + " (--on-bad-image skip leaves it out of training)") from err
             logger.warning("%s; left out of loss and metrics", message)
