@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Positions", "gather_bias", "grid_carry", "positions", "rope_rows", "rope_slope"]
+__all__ = ["Positions", "RopeUnresolved", "gather_bias", "grid_carry", "positions", "rope_rows", "rope_slope"]
 
 
 @dataclass
@@ -64,40 +64,106 @@ def positions(carry: tuple[Tensor, ...], protected: int, width: int) -> Position
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_slope(table: Tensor, grid: tuple[int, int]) -> Tensor:
+class RopeUnresolved(ValueError):
+    """The per-step rotary angle cannot be told apart from its aliases (nothing is changed)."""
+
+
+def rope_slope(table: Tensor, grid: tuple[int, int], nominal: Tensor, scale: float = 1.0) -> Tensor:
     """The rotary angle added per grid step, (..., D, 2) for (row, col), from a table (..., H*W, 2D).
 
     ``table`` is what timm's attention reads (``apply_rot_embed_cat``: ``[sin ; cos]`` of D angles
-    per cell). The angles are affine in the cell's (row, col); each step is read as the angle in
-    (-pi, pi] that turns cell (0, 0) into (1, 0) and (0, 1); an axis of length 1 has slope 0.
+    per cell), its angles affine in the cell's (row, col). A table holds each angle modulo 2 pi only,
+    so its per-step difference is known modulo 2 pi too, and on a small grid the true step exceeds pi
+    (EVA02 and Perception Encoder scale cells to a fixed reference grid, DINOv3 to [-1, 1]): reading
+    the step as the angle in (-pi, pi] then turns a merged token by the wrong angle. ``nominal``
+    (..., D, 2), the closed-form step of the rope's frequencies at the unaugmented grid, names the
+    branch: the slope is the table's own difference plus the multiple of 2 pi that brings it nearest
+    ``nominal`` times the axis' coordinate scale ``s``. Coordinate augmentation in training scales
+    each axis by an unknown ``s`` in [1 / scale, scale]; ``s`` is read off the channels whose branch
+    is already certain, lowest frequency first. The result keeps the table's gradient (the branch is
+    a constant).
+
+    Raises ``RopeUnresolved`` when a branch stays uncertain (augmentation too strong for the lowest
+    frequency) or when the table's steps disagree with ``nominal`` (a rope whose closed form differs).
+    An axis of length 1 has slope 0 (no token moves along it).
     """
     sin, cos = table.float().chunk(2, dim=-1)
     theta = torch.atan2(sin, cos).unflatten(-2, grid)  # (..., H, W, D)
-    zero = torch.zeros_like(theta[..., 0, 0, :])
+    noise = max(1e-3, 8 * torch.finfo(table.dtype).eps)  # the error of an angle read from the table
+    axes = []
+    for axis, (step, length) in enumerate(((theta[..., 1, 0, :], grid[0]), (theta[..., 0, 1, :], grid[1]))):
+        if length == 1:
+            axes.append(torch.zeros_like(theta[..., 0, 0, :]))
+            continue
+        wrapped = torch.remainder(step - theta[..., 0, 0, :] + math.pi, 2 * math.pi) - math.pi
+        with torch.no_grad():
+            name = "row" if axis == 0 else "column"
+            turns = _turns(wrapped.detach(), nominal[..., axis].to(wrapped), scale, noise, name)
+        axes.append(wrapped + 2 * math.pi * turns)
+    return torch.stack(axes, dim=-1)
 
-    def step(delta: Tensor) -> Tensor:
-        return torch.remainder(delta + math.pi, 2 * math.pi) - math.pi
 
-    rows = step(theta[..., 1, 0, :] - theta[..., 0, 0, :]) if grid[0] > 1 else zero
-    cols = step(theta[..., 0, 1, :] - theta[..., 0, 0, :]) if grid[1] > 1 else zero
-    return torch.stack([rows, cols], dim=-1)
+def _turns(wrapped: Tensor, nominal: Tensor, scale: float, noise: float, axis: str) -> Tensor:
+    """How many whole turns (..., D) to add to each wrapped step so that it is the true one.
+
+    The true step is ``nominal * s`` for one unknown ``s`` with ``|s - estimate| <= spread`` (s = 1
+    without augmentation: one vectorised rounding). Under augmentation, the channels whose
+    prediction is certain within pi / 2 take the nearest branch, and the most precise channel
+    resolved so far narrows ``s`` for the next round.
+    """
+    flat_w, flat_n = wrapped.reshape(-1), nominal.reshape(-1)
+    estimate = 1.0
+    turns = torch.round((flat_n - flat_w) / (2 * math.pi))
+    if scale > 1:
+        magnitude = flat_n.abs()
+        resolved = torch.zeros_like(flat_w, dtype=torch.bool)
+        spread = scale - 1.0
+        while not bool(resolved.all()):
+            ready = ~resolved & (magnitude * spread + noise < math.pi / 2)
+            if not bool(ready.any()):
+                raise RopeUnresolved(
+                    f"the rotary's per-step {axis} angle cannot be told apart from its aliases under coordinate "
+                    f"augmentation up to x{scale:g}; use merge_position='destination', or train without the "
+                    f"rope's jitter / rescale augmentation"
+                )
+            turns[ready] = torch.round((flat_n[ready] * estimate - flat_w[ready]) / (2 * math.pi))
+            resolved |= ready
+            best = torch.where(resolved, magnitude, torch.zeros_like(magnitude)).argmax()
+            if magnitude[best] > 0:
+                estimate = float((flat_w[best] + 2 * math.pi * turns[best]) / flat_n[best])
+                spread = noise / float(magnitude[best])
+    residual = (flat_n * estimate - flat_w - 2 * math.pi * turns).abs().max()
+    if residual > math.pi / 4:
+        raise RopeUnresolved(
+            f"the rotary table's per-step {axis} angles differ from the closed form of its frequencies by up to "
+            f"{float(residual):.3g} rad, so a merged token's rotary at its mean coordinate is unknown; use "
+            f"merge_position='destination'"
+        )
+    return turns.reshape(wrapped.shape)
 
 
 def rope_rows(table: Tensor, pos: Positions, width: int, slope: Tensor | None) -> Tensor:
     """The rotary rows (B, 1 or heads, M, 2D) of the tokens at ``pos``, from a table (N0, 2D) or (heads, N0, 2D).
 
-    Each token reads its cell's row; with ``slope`` (``rope_slope``), the row is turned on by the
-    angle ``slope @ (coord - cell)`` (a merged token at its mean coordinate). A token at its own
-    cell turns by exactly 0, so its row is the table's, bit for bit.
+    Without ``slope`` each token reads its cell's row. With ``slope`` (``rope_slope``), a token at
+    coordinate ``coord`` reads the row of the cell nearest it and turns it by ``slope @ (coord -
+    nearest)`` (at most half a step per axis inside the grid): the rotary at its coordinate. A token
+    whose coordinate is a cell, its own or not, turns by exactly 0 and gets that cell's row, bit for bit.
     """
-    b, m = pos.cell.shape
-    rows = table.index_select(-2, pos.cell.reshape(-1)).unflatten(-2, (b, m))  # (..., B, M, 2D)
+    cell = pos.cell
+    if slope is not None:
+        height = table.shape[-2] // width
+        rounded = pos.coord.round()
+        nearest = torch.stack([rounded[..., 0].clamp(0, height - 1), rounded[..., 1].clamp(0, width - 1)], dim=-1)
+        cell = (nearest[..., 0] * width + nearest[..., 1]).long()  # (B, M)
+    b, m = cell.shape
+    rows = table.index_select(-2, cell.reshape(-1)).unflatten(-2, (b, m))  # (..., B, M, 2D)
     rows = rows.movedim(-3, 0)  # (B, ..., M, 2D)
     if table.dim() == 2:
         rows = rows.unsqueeze(1)  # (B, 1, M, 2D): broadcast over heads
     if slope is None:
         return rows
-    offset = pos.coord - _cell_coord(pos.cell, width)  # (B, M, 2)
+    offset = pos.coord - nearest  # (B, M, 2)
     if slope.dim() == 2:
         slope = slope.unsqueeze(0)  # (1, D, 2)
     angle = torch.einsum("bmk,hdk->bhmd", offset, slope)  # (B, 1 or heads, M, D)
@@ -105,6 +171,7 @@ def rope_rows(table: Tensor, pos: Positions, width: int, slope: Tensor | None) -
     turn_sin, turn_cos = angle.sin(), angle.cos()
     turned = torch.cat([sin * turn_cos + cos * turn_sin, cos * turn_cos - sin * turn_sin], dim=-1)
     return turned.to(rows.dtype)
+
 
 def gather_bias(bias: Tensor, cells: Tensor) -> Tensor:
     """Rows and columns ``cells`` (B, N) of a bias (heads, N0 + 1, N0 + 1): (B, heads, N, N)."""

@@ -7,13 +7,16 @@ inside every block, so a reducing loop must carry, for every patch token, where 
 * pruning keeps each survivor's position: its rotary row, its bias rows and columns;
 * merging gives the merged token a position, ``merge_position``:
   ``"mean"`` (default): the size-weighted mean of the grid coordinates of the tokens it stands for.
-  RoPE at a fractional coordinate is exact: the rotary angles are affine in the (row, col) cell (all
-  of timm's rope kinds: ``cat``, ``dinov3``, ``mixed``, per call coordinate augmentation included),
-  so the merged token's row is the destination's row rotated by ``slope @ (mean - cell)``, with the
-  per-step slope read off the model's own table (needs every frequency under pi per patch step, true
-  of every timm config at its native grid). For BEiT the mean is rounded to the nearest cell: its
-  bias table is learned at integer offsets only, and interpolating it would cost four gathers of a
-  (B, H, N, N) bias per block for a position BEiT never saw.
+  RoPE at a fractional coordinate is exact on every grid: the rotary angles are affine in the
+  (row, col) cell (all of timm's rope kinds: ``cat``, ``dinov3``, ``mixed``, ``mrope``, per call
+  coordinate augmentation included), so the merged token's row is the nearest cell's row turned by
+  ``slope @ (mean - cell)``. The per-step slope is the model's own table's step, on the branch that
+  the closed form of its frequencies names (``rope_steps``): on small grids a step exceeds pi (EVA02
+  and DINOv3 up to 4 x 4 patches, Perception Encoder up to 6 x 6), and the table alone would give
+  its alias. A rope module without a known closed form is refused for ``"mean"``, and so is a
+  training-time augmentation too strong to tell a step from its aliases. For BEiT the mean is
+  rounded to the nearest cell: its bias table is learned at integer offsets only, and interpolating
+  it would cost four gathers of a (B, H, N, N) bias per block for a position BEiT never saw.
   ``"destination"``: the position of the token the others merge into (ToMe's B token).
 
 Which rule keeps a reduced model closer to its unreduced answers was measured on tiny position-regression
@@ -40,6 +43,7 @@ reducing: timm's ``_pos_embed`` does not hand back which cells it kept.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,7 +53,16 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import AttentionPoolLatent, AttentionRope
-from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.layers.pos_embed_sincos import (
+    RotaryEmbeddingCat,
+    RotaryEmbeddingDinoV3,
+    RotaryEmbeddingMixed,
+    RotaryEmbeddingMRope,
+    _build_grid,
+    _rope_layout,
+    apply_rot_embed_cat,
+    get_mixed_grid,
+)
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import Beit
 from timm.models.beit import Block as BeitBlock
@@ -65,7 +78,9 @@ from ._timm_common import TIMM_TESTED, PumerTimmRoot, pooling_sizes, refuse_mask
 from ._vit import VitOptions, resolve_vit_options, weighted_mean
 from .base import SHARED_ATTR, Adapter, Plan, Trace, ensure_class, library_class, warn_if_untested
 
-__all__ = ["TimmEvaAdapter", "EvaOptions", "PumerEva", "PumerBeit", "PumerBeitAttention", "EvaStep", "BeitStep"]
+__all__ = [
+    "TimmEvaAdapter", "EvaOptions", "PumerEva", "PumerBeit", "PumerBeitAttention", "EvaStep", "BeitStep", "rope_steps",
+]
 
 _SUPPORTED = "timm Eva (EVA, EVA02, DINOv3, Perception Encoder, ViT-RoPE) and Beit"
 
@@ -120,17 +135,73 @@ class _EvaBlock(NamedTuple):
         return x + block.drop_path2(h if block.gamma_2 is None else block.gamma_2 * h)
 
 
+#: the rope modules whose closed form ``rope_steps`` knows (``merge_position="mean"`` needs it)
+_KNOWN_ROPES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed, RotaryEmbeddingMRope)
+
+
+def rope_steps(rope: nn.Module, grid: tuple[int, int]) -> tuple[Tensor, float]:
+    """timm's closed-form rotary angle per grid step, (D, 2) or (depth, heads, D, 2) for (row, col), and its spread.
+
+    Every rope kind of timm turns channel d by ``sum_c f[d, c] * coord_c``: frequencies times the
+    coordinates of timm's own grid (``_build_grid``: cell indices, scaled to ``ref_feat_shape`` for
+    EVA02 / Perception Encoder; ``[-1, 1]``-centred for DINOv3; ``grid_indexing="xy"`` swaps the
+    channels). One grid step moves each coordinate by its grid's difference between neighbouring
+    cells, so the step of channel d along an axis is ``sum_c f[d, c] * dcoord_c``, laid out as the
+    table (``_rope_layout``). ``rope_slope`` takes it to name the branch of the table's own step.
+
+    The spread (>= 1) bounds the training-time coordinate augmentation (jitter times rescale, each a
+    factor; a shift moves no step); 1 in eval or without augmentation.
+    """
+    if isinstance(rope, RotaryEmbeddingMixed):
+        t_x, t_y = get_mixed_grid(list(grid), grid_indexing=rope.grid_indexing)
+        coords = torch.stack([t_x, t_y], dim=-1).unflatten(0, grid)  # (H, W, 2)
+    elif isinstance(rope, RotaryEmbeddingMRope):
+        coords = _build_grid(list(grid), grid_indexing=rope.grid_indexing, ndim=2)
+    elif isinstance(rope, RotaryEmbeddingDinoV3):
+        coords = _build_grid(list(grid), grid_type="centered", grid_offset=rope.grid_offset,
+                             grid_indexing=rope.grid_indexing, normalize_coords=rope.normalize_coords, ndim=2)
+    else:
+        coords = _build_grid(list(grid), grid_type=rope.grid_type, ref_feat_shape=rope.ref_feat_shape,
+                             grid_offset=rope.grid_offset, grid_indexing=rope.grid_indexing,
+                             normalize_coords=rope.normalize_coords)
+    coords = coords.double()
+    zero = torch.zeros(2, dtype=torch.float64)
+    moves = torch.stack([  # (2 coordinate channels, 2 axes): each coordinate's change per row / column step
+        coords[1, 0] - coords[0, 0] if grid[0] > 1 else zero,
+        coords[0, 1] - coords[0, 0] if grid[1] > 1 else zero,
+    ], dim=-1)
+    per_axis = []
+    for axis in range(2):
+        move = moves[:, axis]
+        if isinstance(rope, RotaryEmbeddingMixed):
+            freqs = rope.freqs.detach().double().cpu()  # (2, depth, heads, head_dim // 2)
+            per_axis.append(_rope_layout(freqs[0] * move[0] + freqs[1] * move[1]))
+        elif isinstance(rope, RotaryEmbeddingMRope):
+            channel = torch.cat([torch.zeros(1, dtype=torch.float64), move])  # temporal channels stay at 0
+            per_axis.append(_rope_layout(rope.inv_freq.double().cpu() * channel[rope.axis.cpu()], rotate_half=True))
+        else:
+            if isinstance(rope, RotaryEmbeddingDinoV3):
+                freqs, half = 2 * math.pi / rope.periods.double().cpu(), rope.rotate_half
+            else:
+                freqs, half = rope.bands.double().cpu(), rope.rotate_half
+            per_axis.append(_rope_layout((move[:, None] * freqs).flatten(), half))  # (2 * bands) -> D
+    augmented = rope.training and rope.aug_active
+    spread = (rope.jitter_coords or 1.0) * (rope.rescale_coords or 1.0) if augmented else 1.0
+    return torch.stack(per_axis, dim=-1), spread
+
+
 class EvaStep:
     """EVA's blocks for one forward (a ``PlacedStep``): each block reads its tokens' rotary rows.
 
     rope: ``_pos_embed``'s table, (N0, 2D), or one per block (depth, heads, N0, 2D) for mixed RoPE,
-    or None. The per-step slopes (``rope_slope``) are read once per table and forward.
+    or None. With ``merge_position="mean"`` the per-step slopes (``rope_slope``, branch named by
+    ``rope_steps``) are read once per table and forward.
     """
 
     def __init__(self, root: Eva, rope: Tensor | None, grid: tuple[int, int], merge_position: MergePosition) -> None:
         self.rope, self.grid, self.protected = rope, grid, root.num_prefix_tokens
         self.mixed = getattr(root, "rope_mixed", False) and rope is not None
-        self.mean = merge_position == "mean"
+        self.steps = rope_steps(root.rope, grid) if merge_position == "mean" and rope is not None else None
         self._slopes: dict[int, Tensor] = {}
 
     def at(self, i: int, carry: tuple[Tensor, ...] | None) -> BlockStep:
@@ -138,10 +209,11 @@ class EvaStep:
         if table is None or carry is None:
             return _EvaBlock(table)
         slope = None
-        if self.mean:
+        if self.steps is not None:
             key = i if self.mixed else 0
             if key not in self._slopes:
-                self._slopes[key] = rope_slope(table, self.grid)
+                nominal, spread = self.steps
+                self._slopes[key] = rope_slope(table, self.grid, nominal[i] if self.mixed else nominal, spread)
             slope = self._slopes[key]
         return _EvaBlock(rope_rows(table, positions(carry, self.protected, self.grid[1]), self.grid[1], slope))
 
@@ -395,6 +467,13 @@ class TimmEvaAdapter(Adapter):
         position = options.pop("merge_position", "mean")
         if position not in ("mean", "destination"):
             raise ValueError(f"merge_position must be 'mean' or 'destination', got {position!r}")
+        rope = getattr(root, "rope", None)
+        if position == "mean" and rope is not None and not isinstance(rope, _KNOWN_ROPES):
+            known = ", ".join(k.__name__ for k in _KNOWN_ROPES)
+            raise ValueError(
+                f"merge_position='mean' places a merged token's rotary at its mean coordinate from the closed form of "
+                f"timm's {known}; this Eva's rope is {type(rope).__qualname__}: use merge_position='destination'"
+            )
         has_cls = getattr(root, "cls_token", None) is not None
         auto = "cls" if has_cls and root.global_pool in ("token", "") else "received"
         vit = resolve_vit_options(options, len(root.blocks), has_cls, auto, mode)

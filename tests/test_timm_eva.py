@@ -3,20 +3,35 @@
 The contract suite covers parity, remove, copies, training, precision and compile on the tiny
 entries of ``contract_models``; here: a pruned model equals timm's own blocks run on the survivors
 with the survivors' rotary rows / relative-bias rows and columns (and not with the first rows), the
-fractional rotary of a merged token equals timm's table at that coordinate, registers and [CLS]
-are never pruned or merged, and the refusals.
+rotary of a merged token equals timm's at its coordinate for every rope family on every grid from
+2 x 2 (training augmentation included), registers and [CLS] are never pruned or merged, and the
+refusals.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
-from timm.layers.pos_embed_sincos import apply_keep_indices_nlc, create_rope_embed
+from timm.layers.pos_embed_sincos import (
+    RotaryEmbedding,
+    RotaryEmbeddingCat,
+    RotaryEmbeddingMixed,
+    RotaryEmbeddingMRope,
+    _apply_coord_augs,
+    _build_grid,
+    apply_keep_indices_nlc,
+    get_mixed_freqs,
+    get_mixed_grid,
+)
+from timm.models.eva import Eva
 from torch import Tensor, nn
 
 import pumer_patch
-from pumer_patch.adapters._positions import Positions, rope_rows, rope_slope
+from pumer_patch.adapters._positions import Positions, RopeUnresolved, rope_rows, rope_slope
+from pumer_patch.adapters.timm_eva import rope_steps
 from pumer_patch.core import reduced_counts
 
 TINY = dict(pretrained=False, img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
@@ -143,26 +158,139 @@ def test_beits_own_bias_per_block_is_gathered_like_the_shared_one(position):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        dict(rope_type="cat", in_pixels=False),
-        dict(rope_type="dinov3"),
-        dict(rope_type="cat", in_pixels=False, grid_indexing="xy"),
-    ],
-)
-def test_rotary_at_a_fractional_coordinate_is_timms_table_there(kind):
-    def table(offset: float) -> Tensor:
-        rope = create_rope_embed(dim=64, num_heads=2, feat_shape=[8, 8], grid_offset=offset, **kind)
-        return rope.get_embed()  # (64, 2 * 32)
+# every rope family of timm's Eva, as timm builds it: (name or builder, rope kind)
+ROPE_FAMILIES = {
+    "eva02": "eva02_tiny_patch14_224",  # cat, cells scaled to a 16 x 16 reference grid
+    "pe": "vit_pe_core_tiny_patch16_384",  # cat, 24 x 24 reference, grid offset 1, xy
+    "dinov3": "vit_small_patch16_dinov3",  # dinov3: [-1, 1]-centred cells, dynamic size
+    "rope_vit": "vit_betwixt_patch16_rope_reg4_gap_256",  # cat, plain cell indices
+    "mixed": "vit_small_patch16_rope_mixed_224",  # mixed: learned frequencies per block and head
+    "mrope": None,  # mrope: no registered model, built as Eva(rope_type="mrope")
+}
 
-    base, shifted = table(0.0), table(0.5)  # shifted: every cell at (row + 0.5, col + 0.5)
-    cell = torch.arange(64).expand(3, -1)
-    coord = torch.stack([cell // 8, cell % 8], dim=-1).float() + 0.5
-    turned = rope_rows(base, Positions(cell, coord), 8, rope_slope(base, (8, 8)))  # (3, 1, 64, 64)
-    torch.testing.assert_close(turned[:, 0], shifted.expand(3, -1, -1), rtol=1e-4, atol=1e-5)
-    at_cells = rope_rows(base, Positions(cell, coord - 0.5), 8, rope_slope(base, (8, 8)))
-    assert torch.equal(at_cells[:, 0], base.expand(3, -1, -1))  # a token at its own cell: the table's row
+
+def _rope_model(family: str, size: int, **overrides: object) -> nn.Module:
+    """A tiny Eva of ``family`` with a ``size`` x ``size`` patch grid (8-pixel patches)."""
+    name = ROPE_FAMILIES[family]
+    if name is None:
+        torch.manual_seed(0)
+        args = {k: v for k, v in TINY.items() if k != "pretrained"}
+        return Eva(**{**args, "img_size": 8 * size, "use_rot_pos_emb": True, "rope_type": "mrope", **overrides}).eval()
+    return _eva(name, img_size=8 * size, **overrides)
+
+
+def _table(model: nn.Module, size: int) -> Tensor:
+    """The rotary table timm's forward reads: (N0, 2D), or (depth, heads, N0, 2D) for mixed RoPE."""
+    return model._pos_embed(model.patch_embed(torch.zeros(1, 3, 8 * size, 8 * size)))[1]
+
+
+def _table_moved(model: nn.Module, size: int, delta: float) -> Tensor:
+    """timm's rotary with every cell moved by ``delta`` cells along both axes, like ``_table``.
+
+    cat / dinov3: the same rope with ``grid_offset`` + delta (offsets count cells, and in training
+    the same augmentation draws follow); mixed and mrope have no offset, so their own frequencies
+    at the moved coordinates (``get_mixed_freqs`` after the same draws; mrope's ``get_embed`` lines).
+    """
+    rope = copy.deepcopy(model.rope)
+    grid = [size, size]
+    if isinstance(rope, RotaryEmbeddingMixed):
+        coords = torch.stack(get_mixed_grid(grid, grid_indexing=rope.grid_indexing), dim=-1) + delta
+        if rope.training and rope.aug_active:  # the draws its get_embed makes
+            coords = _apply_coord_augs(coords, rope.shift_coords, rope.jitter_coords, rope.rescale_coords)
+        return get_mixed_freqs(rope.freqs, coords[:, 0], coords[:, 1]).detach()
+    if isinstance(rope, RotaryEmbeddingMRope):
+        coords = _build_grid(grid, grid_indexing=rope.grid_indexing, ndim=2).reshape(-1, 2) + delta
+        pos = torch.cat([torch.zeros_like(coords[:, :1]), coords], dim=-1).index_select(-1, rope.axis)
+        angles = pos * rope.inv_freq
+        return torch.cat([angles.sin(), angles.sin(), angles.cos(), angles.cos()], dim=-1)
+    rope.grid_offset += delta
+    rope.reset_parameters()  # rebuilds a cached table at the new offset
+    return rope.get_embed(shape=grid) if model.dynamic_img_size else rope.get_embed()
+
+
+def _per_block(model: nn.Module, table: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+    """(table, block) pairs: one per block for mixed RoPE, else the one table."""
+    if model.rope_mixed:
+        return [(table[i], i) for i in range(table.shape[0])]
+    return [(table, None)]
+
+
+@pytest.mark.parametrize("size", range(2, 9))
+@pytest.mark.parametrize("family", list(ROPE_FAMILIES))
+def test_a_merged_tokens_rotary_is_timms_at_its_coordinate_on_every_grid(family, size):
+    """On small grids the rotary's per-step angle exceeds pi (EVA02 / DINOv3 up to 4 x 4, PE up to 6 x 6):
+    a slope read off the table alone turned merged tokens by its alias, up to 2.0 off."""
+    model = _rope_model(family, size)
+    if family == "mixed":
+        with torch.no_grad():
+            model.rope.freqs.mul_(4)  # learned frequencies may grow past pi per step
+    grid = (size, size)
+    table = _table(model, size)
+    nominal, spread = rope_steps(model.rope, grid)
+    cell = torch.arange(size * size).expand(2, -1)
+    coord = torch.stack([cell // size, cell % size], dim=-1).float()  # (2, M, 2) every cell's (row, col)
+    destination = cell.flip(-1)  # a merged token keeps its destination's cell, not its coordinate's
+    moved = {delta: _table_moved(model, size, delta) for delta in (0.5, 0.25, -0.375)}
+    for rows, block in _per_block(model, table):
+        slope = rope_slope(rows, grid, nominal if block is None else nominal[block], spread)
+        at_cells = rope_rows(rows, Positions(destination, coord), size, slope)  # (2, 1 or heads, M, 2D)
+        assert torch.equal(at_cells, rows.expand_as(at_cells))  # a coordinate on a cell: that cell's row, bit for bit
+        for delta, expected in moved.items():
+            turned = rope_rows(rows, Positions(destination, coord + delta), size, slope)
+            want = expected if block is None else expected[block]
+            torch.testing.assert_close(turned, want.expand_as(turned), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("family", ["eva02", "dinov3", "mixed"])
+def test_the_rotary_follows_timms_coordinate_augmentation_in_training(family, size):
+    """Shift, per-axis jitter and rescale change every step by a random factor that the table alone holds."""
+    model = _rope_model(family, size, rope_shift_coords=0.5, rope_jitter_coords=1.5, rope_rescale_coords=2.0).train()
+    grid = (size, size)
+    nominal, spread = rope_steps(model.rope, grid)
+    assert spread == 3.0
+    cell = torch.arange(size * size)[None]
+    coord = torch.stack([cell // size, cell % size], dim=-1).float() + 0.5
+    for seed in range(3):  # the same draws for the table and for timm's moved table
+        torch.manual_seed(seed)
+        table = _table(model, size)
+        torch.manual_seed(seed)
+        expected = _table_moved(model, size, 0.5)
+        for rows, block in _per_block(model, table):
+            slope = rope_slope(rows, grid, nominal if block is None else nominal[block], spread)
+            turned = rope_rows(rows, Positions(cell, coord), size, slope)
+            want = expected if block is None else expected[block]
+            torch.testing.assert_close(turned, want.expand_as(turned), rtol=0, atol=2e-5)
+
+
+def test_an_unresolvable_or_foreign_rotary_is_refused_with_the_reason():
+    # pixel-band RoPE on a 4 x 4 grid under x2 rescale: even its lowest frequency may alias
+    rope = RotaryEmbeddingCat(16, in_pixels=True, feat_shape=[4, 4], rescale_coords=2.0).train()
+    nominal, spread = rope_steps(rope, (4, 4))
+    with pytest.raises(RopeUnresolved, match="cannot be told apart from its aliases .* merge_position='destination'"):
+        rope_slope(rope.get_embed(), (4, 4), nominal, spread)
+    rope.eval()  # unaugmented, the closed form names every branch
+    rope_slope(rope.get_embed(), (4, 4), nominal, 1.0)
+    # a closed form that is not the table's (here: another grid's) is refused, not trusted
+    other, _ = rope_steps(RotaryEmbeddingCat(16, in_pixels=True, feat_shape=[7, 7]), (7, 7))
+    with pytest.raises(RopeUnresolved, match="differ from the closed form"):
+        rope_slope(rope.get_embed(), (4, 4), other, 1.0)
+    # a rope module whose closed form pumer_patch does not know: "mean" refused at apply, "destination" fine
+    model = _eva("eva02_tiny_patch14_224")
+    model.rope = RotaryEmbedding(16, in_pixels=False, feat_shape=[8, 8])
+    with pytest.raises(ValueError, match="merge_position='mean' .* RotaryEmbedding: use merge_position='destination'"):
+        pumer_patch.apply(model, layers=[1], merge_ratio=0.3)
+    assert not pumer_patch.is_patched(model)
+    pumer_patch.apply(model, layers=[1], merge_ratio=0.3, merge_position="destination")
+
+
+@pytest.mark.parametrize("family", list(ROPE_FAMILIES))
+def test_mean_merging_runs_on_every_small_grid(family):
+    for size in (2, 3, 4):
+        model = pumer_patch.apply(_rope_model(family, size), layers=[0, 1], merge_ratio=0.5)
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 8 * size, 8 * size, generator=torch.Generator().manual_seed(size)))
+        assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
 def test_merge_position_changes_a_rope_models_output():
