@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import pytest
 import torch
-from transformers import StaticCache
+from transformers import LlavaForConditionalGeneration, StaticCache
 
 import pumer_patch
 from pumer_patch.adapters.hf_vlm import prompt_end
 from pumer_patch.core import reduced_counts
 from pumer_patch.ratios import Ratios
 from tests.model_state import same, snapshot
-from tests.vlm_models import VISUAL, llava, prompt
+from tests.vlm_models import IMAGE, VISUAL, llava, prompt
 
 IMPLEMENTATIONS = ["sdpa", "eager"]
 
@@ -26,9 +27,10 @@ def _forward(model, inputs, **kwargs):
 
 def _generate(model, inputs, steps=4, **kwargs):
     gen_inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+    options = {"do_sample": False, **kwargs}
     with torch.no_grad():
-        return model.generate(**gen_inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, **kwargs)
+        return model.generate(**gen_inputs, max_new_tokens=steps, output_logits=True, return_dict_in_generate=True,
+                              **options)
 
 
 def _real_columns(model, logits, row):
@@ -282,3 +284,63 @@ def test_prompt_end_takes_a_length():
     with pytest.raises(ValueError, match="prompt's length"):
         with prompt_end(0):
             pass
+
+
+# --------------------------------------------------------------------------------------------
+# threads, saving, sampling
+# --------------------------------------------------------------------------------------------
+
+
+def test_threads_each_get_their_own_reduction_and_generation():
+    model = pumer_patch.apply(llava(), layers=[0, 1], prune_ratio=0.3, merge_ratio=0.2)
+    prompts = [prompt([(3, 1, 4)], seed=t) if t != 2 else prompt([(2, 0, 5), (1, 1, 9)], seed=t) for t in range(3)]
+    expected = [(_forward(model, p), _generate(model, p).sequences) for p in prompts]
+    results: list[list] = [[] for _ in prompts]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(prompts))
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(3):
+                results[t].append((_forward(model, prompts[t]), _generate(model, prompts[t]).sequences))
+        except BaseException as error:  # re-raised in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    for (logits, sequences), got in zip(expected, results):
+        assert len(got) == 3
+        for got_logits, got_sequences in got:
+            torch.testing.assert_close(got_logits, logits, rtol=0, atol=1e-6)
+            assert torch.equal(got_sequences, sequences)
+
+
+def test_save_pretrained_writes_the_library_class_and_the_same_weights(tmp_path):
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3, merge_ratio=0.2)
+    model.save_pretrained(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert type(loaded) is LlavaForConditionalGeneration
+    assert loaded.config.architectures == ["LlavaForConditionalGeneration"]
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+
+
+def test_sampled_generation_equals_a_no_cache_recompute():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3, merge_ratio=0.2)
+    inputs = prompt([(3, 1, 4), (1, 1, 6)])
+    torch.manual_seed(3)
+    gen = _generate(model, inputs, steps=3, do_sample=True, top_k=0, suppress_tokens=[IMAGE])  # no new image token
+    length = inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 3, dtype=torch.long)], dim=1)
+    for t in range(3):
+        n = length + t
+        position_ids = (mask[:, :n].cumsum(-1) - 1).masked_fill(mask[:, :n] == 0, 0)
+        with prompt_end(length), torch.no_grad():
+            logits = model(input_ids=gen.sequences[:, :n], attention_mask=mask[:, :n], position_ids=position_ids,
+                           pixel_values=inputs["pixel_values"]).logits[:, -1]
+        torch.testing.assert_close(logits, gen.logits[t], rtol=0, atol=1e-5)
