@@ -1,13 +1,14 @@
 """The recipes' data layer and VQA answer rules on fixtures written in the real formats.
 
 LMDB stores of small JPEG/PNG images, jsonl annotations, official-style VQAv2 json for the converter;
-normalisation, vocabulary, soft scores and the VQA score against hand-computed cases.
+normalisation, vocabulary, soft scores, the official VQA accuracy and the soft score against hand-computed cases.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def test_answer_normalisation(raw: str, expected: str) -> None:
     assert normalize_answer(raw) == expected
 
 
-def test_vocabulary_soft_scores_and_vqa_score() -> None:
+def test_vocabulary_soft_scores_and_the_soft_vqa_score() -> None:
     pairs = [(q, "Two") for q in range(9)] + [(q, "2") for q in range(9, 11)] + [(q, "cat") for q in range(20, 28)]
     pairs += [(20, "cat")]  # the same question twice counts once
     assert answer_vocabulary(pairs) == ["2"]  # "cat" has 8 questions only
@@ -287,3 +288,21 @@ def test_converter_on_official_style_files(tmp_path: Path) -> None:
     (raw / "test2015" / "COCO_test2015_000000000004.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="1 images named by the questions are missing"):
         convert(raw, tmp_path / "again", dirs)
+
+
+def test_vqa_task_reports_the_official_accuracy_beside_the_soft_score() -> None:
+    from recipes.tasks.vqa import VqaTask
+
+    labels = sorted(MESSY_VOCABULARY)  # the model's answers in logit order
+    records = [VqaRecord(k, "q?", f"i{k}", raw_label, "other", tuple(humans))
+               for k, (_, humans, _, raw_label, _) in enumerate(MESSY)]
+    records.append(VqaRecord(9, "q?", "i9", {"2": 1.0}, "number", ("2",) * 10))  # its image will not decode
+    task = VqaTask(labels, "label_count", records)
+    outputs = {"index": torch.arange(6), "prediction": torch.tensor([labels.index(m[0]) for m in MESSY] + [0]),
+               "valid": torch.tensor([True] * 5 + [False])}
+    metrics = task.metrics(outputs)
+    assert metrics["score"] == pytest.approx(0.5) and metrics["soft_score"] == pytest.approx(0.36)
+    assert metrics["skipped_images"] == 1 and metrics["unlabelled"] == 0
+    unlabelled = VqaTask(labels, "label_count", [VqaRecord(0, "q?", "i0")]).metrics(
+        {"index": torch.arange(1), "prediction": torch.tensor([0]), "valid": torch.tensor([True])})
+    assert unlabelled["unlabelled"] == 1 and math.isnan(unlabelled["score"]) and math.isnan(unlabelled["soft_score"])
