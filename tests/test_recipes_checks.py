@@ -26,7 +26,7 @@ from transformers import BertTokenizerFast  # noqa: E402
 
 from recipes.data.dataset import ImageTextDataset  # noqa: E402
 from recipes.data.records import RecordError, VqaRecord, read_jsonl, write_jsonl  # noqa: E402
-from recipes.data.store import ImageStore, write_image_store  # noqa: E402
+from recipes.data.store import ImageStore, write_image_folder, write_image_store  # noqa: E402
 from recipes.data.transforms import build_image_transform  # noqa: E402
 from recipes.models import FAMILIES  # noqa: E402
 from recipes.prepare import convert_nlvr2, convert_retrieval, convert_snli_ve, convert_vqav2  # noqa: E402
@@ -365,3 +365,13 @@ def test_a_decompression_bomb_is_skipped_and_counted_never_fatal(tmp_path: Path,
     assert "'bomb'" in caplog.text and "DecompressionBomb" in caplog.text
     with pytest.raises(ValueError, match=r"'bomb' in .*s\.lmdb does not decode"):
         dataset("error")[1]
+
+
+def test_write_image_folder_decodes_every_image_first(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(JPEG)
+    (folder / "cut.jpg").write_bytes(JPEG[: len(JPEG) // 2])
+    with pytest.raises(ValueError, match=r"cut\.jpg does not decode"):
+        write_image_folder(tmp_path / "s.lmdb", folder)
+    assert not (tmp_path / "s.lmdb").exists() and not (tmp_path / "s.lmdb.partial").exists()

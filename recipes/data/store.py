@@ -17,6 +17,8 @@ from pathlib import Path
 
 import lmdb
 
+from .transforms import image_problem
+
 __all__ = ["ImageStore", "MissingImageError", "is_image_store", "write_image_store", "write_image_folder",
            "IMAGE_SUFFIXES"]
 
@@ -155,7 +157,9 @@ def write_image_folder(path: str | os.PathLike[str], folder: str | os.PathLike[s
                        keys: Iterable[str] | None = None, overwrite: bool = False) -> int:
     """Store the images of ``folder`` (``.jpg``/``.jpeg``/``.png``, keyed by stem) in an LMDB at ``path``.
 
-    ``keys``: only these stems (each must exist in ``folder``); None takes every image file.
+    ``keys``: only these stems (each must exist in ``folder``); None takes every image file. Each
+    image is decoded first, as training will: one that does not decode is a ``ValueError`` naming
+    its file, and no store is left behind.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -167,4 +171,13 @@ def write_image_folder(path: str | os.PathLike[str], folder: str | os.PathLike[s
         if missing:
             raise FileNotFoundError(f"{len(missing)} images missing from {folder}, e.g. {missing[:5]}")
         files = {k: files[k] for k in wanted}
-    return write_image_store(path, ((k, p.read_bytes()) for k, p in files.items()), overwrite=overwrite)
+
+    def checked() -> Iterator[tuple[str, bytes]]:
+        for key, file in files.items():
+            data = file.read_bytes()
+            problem = image_problem(data)
+            if problem is not None:
+                raise ValueError(f"image {file} does not decode ({problem})")
+            yield key, data
+
+    return write_image_store(path, checked(), overwrite=overwrite)
