@@ -1,7 +1,11 @@
 """Hugging Face ``transformers`` vision-language LLMs: visual tokens pruned and merged inside the language model.
 
-Found by ``isinstance``: ``LlavaForConditionalGeneration`` and a bare ``LlavaModel``, whose language
-model is a ``LlamaModel``. The VLM owns its vision tower: the tower is left whole (it is this
+Found by ``isinstance``: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration``, ``Idefics3ForConditionalGeneration``,
+``SmolVLMForConditionalGeneration`` and their bare ``...Model`` s, whose language model is a
+``LlamaModel`` or a ``Qwen2Model`` (without sliding-window layers). The patch switches the instance
+classes of the bare model (it tells its language model, for one forward, where the image tokens are),
+of the generation head (it refuses ``labels``) and of the language model. The VLM owns its vision tower: the tower is left whole (it is this
 adapter's, not the ViT adapters').
 
 Where (``where``):
@@ -60,8 +64,8 @@ per reduce layer, the visual tokens (``image``) and the real text tokens (``text
 keeps the most; with ``trace=True`` its ``image`` is the whole final sequence (B, L', C) with each
 column's size and, as ``mask``, its real columns (not padding, not fillers). ``labels`` are refused while the patch reduces (their columns would no longer match).
 
-The text model's forward and the decoder layer's two halves repeat ``LlamaModel.forward`` and
-``LlamaDecoderLayer.forward`` as of transformers 5 (checked by the zero-reduction parity tests); a
+The text model's forward and the decoder layer's two halves repeat ``LlamaModel.forward`` /
+``Qwen2Model.forward`` and their decoder layers' forward as of transformers 5 (checked by the zero-reduction parity tests); a
 forward that reduces nothing is the library's own. ``mode="reference"`` (the research code's
 arithmetic of ViLT and METER) is refused.
 """
@@ -86,7 +90,15 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaModel
+from transformers.models.idefics3.modeling_idefics3 import Idefics3ForConditionalGeneration, Idefics3Model
 from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaModel
+from transformers.models.llava_next.modeling_llava_next import LlavaNextForConditionalGeneration, LlavaNextModel
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2Model
+from transformers.models.smolvlm.modeling_smolvlm import SmolVLMForConditionalGeneration, SmolVLMModel
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, capture_outputs
@@ -95,7 +107,16 @@ from pumer_patch.core import Mode, Tokens, query_relevance, reduce_tokens, take_
 from pumer_patch.ratios import Ratios
 
 from ._loop import CallScope, Recorder, captured
-from .base import SHARED_ATTR, Adapter, LayerCount, PatchState, ensure_class, record_trace, warn_if_untested
+from .base import (
+    SHARED_ATTR,
+    Adapter,
+    LayerCount,
+    PatchState,
+    ensure_class,
+    library_class,
+    record_trace,
+    warn_if_untested,
+)
 
 __all__ = ["HfVlmAdapter", "VlmOptions", "prompt_end"]
 
@@ -372,10 +393,14 @@ def _check_implementation(config: Any, name: str) -> None:
         )
 
 
-class PumerLlamaModel(LlamaModel):
-    """A VLM's ``LlamaModel`` whose layers after a reduce layer run on the reduced sequence."""
+class _ReducingTextModel:
+    """A VLM's language model whose layers after a reduce layer run on the reduced sequence.
 
-    _pumer_patched = True
+    Mixed into a module-level subclass of each supported text model (``LlamaModel``, ``Qwen2Model``),
+    whose ``forward`` lines it repeats (they differ only in what they return as the cache).
+    """
+
+    _returns_cache_without_use_cache: ClassVar[bool] = True
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -391,7 +416,7 @@ class PumerLlamaModel(LlamaModel):
         reduces = bool(state.plan.schedule) and call is not None and call.image is not None and fresh
         if record is None and not reduces:
             return super().forward(**args)
-        _check_implementation(self.config, "LlamaModel")
+        _check_implementation(self.config, type(self).__name__)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("pumer_patch reduces a prompt given a 2-D attention_mask (B, L) or none; got a "
                              f"{attention_mask.dim()}-D mask: pass the padding mask, the causal mask is built inside")
@@ -410,7 +435,7 @@ class PumerLlamaModel(LlamaModel):
                        attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                        cache: Cache | None = None, inputs_embeds: Tensor | None = None,
                        use_cache: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
-        """``LlamaModel.forward`` (transformers 5) with the reduction at the planned layers, or a reduced cache's masks."""
+        """The text model's forward (transformers 5) with the reduction at the planned layers, or a reduced cache's masks."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -456,7 +481,7 @@ class PumerLlamaModel(LlamaModel):
             if ratios is None:
                 hidden_states = layer(hidden_states, attention_mask=mask, **common)
                 continue
-            attn: LlamaAttention = layer.self_attn
+            attn = layer.self_attn
             entering = (hidden_states,)
             with captured(attn.q_proj, attn.k_proj) as projected:
                 hidden_states = _checkpointed(layer, _attention_half, layer, hidden_states, mask, common)
@@ -477,7 +502,11 @@ class PumerLlamaModel(LlamaModel):
         if cache is not None and new_record.stages:
             _RECORDS[cache] = new_record
         record_trace(state, recorder.trace(Tokens(hidden_states, size=seq.size, mask=seq.real)))
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return self._output(hidden_states, cache, use_cache)
+
+    def _output(self, hidden_states: Tensor, cache: Cache | None, use_cache: bool | None) -> BaseModelOutputWithPast:
+        returned = cache if use_cache or self._returns_cache_without_use_cache else None
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=returned)
 
     def _after_reduce(
         self, seq: _Seq, x: Tensor, ratios: Ratios, relevance: Tensor | None, metric: Tensor,
@@ -524,7 +553,7 @@ class PumerLlamaModel(LlamaModel):
                 use_cache=use_cache, **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return self._output(hidden_states, cache, use_cache)
 
 
 def _checkpointed(layer: nn.Module, half: Any, *args: Any) -> Any:
@@ -542,14 +571,14 @@ def _forward_hooks(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     return out
 
 
-def _attention_half(layer: LlamaDecoderLayer, x: Tensor, mask: Tensor | None, common: dict[str, Any]) -> Tensor:
-    """``LlamaDecoderLayer.forward``'s attention and residual (transformers 5)."""
+def _attention_half(layer: nn.Module, x: Tensor, mask: Tensor | None, common: dict[str, Any]) -> Tensor:
+    """The decoder layer's attention and residual (``LlamaDecoderLayer.forward``, ``Qwen2DecoderLayer``'s alike)."""
     out, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask, **common)
     return x + out
 
 
-def _mlp_half(layer: LlamaDecoderLayer, x: Tensor) -> Tensor:
-    """``LlamaDecoderLayer.forward``'s MLP and residual (transformers 5)."""
+def _mlp_half(layer: nn.Module, x: Tensor) -> Tensor:
+    """The decoder layer's MLP and residual (transformers 5)."""
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
@@ -564,36 +593,7 @@ def _embedding_relevance(x: Tensor, seq: _Seq) -> Tensor:
     return query_relevance(query.reshape(b * m, c), keys).view(b, m, -1)
 
 
-class PumerLlavaModel(LlavaModel):
-    """``LlavaModel`` that tells its language model where the image tokens are, for one forward."""
-
-    _pumer_patched = True
-
-    @wraps(LlavaModel.forward)  # its signature: generate reads which inputs the model takes
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        state: PatchState = getattr(self, SHARED_ATTR)
-        input_ids = _argument(LlavaModel.forward, "input_ids", self, args, kwargs)
-        inputs_embeds = _argument(LlavaModel.forward, "inputs_embeds", self, args, kwargs)
-        with _CALL.open(state, _VlmCall(_image_mask(self, input_ids, inputs_embeds))):
-            return super().forward(*args, **kwargs)
-
-
-class PumerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """``LlavaForConditionalGeneration`` that refuses ``labels`` while its patch reduces (they would not line up)."""
-
-    _pumer_patched = True
-
-    @wraps(LlavaForConditionalGeneration.forward)
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        state: PatchState = getattr(self, SHARED_ATTR)
-        labels = _argument(LlavaForConditionalGeneration.forward, "labels", self, args, kwargs)
-        if labels is not None and state.plan.schedule:
-            raise ValueError("labels cannot follow a reduced sequence (the logits cover the kept columns only): "
-                             "compute the loss unpatched (pumer_patch.remove) or from the kept columns' logits")
-        return super().forward(*args, **kwargs)
-
-
-def _argument(function: Any, name: str, self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _argument(function: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The value ``name`` takes in a call ``function(self, *args, **kwargs)`` (None when not given)."""
     if name in kwargs:
         return kwargs[name]
@@ -614,35 +614,106 @@ def _image_mask(model: nn.Module, input_ids: Tensor | None, inputs_embeds: Tenso
     return mask if bool(mask.any()) else None
 
 
-for _cls in (PumerLlamaModel, PumerLlavaModel, PumerLlavaForConditionalGeneration):
-    _cls.__name__ = _cls.__bases__[-1].__name__
+class PumerLlamaModel(_ReducingTextModel, LlamaModel):
+    """A VLM's ``LlamaModel``, reducing (see ``_ReducingTextModel``)."""
+
+    _pumer_patched = True
 
 
-# ---------------------------------------------------------------------------------------------
-# the adapter
-# ---------------------------------------------------------------------------------------------
+class PumerQwen2Model(_ReducingTextModel, Qwen2Model):
+    """A VLM's ``Qwen2Model``, reducing (see ``_ReducingTextModel``)."""
+
+    _pumer_patched = True
+    _returns_cache_without_use_cache = False
+
+
+# text model -> (its decoder layer, its attention, our class)
+_TEXT: dict[type[nn.Module], tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
+    LlamaModel: (LlamaDecoderLayer, LlamaAttention, PumerLlamaModel),
+    Qwen2Model: (Qwen2DecoderLayer, Qwen2Attention, PumerQwen2Model),
+}
+
+
+def _bare_forward(library: type[nn.Module]) -> Any:
+    """The patched bare model's forward: the library's, told where the image tokens are."""
+
+    @wraps(library.forward)  # its signature: generate reads which inputs the model takes
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state: PatchState = getattr(self, SHARED_ATTR)
+        input_ids = _argument(library.forward, "input_ids", args, kwargs)
+        inputs_embeds = _argument(library.forward, "inputs_embeds", args, kwargs)
+        with _CALL.open(state, _VlmCall(_image_mask(self, input_ids, inputs_embeds))):
+            return library.forward(self, *args, **kwargs)
+
+    return forward
+
+
+def _head_forward(library: type[nn.Module]) -> Any:
+    """The patched generation head's forward: the library's, refusing ``labels`` while the patch reduces."""
+
+    @wraps(library.forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state: PatchState = getattr(self, SHARED_ATTR)
+        if _argument(library.forward, "labels", args, kwargs) is not None and state.plan.schedule:
+            raise ValueError("labels cannot follow a reduced sequence (the logits cover the kept columns only): "
+                             "compute the loss unpatched (pumer_patch.remove) or from the kept columns' logits")
+        return library.forward(self, *args, **kwargs)
+
+    return forward
+
+
+def _patched(library: type[nn.Module], forward: Any, doc: str) -> type[nn.Module]:
+    """A module-level subclass of ``library`` with ``forward``; named as the library's class for save_pretrained.
+
+    ``save_pretrained`` writes the instance class's ``__name__`` into ``config.architectures``; pickling
+    resolves the class by its ``__qualname__``, which is ours and a global of this module.
+    """
+    qualname = f"Pumer{library.__name__}"
+    cls = type(library.__name__, (library,), {"_pumer_patched": True, "forward": forward, "__doc__": doc,
+                                              "__module__": __name__, "__qualname__": qualname})
+    globals()[qualname] = cls
+    return cls
 
 
 @dataclass(frozen=True)
 class _Family:
-    """One VLM class: the bare model (patched), its language model's attribute and class, its generation head."""
+    """One VLM: the bare model (patched), its language model's attribute, its generation head (patched)."""
 
     root: type[nn.Module]
-    patched: type[nn.Module]
     language: str
-    text: type[nn.Module]
-    text_patched: type[nn.Module]
     head: type[nn.Module]
-    head_patched: type[nn.Module]
-    inner: str  # the head's attribute holding the bare model
+    inner: str = "model"  # the head's attribute holding the bare model
+
+    @property
+    def patched(self) -> type[nn.Module]:
+        return _PATCHED[self.root]
+
+    @property
+    def head_patched(self) -> type[nn.Module]:
+        return _PATCHED[self.head]
 
 
 _FAMILIES = (
-    _Family(LlavaModel, PumerLlavaModel, "language_model", LlamaModel, PumerLlamaModel,
-            LlavaForConditionalGeneration, PumerLlavaForConditionalGeneration, "model"),
+    _Family(LlavaModel, "language_model", LlavaForConditionalGeneration),
+    _Family(LlavaNextModel, "language_model", LlavaNextForConditionalGeneration),
+    _Family(LlavaOnevisionModel, "language_model", LlavaOnevisionForConditionalGeneration),
+    _Family(Idefics3Model, "text_model", Idefics3ForConditionalGeneration),
+    _Family(SmolVLMModel, "text_model", SmolVLMForConditionalGeneration),
 )
+_PATCHED: dict[type[nn.Module], type[nn.Module]] = {}
+for _f in _FAMILIES:
+    _PATCHED[_f.root] = _patched(_f.root, _bare_forward(_f.root),
+                                 f"``{_f.root.__name__}`` telling its language model where the image tokens are.")
+    _PATCHED[_f.head] = _patched(_f.head, _head_forward(_f.head),
+                                 f"``{_f.head.__name__}`` refusing labels while the patch reduces.")
+for _cls in (PumerLlamaModel, PumerQwen2Model):
+    _cls.__name__ = _cls.__bases__[-1].__name__
 
-_SUPPORTED = "transformers LlavaModel / LlavaForConditionalGeneration with a Llama language model"
+_SUPPORTED = (
+    "transformers LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+    "LlavaOnevisionForConditionalGeneration, Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration and "
+    "their bare ...Model, with a Llama or Qwen2 language model"
+)
 
 
 def _family(root: nn.Module) -> _Family:
@@ -678,19 +749,24 @@ class HfVlmAdapter(Adapter):
         root = _bare(root)
         name = type(root).__name__
         language = getattr(root, family.language)
-        if not isinstance(language, family.text):
+        text = library_class(language)
+        if text not in _TEXT:
             raise ValueError(
-                f"the {name}'s language model is a {type(language).__name__}; pumer_patch reduces visual tokens in "
-                f"a {family.text.__name__} there"
+                f"the {name}'s language model is a {text.__name__}; pumer_patch reduces visual tokens in a "
+                f"{' or '.join(t.__name__ for t in _TEXT)} there"
             )
+        layer_class, attention_class, _ = _TEXT[text]
         ensure_class(root, family.root, f"the {name}", ())
-        ensure_class(language, family.text, f"the {name}'s language model")
-        _check_implementation(language.config, type(language).__name__)
+        ensure_class(language, text, f"the {name}'s language model")
+        _check_implementation(language.config, text.__name__)
+        if "sliding_attention" in (getattr(language.config, "layer_types", None) or ()):
+            raise ValueError(f"the {name}'s {text.__name__} has sliding-window layers, whose masks pumer_patch does not "
+                             f"rebuild for a reduced sequence; build it with use_sliding_window=False")
         for i, layer in enumerate(self.blocks(root)):
-            ensure_class(layer, LlamaDecoderLayer, f"{name} language layer {i}")
-            ensure_class(layer.self_attn, LlamaAttention, f"{name} language layer {i}'s attention")
+            ensure_class(layer, layer_class, f"{name} language layer {i}")
+            ensure_class(layer.self_attn, attention_class, f"{name} language layer {i}'s attention")
         warn_if_untested("transformers", transformers.__version__, _TESTED,
-                         "LlamaModel.forward and LlamaDecoderLayer.forward")
+                         f"{text.__name__}.forward and its decoder layer's forward")
 
     def resolve_options(
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
@@ -715,7 +791,8 @@ class HfVlmAdapter(Adapter):
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         family = _family(root)
         bare = _bare(root)
-        swaps = [(bare, family.patched), (getattr(bare, family.language), family.text_patched)]
+        language = getattr(bare, family.language)
+        swaps = [(bare, family.patched), (language, _TEXT[library_class(language)][2])]
         return [(root, family.head_patched), *swaps] if root is not bare else swaps
 
     def patch(self, root: nn.Module, state: PatchState) -> None:

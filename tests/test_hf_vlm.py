@@ -15,7 +15,7 @@ from pumer_patch.adapters.hf_vlm import prompt_end
 from pumer_patch.core import reduced_counts
 from pumer_patch.ratios import Ratios
 from tests.model_state import same, snapshot
-from tests.vlm_models import IMAGE, VISUAL, llava, prompt
+from tests.vlm_models import FAMILIES, IMAGE, VISUAL, build, family_prompt, llava, prompt
 
 IMPLEMENTATIONS = ["sdpa", "eager"]
 
@@ -344,3 +344,60 @@ def test_sampled_generation_equals_a_no_cache_recompute():
             logits = model(input_ids=gen.sequences[:, :n], attention_mask=mask[:, :n], position_ids=position_ids,
                            pixel_values=inputs["pixel_values"]).logits[:, -1]
         torch.testing.assert_close(logits, gen.logits[t], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# every family: LLaVA-NeXT / OneVision (visual tokens per image vary with its size), Idefics3, SmolVLM
+# --------------------------------------------------------------------------------------------
+
+OTHERS = [f for f in FAMILIES if f != "llava"]
+SAMPLES = [(3, [(32, 64)], 4), (1, [(32, 32), (64, 32)], 6), (2, [], 5)]
+
+
+@pytest.mark.parametrize("family", OTHERS)
+def test_every_family_is_bit_identical_when_nothing_is_removed(family):
+    model = build(family)
+    inputs = family_prompt(model, family, SAMPLES[:2])
+    ref, ref_gen = _forward(model, inputs), _generate(model, inputs, steps=2)
+    pumer_patch.apply(model, layers=[1], prune_ratio=0.005, merge_ratio=0.005)  # round(0.005 * n) == 0 here
+    assert pumer_patch.patched_roots(model) == [model]
+    out, gen = _forward(model, inputs), _generate(model, inputs, steps=2)
+    assert torch.equal(out, ref)
+    assert torch.equal(gen.sequences, ref_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(gen.logits, ref_gen.logits))
+    pumer_patch.remove(model)
+    assert not pumer_patch.is_patched(model)
+
+
+@pytest.mark.parametrize("family", OTHERS)
+def test_every_family_generates_as_its_no_cache_recompute_and_a_sample_as_alone(family):
+    model = pumer_patch.apply(build(family), layers=[0, 1], prune_ratio=0.3, merge_ratio=0.2, trace=True)
+    inputs = family_prompt(model, family, SAMPLES)
+    steps = 2
+    gen = _generate(model, inputs, steps)
+    length = inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones(len(SAMPLES), steps, dtype=torch.long)], dim=1)
+    images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+    for t in range(steps):
+        n = length + t
+        position_ids = (mask[:, :n].cumsum(-1) - 1).masked_fill(mask[:, :n] == 0, 0)
+        with prompt_end(length), torch.no_grad():
+            logits = model(input_ids=gen.sequences[:, :n], attention_mask=mask[:, :n], position_ids=position_ids,
+                           use_cache=False, **images).logits[:, -1]
+        torch.testing.assert_close(logits, gen.logits[t], rtol=0, atol=1e-5)
+    for row, sample in enumerate(SAMPLES):
+        expected = _forward(model, family_prompt(model, family, [sample]))[0]
+        got = _forward(model, inputs)
+        torch.testing.assert_close(_real_columns(model, got, row), expected, rtol=0, atol=1e-5)
+
+
+def test_images_of_different_sizes_are_reduced_each_by_its_own_count():
+    family = "llava_next"
+    model = pumer_patch.apply(build(family), layers=[1], prune_ratio=0.5, trace=True)
+    sizes = [(32, 64), (32, 32)]
+    counts = [family_prompt(model, family, [(0, [size], 0)])["input_ids"].shape[1] - 2 for size in sizes]
+    assert counts[0] != counts[1]
+    inputs = family_prompt(model, family, [(3, sizes, 4)])
+    _forward(model, inputs)
+    kept = sum(reduced_counts(c, 0, Ratios(prune=0.5), image_protected=0)[0] for c in counts)
+    assert pumer_patch.last_trace(model).counts[0].image == kept
