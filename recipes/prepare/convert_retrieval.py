@@ -114,7 +114,7 @@ def convert(karpathy: Path, images: Path | None, out: Path, *, dataset: str | No
             raise FileExistsError(f"{store} exists but lacks {len(absent)} images the splits name, e.g. {absent[:3]}; "
                                   f"pass --overwrite with --images to rewrite it (or --on-bad-image skip to drop them)")
         bad.update(absent)
-        logger.info("%s exists and holds %s image the splits name: kept", store, "some" if absent else "every")
+        logger.info("%s exists and holds every image the splits name but %d: kept", store, len(absent))
     elif images is not None:
         absent = sorted(str(p) for p in files.values() if not p.is_file())
         if absent and on_bad_image == "error":

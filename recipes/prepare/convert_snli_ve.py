@@ -85,7 +85,7 @@ def convert(raw: Path, images: Path | None, out: Path, *, splits: Sequence[str] 
                                   f"pass --overwrite with --images to rewrite it (or --on-bad-image skip to drop "
                                   f"their pairs)")
         bad.update(absent)
-        logger.info("%s exists and holds %s image the pairs name: kept", store, "every" if not absent else "some")
+        logger.info("%s exists and holds every image the pairs name but %d: kept", store, len(absent))
     elif images is not None:
         if not images.is_dir():
             raise FileNotFoundError(f"image folder {images} does not exist")
