@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from recipes.data.records import RETRIEVAL_DATASETS
@@ -98,14 +99,21 @@ def _add_train(t: argparse.ArgumentParser, spec: TaskSpec[Any]) -> None:
         t.add_argument(f"--{name}", type=kind, help="override the preset")
 
 
-def _add_eval(e: argparse.ArgumentParser, spec: TaskSpec[Any], *, default_split: str, output_help: str) -> None:
-    """``eval`` / ``predict``: the model, its family for hub ids, the split and the input sizes."""
+def _add_eval(e: argparse.ArgumentParser, spec: TaskSpec[Any], *, default_split: str, output_help: str,
+              timing: bool = True) -> None:
+    """``eval`` / ``predict``: the model, its family for hub ids, the split and the input sizes; ``eval``
+    (``timing``) also how its speed comparison is timed."""
     e.add_argument("--model", required=True)
     e.add_argument("--family", choices=sorted(FAMILIES), help="needed for hub ids only")
     e.add_argument("--split", default=default_split, choices=list(spec.splits))
     e.add_argument("--output", type=Path, required=True, help=output_help)
     e.add_argument("--image-size", type=int, default=None, help="[the model's config, else 384]")
     e.add_argument("--text-length", type=int, default=spec.text_length)
+    if not timing:
+        return
+    e.add_argument("--timing-batches", type=int, default=4,
+                   help="speed: batches (retrieval: pair batches) per timed pass, held in device memory [4]")
+    e.add_argument("--timing-rounds", type=int, default=5, help="speed: interleaved timed rounds per variant [5]")
 
 
 def _task_parser(sub: Any, spec: TaskSpec[Any]) -> tuple[Any, argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train and evaluate with PuMer on VQAv2, SNLI-VE, NLVR2 and retrieval "
                                             "(TASK COMMAND), or run the laptop study (easy_vqa).")
     # the options only some tasks have, so that every train or eval namespace has them
-    p.set_defaults(loss_scale=None, dataset=None, negatives=None, loader_speed=0)
+    p.set_defaults(loss_scale=None, dataset=None, negatives=None, loader_speed=0, timing_batches=4, timing_rounds=5)
     sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
     commands, t, e = _task_parser(sub, VQA)
     t.add_argument("--loss-scale", choices=["label_count", "mean"], help="override the preset")
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the loader alone over this many batches")
     predict = commands.add_parser("predict", help="answers in the official format")
     _add_common(predict, VQA)
-    _add_eval(predict, VQA, default_split="test", output_help="predictions json file")
+    _add_eval(predict, VQA, default_split="test", output_help="predictions json file", timing=False)
 
     for spec in (SNLI_VE, NLVR2):
         _, _, e = _task_parser(sub, spec)
@@ -248,7 +256,8 @@ def _eval_run(args: argparse.Namespace) -> EvalRun:
     return EvalRun(model=args.model, output=args.output, split=args.split, launch=_launch(args, eval_batch=64),
                    text_length=args.text_length, family=args.family, image_size=args.image_size, pumer=args.pumer,
                    pumer_mode=args.pumer_mode or "reference", dataset=args.dataset,
-                   loader_speed=args.loader_speed)
+                   loader_speed=args.loader_speed, timing_batches=args.timing_batches,
+                   timing_rounds=args.timing_rounds)
 
 
 def _study_run(args: argparse.Namespace) -> easy_vqa.StudyRun:
@@ -302,12 +311,15 @@ def _run(invocation: Invocation) -> None:
         print(easy_vqa.markdown_table(easy_vqa.study(run)))
     elif isinstance(run, TrainRun):
         train(TASKS[task], run)
-    elif invocation.scoring is not None:
-        print(retrieval.markdown_table(retrieval.evaluate(run, invocation.scoring)))
     elif invocation.command == "predict":
         vqa.predict(run)
     else:
-        print(markdown_table(evaluate(TASKS[task], run)))
+        if invocation.scoring is not None:
+            table = retrieval.markdown_table(retrieval.evaluate(run, invocation.scoring))
+        else:
+            table = markdown_table(evaluate(TASKS[task], run))
+        if PartialState().is_main_process:  # one table per job, not one per process
+            print(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

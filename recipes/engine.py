@@ -15,6 +15,12 @@ one, so a job killed while saving resumes from the last complete save and says w
 
 Runs on CPU, one GPU, or several GPUs and nodes under ``accelerate launch``. Evaluation alone is the
 free function ``evaluate``: it needs a model, a task and a prepared loader, no training settings.
+
+Speed is measured apart from the metrics, by ``time_models``: the models alone on batches already in
+device memory (no loader, no image decoding, no worker start-up in the timed region), after an
+untimed warm-up, in interleaved rounds (each model one pass per round, the order rotated), the
+median round; each pass starts on every process at once and counts as long as its slowest process,
+so every process reports the same figure for the whole job.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +55,9 @@ __all__ = [
     "TrainState",
     "EvalResult",
     "evaluate",
+    "Timing",
+    "interleaved_seconds",
+    "time_models",
     "param_groups",
     "build_optimizer",
     "build_scheduler",
@@ -142,13 +152,19 @@ class TrainState:
 
 @dataclass
 class EvalResult:
-    """Metrics of one evaluation, its speed (examples/s over the whole loop) and GFLOPs per example."""
+    """Metrics of one evaluation, its speed (examples/s over the whole loop) and GFLOPs per example.
+
+    The loop's speed includes the loader (and its workers' start-up on a first pass): a progress
+    figure, not a comparison of models; ``time_models`` gives that. ``batches``: the first batches
+    of this process, as the model received them, when ``evaluate`` was asked to keep some.
+    """
 
     metrics: dict[str, float]
     examples: int
     seconds: float
     gflops: float
     outputs: dict[str, Tensor]
+    batches: list[dict[str, Tensor]] = field(default_factory=list)
 
     @property
     def examples_per_second(self) -> float:
@@ -221,18 +237,22 @@ def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: nn.Module, task: Task, loader: DataLoader, *, desc: str = "eval",
-             progress: bool = True, gflops: float | None = None) -> EvalResult:
+             progress: bool = True, gflops: float | None = None, keep_batches: int = 0) -> EvalResult:
     """Metrics of ``model`` on the (prepared) ``loader``, every example exactly once, and its speed.
 
     gflops: the model's GFLOPs per example when already known; otherwise the first batch counts them
-    (outside the timing: they depend on shapes only).
+    (outside the timing: they depend on shapes only). keep_batches: hold on to this process's first
+    so many batches (``EvalResult.batches``, on the device) for ``time_models``.
     """
     acc = accelerator
     model.eval()
     parts: list[dict[str, Tensor]] = []
+    kept: list[dict[str, Tensor]] = []
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=not (progress and acc.is_local_main_process), unit="batch",
                       dynamic_ncols=True):
+        if len(kept) < keep_batches:
+            kept.append(dict(batch))
         if gflops is None:
             # the extra forward runs on a forked RNG so that measuring never changes a run's random draws
             flop_start = time.perf_counter()
@@ -252,7 +272,96 @@ def evaluate(accelerator: Accelerator, model: nn.Module, task: Task, loader: Dat
         raise RuntimeError("an evaluation example was gathered twice: build the evaluation loader with "
                            "recipes.data.loader.make_loader and pass it through accelerator.prepare")
     # examples/s of this process's share, times the processes: the job's rate
-    return EvalResult(task.metrics(gathered), examples, seconds, gflops or 0.0, gathered)
+    return EvalResult(task.metrics(gathered), examples, seconds, gflops or 0.0, gathered, kept)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One model's timed passes: ``examples`` per pass (all processes), ``seconds`` of each round's pass
+    (the slowest process's), ``warmup`` untimed passes before them."""
+
+    examples: int
+    seconds: tuple[float, ...]
+    warmup: int
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.median_seconds
+
+    def speedup_over(self, base: Timing) -> float:
+        """How many times faster than ``base`` per example (medians; 1.0 for identical compute, within noise)."""
+        return (base.median_seconds / base.examples) / (self.median_seconds / self.examples)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a timer read after it measures the work, not its launch."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+@torch.no_grad()
+def interleaved_seconds(accelerator: Accelerator, passes: Mapping[str, Callable[[], object]], *, rounds: int,
+                        warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each pass per round, the same for every process: ``{name: [round 0, round 1, ...]}``.
+
+    Each pass runs ``warmup`` times untimed first (one-off costs: kernels chosen, caches and
+    allocator filled). Then, in every round, each pass runs once, in an order rotated from round to
+    round so that drift in the machine's load hits all of them alike. Every pass starts on all
+    processes together and ends with a device sync; its time is that of the slowest process.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"timing needs rounds >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    acc, names = accelerator, list(passes)
+    for name in names:
+        for _ in range(warmup):
+            passes[name]()
+    _synchronize(acc.device)
+    local: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            acc.wait_for_everyone()
+            start = time.perf_counter()
+            passes[name]()
+            _synchronize(acc.device)
+            local[name].append(time.perf_counter() - start)
+    out = {}
+    for name in names:
+        per_process = acc.gather(torch.tensor([local[name]], dtype=torch.float64, device=acc.device))  # (P, rounds)
+        out[name] = per_process.amax(0).tolist()
+    return out
+
+
+def time_models(accelerator: Accelerator, models: Mapping[str, nn.Module], task: Task,
+                batches: Sequence[Mapping[str, Tensor]], *, rounds: int = 5, warmup: int = 1) -> dict[str, Timing]:
+    """Each model's ``task.forward`` over the same ``batches`` (this process's, on the device), timed by
+    ``interleaved_seconds``; examples per pass summed over processes.
+
+    Nothing but the model runs in the timed region: the batches were loaded (and moved) before,
+    so the first model pays no loader start-up and every model is timed the same way.
+    """
+    if not batches:
+        raise ValueError("time_models needs at least one batch (evaluate(..., keep_batches=N) keeps them)")
+    acc = accelerator
+    for model in models.values():
+        model.eval()
+
+    def run(model: nn.Module) -> Callable[[], None]:
+        def one_pass() -> None:
+            for batch in batches:
+                with acc.autocast():
+                    task.forward(model, batch)
+        return one_pass
+
+    seconds = interleaved_seconds(acc, {name: run(model) for name, model in models.items()}, rounds=rounds,
+                                  warmup=warmup)
+    local = sum(len(b["index"]) for b in batches)
+    examples = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum").item())
+    return {name: Timing(examples, tuple(s), warmup) for name, s in seconds.items()}
 
 
 class Engine:

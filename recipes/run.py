@@ -8,7 +8,10 @@ classification task, both on a frozen run configuration (``TrainRun``, ``EvalRun
 ``recipes.cli`` builds from the command line: everything that can be checked without loading a
 model is checked first (data files, model paths, the batch arithmetic), the model is patched before
 ``accelerate`` wraps it, and an evaluation writes ``eval.json`` and ``eval.md`` with the metric,
-examples/s and GFLOPs per example of the unpatched model and of each PuMer variant.
+the examples scored and skipped, examples/s, speedup and GFLOPs per example of the unpatched model
+and of each PuMer variant. The speed is the models' alone (``recipes.engine.time_models``: the same
+batches held in device memory, a warm-up, interleaved rounds, one figure for all processes), not
+the evaluation loop's, which would charge the first variant for the loader's start-up.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
@@ -31,14 +35,15 @@ from torch.utils.data import DataLoader, Dataset
 import pumer_patch
 from recipes.data.dataset import ImageTextDataset, OnBadImage
 from recipes.data.loader import EpochKeySampler, EpochSampler, loader_throughput, make_loader
-from recipes.engine import Engine, FitConfig, Task, evaluate as evaluate_model
+from recipes.engine import Engine, FitConfig, Task, Timing, evaluate as evaluate_model, time_models
 from recipes.models import FAMILIES, Family, family_of, get_family, label_index, load_model, load_tokenizer, model_labels
 from recipes.presets import LossScale, Preset
 
 __all__ = ["PUMER_MODES", "Launch", "TrainRun", "EvalRun", "Inputs", "TaskContext", "TaskData", "ClassificationData",
-           "SplitSet", "TaskSpec", "labelled_set", "check_model_path", "resolve_family", "patch", "make_accelerator",
-           "accumulation", "model_image_size", "train", "load_for_eval", "EvalSplit", "open_eval_split", "evaluate",
-           "markdown_table", "write_report"]
+           "SplitSet", "TaskSpec", "labelled_set", "check_model_path", "resolve_family", "patch", "check_launch",
+           "make_accelerator", "accumulation", "model_image_size", "train", "load_for_eval", "EvalSplit", "open_eval_split", "check_labelled",
+           "variants_of", "timing_fields", "timing_note", "tokens_per_layer", "evaluate", "markdown_table", "notes",
+           "write_report"]
 
 logger = logging.getLogger("recipes")
 
@@ -95,7 +100,8 @@ class EvalRun:
 
     family: needed for hub ids only; image_size: None reads it from the model's config;
     dataset: for a data folder that can hold several (retrieval); loader_speed: also time the
-    loader alone over this many batches.
+    loader alone over this many batches. timing_batches / timing_rounds: the speed comparison's
+    batches per timed pass and interleaved rounds (``recipes.engine.time_models``).
     """
 
     model: str
@@ -109,6 +115,13 @@ class EvalRun:
     pumer_mode: PumerMode = "reference"
     dataset: str | None = None
     loader_speed: int = 0
+    timing_batches: int = 4
+    timing_rounds: int = 5
+
+    def __post_init__(self) -> None:
+        if self.timing_batches < 1 or self.timing_rounds < 1:
+            raise ValueError(f"--timing-batches and --timing-rounds must be >= 1, got {self.timing_batches} and "
+                             f"{self.timing_rounds}")
 
 
 # ---------------------------------------------------------------------------------------- what a task declares
@@ -245,8 +258,25 @@ def patch(model: nn.Module, pumer: str | None, mode: str) -> nn.Module:
     return pumer_patch.apply(model, pumer, mode=mode)
 
 
+def check_launch(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse an ``accelerate launch --num_processes N`` that started one process instead of N.
+
+    Without GPUs (or with one), accelerate's simple launcher starts a single process for any
+    ``--num_processes``; what it leaves behind is its own variables (``ACCELERATE_*``) and a
+    rendezvous address (``MASTER_ADDR``, set only when it was asked for several processes), with no
+    ``WORLD_SIZE``, which every real multi-process launcher sets.
+    """
+    launched_by_accelerate = any(k.startswith("ACCELERATE_") for k in environ)
+    if launched_by_accelerate and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ:
+        raise RuntimeError("accelerate launch was asked for several processes but started one (its simple launcher "
+                           "does that without several GPUs): on CPU launch with torchrun --nproc_per_node N -m recipes "
+                           "... --cpu; on GPUs with accelerate launch --multi_gpu --num_processes N -m recipes ...")
+
+
 def make_accelerator(launch: Launch) -> Accelerator:
-    """The run's ``Accelerator``; refuses a multi-process launch that would silently run N separate jobs."""
+    """The run's ``Accelerator``; refuses a multi-process launch that would silently run N separate jobs,
+    or one process where N were asked for (``check_launch``)."""
+    check_launch()
     accelerator = Accelerator(mixed_precision=launch.mixed_precision, cpu=launch.cpu)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != accelerator.num_processes:
@@ -368,37 +398,115 @@ def open_eval_split(spec: TaskSpec[ClassificationData], run: EvalRun) -> EvalSpl
     return EvalSplit(accelerator, model, labels, image_size, dataset, loader)
 
 
+def _labelled(record: Any) -> bool:
+    """Whether a record carries anything to score against (VQA's test questions carry no answers)."""
+    return any(getattr(record, name, None) for name in ("label", "answers", "answer_type", "gold_label"))
+
+
+def check_labelled(spec: TaskSpec[Any], split: str, records: Sequence[Any]) -> None:
+    """Refuse to score a split none of whose records has a label: its score would read 0, not "unknown"."""
+    if records and not any(_labelled(r) for r in records):
+        fix = (f"write its answers with python -m recipes {spec.name} predict --split {split} and submit them"
+               if spec.name == "vqa" else "evaluate a labelled split")
+        raise ValueError(f"the {split} split of {spec.title} has no labels ({len(records)} unlabelled examples): "
+                         f"eval has nothing to score it against; {fix}")
+
+
+def variants_of(run: EvalRun) -> list[tuple[str, str | None]]:
+    """(row name, PuMer config) of each variant an evaluation compares: the unpatched model first."""
+    return [("unpatched", None)] + ([(f"PuMer {run.pumer} ({run.pumer_mode})", run.pumer)] if run.pumer else [])
+
+
+def timing_fields(timing: Timing, base: Timing, unit: str = "examples") -> dict[str, Any]:
+    """A row's speed: ``<unit>_per_s`` (the median round, all processes), the speedup over ``base``
+    (the unpatched row), and every round's seconds."""
+    return {f"{unit}_per_s": timing.examples / timing.median_seconds, "speedup": timing.speedup_over(base),
+            "seconds_per_pass": timing.median_seconds, "round_seconds": list(timing.seconds)}
+
+
 def evaluate(spec: TaskSpec[ClassificationData], run: EvalRun) -> dict[str, Any]:
-    """Score the model on a split, unpatched and (``--pumer``) patched, side by side: eval.json + eval.md."""
+    """Score the model on a split, unpatched and (``--pumer``) patched, side by side: eval.json + eval.md.
+
+    The metrics come from one pass of each variant over the whole split; the speed from
+    ``time_models`` on the first ``timing_batches`` batches afterwards (the variants interleaved).
+    """
     split = open_eval_split(spec, run)
+    check_labelled(spec, run.split, split.dataset.records)
     accelerator = split.accelerator
     task = spec.make_task(TaskContext(split.labels, split.dataset.records))
+    variants = variants_of(run)
+    models = {name: accelerator.prepare(patch(copy.deepcopy(split.model), pumer, run.pumer_mode))
+              for name, pumer in variants}
+    results = {name: evaluate_model(accelerator, model, task, split.loader, desc=name, progress=run.launch.progress,
+                                    keep_batches=run.timing_batches if i == 0 else 0)
+               for i, (name, model) in enumerate(models.items())}
+    timings = time_models(accelerator, models, task, results["unpatched"].batches, rounds=run.timing_rounds)
+    base = timings["unpatched"]
     rows: list[dict[str, Any]] = []
-    variants = [("unpatched", None)] + ([(f"PuMer {run.pumer} ({run.pumer_mode})", run.pumer)] if run.pumer else [])
     for name, pumer in variants:
-        variant = accelerator.prepare(patch(copy.deepcopy(split.model), pumer, run.pumer_mode))
-        result = evaluate_model(accelerator, variant, task, split.loader, desc=name, progress=run.launch.progress)
-        rows.append({"variant": name, "pumer": pumer, **result.summary()})
-        logger.info("%s: %s %.4f, %.1f examples/s, %.3f GFLOPs/example", name, spec.metric, result.metrics["score"],
-                    result.examples_per_second, result.gflops)
+        result, timing = results[name], timings[name]
+        skipped = int(result.metrics.get("skipped_images", 0))
+        rows.append({"variant": name, "pumer": pumer, **result.metrics, "examples": result.examples - skipped,
+                     "skipped": skipped, **timing_fields(timing, base), "gflops_per_example": result.gflops,
+                     "tokens_per_layer": tokens_per_layer(models[name], task, results["unpatched"].batches[0])})
+        if accelerator.is_main_process:
+            logger.info("%s: %s %.4f on %d examples (%d skipped), %.1f examples/s (x%.2f), %.3f GFLOPs/example", name,
+                        spec.metric, result.metrics["score"], result.examples - skipped, skipped,
+                        timing.examples_per_second, timing.speedup_over(base), result.gflops)
     report: dict[str, Any] = {"task": spec.name, "model": run.model, "split": run.split, "metric": spec.metric,
                               "image_size": split.image_size, "text_length": run.text_length,
-                              "processes": accelerator.num_processes, "rows": rows}
+                              "processes": accelerator.num_processes, "timing": timing_note(base, run), "rows": rows}
     if run.loader_speed:
         report["loader_examples_per_s"] = loader_throughput(split.loader, batches=run.loader_speed)
-        logger.info("loader alone: %.1f examples/s (%d workers)", report["loader_examples_per_s"], run.launch.workers)
+        if accelerator.is_main_process:
+            logger.info("loader alone: %.1f examples/s (%d workers)", report["loader_examples_per_s"],
+                        run.launch.workers)
     if accelerator.is_main_process:
         write_report(run.output, report, markdown_table(report))
     return report
 
 
+def timing_note(base: Timing, run: EvalRun, unit: str = "examples") -> dict[str, Any]:
+    """What the speed columns measured, for eval.json."""
+    return {"what": "the model alone on batches held in device memory (no loader), after a warm-up; variants "
+                    "interleaved round by round; median round; each pass as long as its slowest process",
+            f"{unit}_per_pass": base.examples, "rounds": run.timing_rounds, "warmup_passes": base.warmup}
+
+
+def tokens_per_layer(model: nn.Module, task: Task, batch: Mapping[str, Any]) -> list[dict[str, int]] | None:
+    """The trace of one forward of a patched model on ``batch``: image and text tokens after each layer
+    that reduces (None for an unpatched model)."""
+    if not pumer_patch.is_patched(model):  # through DDP's wrapper too
+        return None
+    with torch.no_grad(), pumer_patch.recording(model) as traces:
+        task.forward(model, batch)
+    return [{"layer": c.layer, "image": c.image, "text": c.text} for t in traces[-1:] for c in t.counts]
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """One row per variant: the task's metric (in percent), examples/s, GFLOPs per example, examples."""
-    lines = [f"| variant | {report['metric']} | examples/s | GFLOPs/ex | examples |", "|---|---:|---:|---:|---:|"]
+    """One row per variant: the task's metric (in percent), examples scored and skipped, examples/s,
+    speedup, GFLOPs per example; then what the speed measured and the tokens per layer."""
+    lines = [f"| variant | {report['metric']} | examples | skipped | examples/s | speedup | GFLOPs/ex |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        lines.append(f"| {r['variant']} | {100 * r['score']:.2f} | {r['examples_per_s']:.1f} | "
-                     f"{r['gflops_per_example']:.3f} | {r['examples']} |")
-    return "\n".join(lines)
+        lines.append(f"| {r['variant']} | {100 * r['score']:.2f} | {r['examples']} | {r['skipped']} | "
+                     f"{r['examples_per_s']:.1f} | {r['speedup']:.2f}x | {r['gflops_per_example']:.3f} |")
+    return "\n".join(lines + notes(report))
+
+
+def notes(report: Mapping[str, Any]) -> list[str]:
+    """The lines under a table: how the speed was measured, and each reduced variant's tokens per layer."""
+    timing = report.get("timing")
+    lines = []
+    if timing:
+        unit = "pairs" if "pairs_per_pass" in timing else "examples"
+        lines += ["", f"Speed: {timing['what']} ({timing[f'{unit}_per_pass']} {unit} per pass, "
+                      f"{timing['rounds']} rounds, {timing['warmup_passes']} warm-up pass)."]
+    for r in report["rows"]:
+        if r.get("tokens_per_layer"):
+            counts = ", ".join(f"{c['layer']}: {c['image']} image / {c['text']} text" for c in r["tokens_per_layer"])
+            lines += ["", f"Tokens after each reducing layer, {r['variant']}: {counts}."]
+    return lines
 
 
 def write_report(out: Path, report: Mapping[str, Any], table: str, stem: str = "eval") -> None:

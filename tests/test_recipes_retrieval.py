@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ from recipes.tasks.retrieval.task import RetrievalTask  # noqa: E402
 from recipes.tasks.retrieval.scoring import (  # noqa: E402
     CachedMeterScorer,
     FullPairScorer,
+    distinct_texts,
     image_ranks,
     make_tiles,
     recall,
@@ -64,9 +66,11 @@ def _colour(i: int) -> tuple[int, int, int]:
     return (i * 67) % 256, (i * 131) % 256, (i * 29 + 40) % 256
 
 
-def write_karpathy(root: Path, dataset: str) -> tuple[Path, Path]:
+def write_karpathy(root: Path, dataset: str, caption: Callable[[int, int], str] = lambda i, j: f"picture {i} caption {j}",
+                   ) -> tuple[Path, Path]:
     """Karpathy's json and image folders: 18 images, image i with 1 + i % 3 captions (the real files
-    have 5; fewer exercise uneven counts). COCO images sit in ``train2014/`` or ``val2014/``."""
+    have 5; fewer exercise uneven counts), caption j of image i reading ``caption(i, j)``. COCO images
+    sit in ``train2014/`` or ``val2014/``."""
     images, entries = root / "images", []
     for i, split in enumerate(SPLIT_OF):
         if dataset == "coco":
@@ -80,7 +84,7 @@ def write_karpathy(root: Path, dataset: str) -> tuple[Path, Path]:
             images.mkdir(parents=True, exist_ok=True)
             (images / name).write_bytes(image_bytes(_colour(i)))
             extra = {}
-        sentences = [{"raw": f" picture {i} caption {j} ", "tokens": ["picture", str(i)], "imgid": i, "sentid": 10 * i + j}
+        sentences = [{"raw": f" {caption(i, j)} ", "tokens": ["picture", str(i)], "imgid": i, "sentid": 10 * i + j}
                      for j in range(1 + i % 3)]
         entries.append({"filename": name, "split": split, "imgid": i, "sentids": [s["sentid"] for s in sentences],
                         "sentences": sentences, **extra})
@@ -161,6 +165,40 @@ def test_ties_count_against_the_model() -> None:
     assert text_ranks(unscored, caption_image).tolist() == [4, 1, 1, 1]
     with pytest.raises(ValueError, match="NaN"):
         recall(torch.full((4, 4), torch.nan), caption_image)
+
+
+def test_identical_captions_are_one_text() -> None:
+    ids = torch.tensor([[5, 6, 0], [7, 0, 0], [5, 6, 0], [5, 6, 0], [7, 0, 0]])
+    mask = (ids > 0).long()
+    mask[3, 2] = 1  # the same ids, another mask: another input
+    first, text_of = distinct_texts(ids, mask)
+    assert first.tolist() == [0, 1, 3] and text_of.tolist() == [0, 1, 0, 2, 1]
+    assert torch.equal(ids[first][text_of], ids) and torch.equal(mask[first][text_of], mask)
+
+
+def test_repeated_captions_tie_whatever_the_pair_batch(tmp_path: Path, vilt: Path, tokenizer_dir: Path) -> None:
+    """COCO repeats captions. The same text scored in another slot of a pair batch comes out a few ulps
+    apart, which the tie rule would break either way; scored once per image, identical captions tie
+    exactly and the recall is the same at --pair-batch 7 and 256."""
+    karpathy, images = write_karpathy(tmp_path, "coco", caption=lambda i, j: "a picture" if j == 0 else f"picture {i} {j}")
+    convert_retrieval.convert(karpathy, images, tmp_path / "data")
+    common = ["retrieval", "eval", "--data", str(tmp_path / "data"), "--model", str(vilt), "--tokenizer",
+              str(tokenizer_dir), "--workers", "0", "--no-progress", "--eval-batch", "3", "--image-size", "32",
+              "--log-level", "WARNING"]
+    reports, scores = {}, {}
+    for batch in ("7", "256"):
+        out = tmp_path / f"eval-{batch}"
+        assert cli.main([*common, "--pair-batch", batch, "--output", str(out)]) == 0
+        reports[batch] = json.loads((out / "eval.json").read_text())["rows"][0]
+        scores[batch] = torch.load(out / "scores" / "unpatched" / "scores.pt")
+    captions = [c for r in read_jsonl(tmp_path / "data" / "coco_test.jsonl", RetrievalRecord.from_json) for c in r.captions]
+    same = [c for c, text in enumerate(captions) if text == "a picture"]
+    assert len(same) == 4 and reports["7"]["captions"] == 9 and reports["7"]["distinct_captions"] == 6
+    for batch, matrix in scores.items():
+        assert matrix.shape == (4, 9)
+        assert all(torch.equal(matrix[:, c], matrix[:, same[0]]) for c in same), batch  # ties, to the bit
+    recalls = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
+    assert {k: reports["7"][k] for k in recalls} == {k: reports["256"][k] for k in recalls}
 
 
 # ---------------------------------------------------------------------------------------- the score matrix
@@ -253,6 +291,9 @@ def test_two_processes_score_the_same_matrix(data: Path, pretrained_meter: Path,
     torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-6)
     report = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert report["processes"] == 2 and report["rows"][0]["pairs"] == 36
+    # one speed figure for the job: the 1 x 4 timing tile on both processes, the slower counted; printed once
+    assert report["timing"]["pairs_per_pass"] == 2 * 4 and proc.stdout.count("| variant |") == 1
+    assert report["rows"][0]["pairs_per_s"] == pytest.approx(8 / report["rows"][0]["seconds_per_pass"])
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -347,6 +388,9 @@ def test_eval_resumes_from_its_tiles_and_reranks_a_shortlist(data: Path, pretrai
 
     with pytest.raises(ValueError, match="--rerank-pumer"):
         cli.main([*args, "--output", str(tmp_path / "short"), "--rerank-top", "2"])
+    with pytest.raises(ValueError, match="--on-bad-image skip does not apply to retrieval eval"):
+        cli.main([*args, "--output", str(tmp_path / "skip"), "--on-bad-image", "skip"])
+    assert not (tmp_path / "skip").exists()
     assert cli.main([*args, "--output", str(tmp_path / "short"), "--rerank-top", "2",
                            "--rerank-pumer", "p0.5r0.5t0.5-02"]) == 0
     report = json.loads((tmp_path / "short" / "eval.json").read_text())

@@ -24,6 +24,13 @@ count against the model: a query's rank is ``1 + #{wrong items scoring >= its be
 if every tied wrong item were ranked first. A constant scorer thus gets the worst rank, never the
 best, and pairs left unscored by a shortlist (``-inf``) rank after every scored one.
 
+**Identical captions are one text.** The same text scored twice can come out a few ulps apart
+depending on its slot in a pair batch (batched kernels round differently by position and batch
+size), and the tie rule would then break a real tie one way or the other. COCO repeats captions,
+so ``distinct_texts`` groups the captions whose tokens (and mask) are identical; the matrix is
+scored over distinct texts, once per image, and each caption's column is its text's: identical
+captions tie exactly, whatever ``pair_batch``, and the recall cannot depend on it.
+
 **Shortlist (``rerank_top`` K, approximate, off by default).** A first pass scores every pair with
 a cheaper variant of the same model (the caller's choice; the CLI's is the model under a strong
 PuMer config, ``--rerank-pumer``), keeps each image's K best captions and each caption's K best
@@ -52,7 +59,7 @@ from tqdm.auto import tqdm
 
 from pumer_patch import token_sizes, with_token_sizes
 
-__all__ = ["RECALL_KS", "text_ranks", "image_ranks", "recall", "Tile", "make_tiles", "PairFn", "PairScorer",
+__all__ = ["RECALL_KS", "distinct_texts", "text_ranks", "image_ranks", "recall", "Tile", "make_tiles", "PairFn", "PairScorer",
            "FullPairScorer", "CachedPairHead", "CachedMeterScorer", "ScoreStats", "score_matrix", "shortlist",
            "fingerprint", "weights_digest"]
 
@@ -63,6 +70,26 @@ _ROW_BLOCK = 1024  # rows (or columns) ranked at a time: bounds the (block, C) t
 
 
 # ---------------------------------------------------------------------------------------- ranks and recall
+
+
+def distinct_texts(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Group identical tokenized captions: ``(first, text_of)``.
+
+    input_ids, attention_mask: (C, T). first: (U,) the first caption of each distinct text, in order
+    of first appearance; text_of: (C,) each caption's distinct-text index, so ``first[text_of[c]]``
+    has caption ``c``'s tokens and a (I, U) matrix over distinct texts expands to (I, C) as
+    ``matrix[:, text_of]``.
+    """
+    rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)  # (C, 2T)
+    _, group = torch.unique(rows, dim=0, return_inverse=True)  # (C,) in sorted-text order
+    c = torch.arange(len(rows))
+    first_in_group = torch.full((int(group.max()) + 1 if len(rows) else 0,), len(rows)).scatter_reduce(
+        0, group, c, reduce="amin")  # (U,) the first caption of each sorted group
+    order = first_in_group.argsort()  # the groups in order of first appearance
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    return first_in_group[order], position[group]
+
 
 
 def _check_scores(scores: Tensor, caption_image: Tensor) -> None:
@@ -296,7 +323,8 @@ class CachedMeterScorer:
 @dataclass
 class ScoreStats:
     """pairs: scored exactly (all processes; the shortlist's when one is given); scored_now: by this run
-    (resumed tiles excluded); seconds: this process's wall time; prepare_seconds: its part spent
+    (resumed tiles excluded); seconds: the wall time of scoring, the slowest process's, loading and
+    decoding included (the models' speed is timed apart); prepare_seconds: this process's part spent
     decoding / encoding / moving inputs; tiles_skipped: finished tiles a rerun found."""
 
     pairs: int
@@ -304,10 +332,6 @@ class ScoreStats:
     seconds: float
     prepare_seconds: float
     tiles_skipped: int
-
-    @property
-    def pairs_per_second(self) -> float:
-        return self.scored_now / self.seconds if self.seconds > 0 else 0.0
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -414,6 +438,7 @@ def score_matrix(accelerator: Accelerator, scorer: PairScorer, images: int, capt
         values = acc.reduce(values.to(acc.device), reduction="sum").cpu()
         counts = acc.reduce(counts.to(acc.device), reduction="sum").cpu()
         scored = int(acc.reduce(torch.tensor(scored, device=acc.device), reduction="sum").item())
+        seconds = float(acc.gather(torch.tensor([seconds], device=acc.device)).max().item())
     missing, twice = int((counts == 0).sum()), int((counts > 1).sum())
     if missing or twice:
         raise RuntimeError(f"the gathered score matrix has {missing} pairs no process scored and {twice} scored "

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+import pumer_patch
 from pumer_patch import token_sizes
 from pumer_patch.flops import gflops_per_example
+from recipes.engine import Timing, interleaved_seconds
 from recipes.data.loader import EpochKeySampler
 from recipes.data.records import RETRIEVAL_SPLITS
 from recipes.data.store import ImageStore
@@ -58,7 +60,11 @@ from recipes.run import (
     load_for_eval,
     make_accelerator,
     model_image_size,
+    notes,
     patch,
+    timing_fields,
+    timing_note,
+    variants_of,
     write_report,
 )
 from recipes.tasks.classification import ImageTextCall
@@ -68,6 +74,7 @@ from recipes.tasks.retrieval.scoring import (
     CachedMeterScorer,
     CachedPairHead,
     FullPairScorer,
+    distinct_texts,
     fingerprint,
     recall,
     score_matrix,
@@ -169,11 +176,39 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
 
 
-def _scorer(model: nn.Module, family: Family, split: SplitData, accelerator: Accelerator, run: EvalRun,
-            scoring: PairScoring) -> FullPairScorer | CachedMeterScorer:
+def _scorer(model: nn.Module, family: Family, split: SplitData, texts: Tensor, accelerator: Accelerator,
+            run: EvalRun, scoring: PairScoring) -> FullPairScorer | CachedMeterScorer:
+    """The pair scorer over the split's images and its distinct texts (``texts``: (U,) a caption of each)."""
     cls = CachedMeterScorer if family.name == "meter" and scoring.cache else FullPairScorer
-    return cls(model, split.images, split.input_ids, split.attention_mask, accelerator, batch=run.launch.eval_batch,
-               workers=run.launch.workers)
+    return cls(model, split.images, split.input_ids[texts], split.attention_mask[texts], accelerator,
+               batch=run.launch.eval_batch, workers=run.launch.workers)
+
+
+def _timed_pass(scorer: FullPairScorer | CachedMeterScorer, images: int, texts: int, scoring: PairScoring,
+                run: EvalRun, device: torch.device) -> tuple[Callable[[], None], int]:
+    """One timed pass of a scorer: its first ``timing_batches`` pair batches of the first tile, inputs
+    readied (decoded, encoded, moved) before; returns the pass and its pairs."""
+    h, w = min(scoring.tile_images, images), min(scoring.tile_captions, texts)
+    fn = scorer.tile(range(h), range(w))
+    n = min(h * w, run.timing_batches * scoring.pair_batch)
+    r = (torch.arange(n) // w).to(device)  # row-major pairs of the tile, as score_matrix takes them
+    c = (torch.arange(n) % w).to(device)
+    batches = [(r[j:j + scoring.pair_batch], c[j:j + scoring.pair_batch]) for j in range(0, n, scoring.pair_batch)]
+
+    def one_pass() -> None:
+        for rb, cb in batches:
+            fn(rb, cb)
+
+    return one_pass, n
+
+
+def _tokens_per_layer(model: nn.Module, one_pass: Callable[[], None]) -> list[dict[str, int]] | None:
+    """The trace of a patched model's last forward in ``one_pass`` (None unpatched)."""
+    if not pumer_patch.is_patched(model):
+        return None
+    with torch.no_grad(), pumer_patch.recording(model) as traces:
+        one_pass()
+    return [{"layer": c.layer, "image": c.image, "text": c.text} for t in traces[-1:] for c in t.counts]
 
 
 def _pair_gflops(model: nn.Module, split: SplitData, scorer: FullPairScorer | CachedMeterScorer,
@@ -200,17 +235,30 @@ def _pair_gflops(model: nn.Module, split: SplitData, scorer: FullPairScorer | Ca
 
 
 def evaluate(run: EvalRun, scoring: PairScoring) -> dict[str, Any]:
-    """Recall over every pair of a split, unpatched and with ``--pumer``, side by side: eval.json + eval.md."""
+    """Recall over every pair of a split, unpatched and with ``--pumer``, side by side: eval.json + eval.md.
+
+    Identical captions are scored once per image (``distinct_texts``). The speed columns come from
+    ``recipes.engine.interleaved_seconds`` on the first tile's first pair batches of each variant,
+    their inputs ready in device memory; the scoring passes' own wall time is ``seconds``.
+    """
+    if run.launch.on_bad_image != "error":
+        raise ValueError("--on-bad-image skip does not apply to retrieval eval: recall ranks every image against "
+                         "every caption, and leaving images out would change what it measures; rewrite the store "
+                         "with python -m recipes.prepare.convert_retrieval (it decode-checks every image)")
     data = RetrievalData(run.launch.data, run.dataset)
     data.check([run.split])
     accelerator = make_accelerator(run.launch)
+    main = accelerator.is_main_process
     family, model, tokenizer = load_for_eval(RETRIEVAL, run, data)
     image_size = run.image_size or model_image_size(model)
     split = SplitData(data.records(run.split, run.launch.limit), ImageStore(data.store_path), tokenizer,
                       family=family, image_size=image_size, text_length=run.text_length, train=False)
     n_images, n_captions = split.sizes
-    logger.info("%s %s: %d images x %d captions = %d pairs", data.dataset, run.split, n_images, n_captions,
-                n_images * n_captions)
+    texts, text_of = distinct_texts(split.input_ids, split.attention_mask)
+    n_texts = len(texts)
+    if main:
+        logger.info("%s %s: %d images x %d captions (%d distinct texts) = %d pairs", data.dataset, run.split,
+                    n_images, n_captions, n_texts, n_images * n_captions)
     base_meta = {"model": str(Path(run.model).resolve()) if Path(run.model).exists() else run.model,
                  "data": fingerprint(ids=[r.img_id for r in split.records], captions=[r.captions for r in split.records]),
                  "weights": weights_digest(model),  # the weights themselves: a path can hold another model later
@@ -219,28 +267,30 @@ def evaluate(run: EvalRun, scoring: PairScoring) -> dict[str, Any]:
     tiles = dict(tile_images=scoring.tile_images, tile_captions=scoring.tile_captions, pair_batch=scoring.pair_batch,
                  progress=run.launch.progress)
     rows: list[dict[str, Any]] = []
-    variants = [("unpatched", None)] + ([(f"PuMer {run.pumer} ({run.pumer_mode})", run.pumer)] if run.pumer else [])
-    for name, pumer in variants:
-        variant = patch(copy.deepcopy(model), pumer, run.pumer_mode).to(accelerator.device).eval()
-        scorer = _scorer(variant, family, split, accelerator, run, scoring)
+    models: dict[str, nn.Module] = {}
+    for name, pumer in variants_of(run):
+        variant = models[name] = patch(copy.deepcopy(model), pumer, run.pumer_mode).to(accelerator.device).eval()
+        scorer = _scorer(variant, family, split, texts, accelerator, run, scoring)
         folder = run.output / "scores" / _slug(name)
         meta = {**base_meta, "variant": name}
         mask, first_stats = None, None
         if scoring.rerank_top is not None:
             cheap = patch(copy.deepcopy(model), scoring.rerank_pumer, run.pumer_mode).to(accelerator.device).eval()
-            first, first_stats = score_matrix(accelerator, _scorer(cheap, family, split, accelerator, run, scoring),
-                                              n_images, n_captions, folder / "first-pass",
+            first, first_stats = score_matrix(accelerator,
+                                              _scorer(cheap, family, split, texts, accelerator, run, scoring),
+                                              n_images, n_texts, folder / "first-pass",
                                               meta={**base_meta, "variant": f"first pass {scoring.rerank_pumer}"},
                                               desc=f"{name}: first pass", **tiles)
             mask = shortlist(first, scoring.rerank_top)
             del cheap
-        matrix, stats = score_matrix(accelerator, scorer, n_images, n_captions, folder, meta=meta, mask=mask,
-                                     desc=name, **tiles)
+        distinct, stats = score_matrix(accelerator, scorer, n_images, n_texts, folder, meta=meta, mask=mask,
+                                       desc=name, **tiles)
+        matrix = distinct[:, text_of]  # (I, U) -> (I, C): identical captions share their text's column
         metrics = recall(matrix, split.caption_image)
         row: dict[str, Any] = {"variant": name, "pumer": pumer, **metrics, "images": n_images, "captions": n_captions,
-                               "pairs": stats.pairs, "pairs_scored_now": stats.scored_now,
-                               "pairs_per_s": stats.pairs_per_second, "seconds": stats.seconds,
-                               "prepare_seconds": stats.prepare_seconds, "tiles_skipped": stats.tiles_skipped,
+                               "distinct_captions": n_texts, "pairs": stats.pairs, "pairs_scored_now": stats.scored_now,
+                               "seconds": stats.seconds, "prepare_seconds": stats.prepare_seconds,
+                               "tiles_skipped": stats.tiles_skipped,
                                **_pair_gflops(variant, split, scorer, accelerator.device)}
         if isinstance(scorer, CachedMeterScorer):
             row.update(scorer.cache_bytes())
@@ -248,30 +298,50 @@ def evaluate(run: EvalRun, scoring: PairScoring) -> dict[str, Any]:
             row.update(rerank_top=scoring.rerank_top, rerank_pumer=scoring.rerank_pumer,
                        first_pass_pairs=first_stats.pairs, first_pass_seconds=first_stats.seconds)
         rows.append(row)
-        if accelerator.is_main_process:
+        if main:
             torch.save(matrix, folder / "scores.pt")
-        logger.info("%s: TR@1 %.4f IR@1 %.4f RSUM %.2f, %.1f pairs/s, %.3f GFLOPs/pair", name, metrics["tr_r1"],
-                    metrics["ir_r1"], metrics["rsum"], stats.pairs_per_second, row["gflops_per_pair"])
-        del variant, scorer
+        del scorer  # its caches: the timing below needs only the first tile's
+
+    # the speed: every variant's first pair batches, inputs ready, interleaved (no decoding, no loader start-up)
+    passes, pairs = {}, 0
+    for name, variant in models.items():
+        scorer = _scorer(variant, family, split, texts, accelerator, run, scoring)
+        passes[name], pairs = _timed_pass(scorer, n_images, n_texts, scoring, run, accelerator.device)
+    seconds = interleaved_seconds(accelerator, passes, rounds=run.timing_rounds)
+    pairs_all = pairs * accelerator.num_processes  # every process times the same pairs
+    timings = {name: Timing(pairs_all, tuple(s), 1) for name, s in seconds.items()}
+    base = timings["unpatched"]
+    for row in rows:
+        name = row["variant"]
+        row.update(timing_fields(timings[name], base, unit="pairs"),
+                   tokens_per_layer=_tokens_per_layer(models[name], passes[name]))
+        if main:
+            logger.info("%s: TR@1 %.4f IR@1 %.4f RSUM %.2f, %.1f pairs/s (x%.2f), %.3f GFLOPs/pair", name,
+                        row["tr_r1"], row["ir_r1"], row["rsum"], row["pairs_per_s"], row["speedup"],
+                        row["gflops_per_pair"])
     report: dict[str, Any] = {"task": "retrieval", "dataset": data.dataset, "model": run.model, "split": run.split,
                               "image_size": image_size, "text_length": run.text_length,
                               "processes": accelerator.num_processes, "approximate": scoring.rerank_top is not None,
-                              "tie_rule": "rank = 1 + #(wrong items scoring >= the best true item)", "rows": rows}
-    if accelerator.is_main_process:
+                              "tie_rule": "rank = 1 + #(wrong items scoring >= the best true item); identical "
+                                          "captions scored once per image",
+                              "timing": timing_note(base, run, unit="pairs"), "rows": rows}
+    if main:
         write_report(run.output, report, markdown_table(report))
     return report
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """One row per variant: TR and IR R@1/5/10 and RSUM (percent), pairs/s, GFLOPs per pair, pairs."""
-    head = "| variant | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | RSUM | pairs/s | GFLOPs/pair | pairs |"
-    lines = [head, "|---|" + "---:|" * 10]
+    """One row per variant: TR and IR R@1/5/10 and RSUM (percent), images and captions ranked, pairs/s,
+    speedup, GFLOPs per pair, pairs scored; then what the speed measured and the tokens per layer."""
+    head = ("| variant | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | RSUM | images | captions | pairs/s | speedup "
+            "| GFLOPs/pair | pairs |")
+    lines = [head, "|---|" + "---:|" * 13]
     for r in report["rows"]:
         recalls = " | ".join(f"{100 * r[k]:.2f}" for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"))
-        lines.append(f"| {r['variant']} | {recalls} | {r['rsum']:.2f} | {r['pairs_per_s']:.1f} | "
-                     f"{r['gflops_per_pair']:.3f} | {r['pairs']} |")
+        lines.append(f"| {r['variant']} | {recalls} | {r['rsum']:.2f} | {r['images']} | {r['captions']} | "
+                     f"{r['pairs_per_s']:.1f} | {r['speedup']:.2f}x | {r['gflops_per_pair']:.3f} | {r['pairs']} |")
     if report.get("approximate"):
         lines.append("\nApproximate: exact scores only for the first pass's shortlist (--rerank-top).")
-    return "\n".join(lines)
+    return "\n".join(lines + notes(report))
 
 
