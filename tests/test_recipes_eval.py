@@ -200,3 +200,19 @@ def test_accelerate_launch_that_starts_one_process_for_two_is_refused(tmp_path: 
     check_launch({"ACCELERATE_MIXED_PRECISION": "no"})  # accelerate launch, one process asked for
     check_launch({"ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "h", "WORLD_SIZE": "2"})  # --multi_gpu
     check_launch({"MASTER_ADDR": "h", "WORLD_SIZE": "2"})  # torchrun
+
+
+def test_eval_of_an_unlabelled_split_points_to_predict(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """VQAv2's test questions carry no answers: eval refuses (it would print a score of nothing) and names predict."""
+    from test_recipes_vqa import ANSWERS, write_data
+
+    data = write_data(tmp_path / "vqa")
+    model = save_tiny_vilt(ViltForQuestionAnswering, tmp_path / "model", num_labels=len(ANSWERS),
+                           id2label=dict(enumerate(ANSWERS)), label2id={a: i for i, a in enumerate(ANSWERS)})
+    BertTokenizerFast.from_pretrained(str(tokenizer_dir)).save_pretrained(model)
+    common = ["--model", str(model), "--data", str(data), "--image-size", "32", "--workers", "0", "--no-progress"]
+    with pytest.raises(ValueError, match=r"the test split of VQAv2 has no labels \(5 unlabelled examples\).*"
+                                         r"python -m recipes vqa predict --split test"):
+        cli.main(["vqa", "eval", *common, "--split", "test", "--output", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+    assert cli.main(["vqa", "eval", *common, "--split", "val", "--output", str(tmp_path / "val")]) == 0
