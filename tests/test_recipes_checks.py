@@ -341,6 +341,7 @@ def test_an_lmdb_in_lmdbs_folder_layout_is_read(tmp_path: Path) -> None:
         ImageStore(tmp_path / "empty.lmdb")
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, for the 'warning' level
 @pytest.mark.parametrize("level", ["error", "warning"])
 def test_a_decompression_bomb_is_skipped_and_counted_never_fatal(tmp_path: Path, tokenizer_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch,
