@@ -212,7 +212,8 @@ class _Seq:
     orig: original position of each column. image: image index within its sample, -1 for text, padding and
     fillers. real: a real key (not padding, not a filler). size: original tokens each column stands for.
     filler: a removed image column kept only so that every sample has the batch's length.
-    pos: position ids (long; ``pos_float`` the size-weighted mean when merges move positions).
+    pos: rotary position ids (R, B, L_cur), R = 1 (1-D) or 3 (M-RoPE rows); ``pos_float`` the size-weighted
+    mean where merges move positions. layer_pos: the position ids the layers get (B, L_cur), or None.
     """
 
     orig: Tensor
@@ -221,6 +222,7 @@ class _Seq:
     size: Tensor
     pos: Tensor
     pos_float: Tensor
+    layer_pos: Tensor | None
     filler: Tensor  # a removed image column kept only to align the batch
     ends: Tensor  # (B, M) the last original position of each image, -1 where a sample has fewer images
 
@@ -229,8 +231,9 @@ class _Seq:
         return self.orig.shape[1]
 
 
-def _start(image: Tensor, attention_mask: Tensor | None, position_ids: Tensor) -> _Seq:
-    """The full prompt as a ``_Seq``: image (B, L) bool placeholder mask, the 2-D mask, positions (B or 1, L)."""
+def _start(image: Tensor, attention_mask: Tensor | None, rope_positions: Tensor, layer_positions: Tensor | None) -> _Seq:
+    """The full prompt as a ``_Seq``: image (B, L) bool placeholders, the 2-D mask, rotary positions (B or 1, L)
+    or (3, B, L), the layers' positions (B or 1, L) or None."""
     b, n = image.shape
     device = image.device
     orig = torch.arange(n, device=device).expand(b, n)
@@ -241,9 +244,10 @@ def _start(image: Tensor, attention_mask: Tensor | None, position_ids: Tensor) -
     m = max(int(ids.max()) + 1, 1)
     ends = torch.full((b, m), -1, dtype=torch.long, device=device)
     ends.scatter_reduce_(1, ids.clamp_min(0), torch.where(image, orig, -1), reduce="amax")
-    pos = position_ids.expand(b, n)
+    pos = (rope_positions if rope_positions.dim() == 3 else rope_positions[None]).expand(-1, b, n)
+    layer_pos = None if layer_positions is None else layer_positions.expand(b, n)
     size = torch.ones(b, n, dtype=torch.float32, device=device)
-    return _Seq(orig, ids, real, size, pos, pos.float(), torch.zeros_like(real), ends)
+    return _Seq(orig, ids, real, size, pos, pos.float(), layer_pos, torch.zeros_like(real), ends)
 
 
 def _rows(seq: _Seq, text_tokens: str, end: int) -> tuple[Tensor, Tensor]:
@@ -342,23 +346,27 @@ def _reduce(
         rel = None if relevance is None else relevance[samples[:, None], images[:, None], columns]
         out = reduce_tokens(
             rel, tokens, ratios, image_metric=metric[samples[:, None], columns], image_protected=0,
-            carry=(columns, pos_float[samples[:, None], columns]),
+            carry=(columns, pos_float[:, samples[:, None], columns].permute(1, 2, 0)),  # (R_img, n, R)
         )
         dest, mean = out.carry
         x[samples[:, None], dest] = out.image.x
         size[samples[:, None], dest] = out.image.size
         if mean_position:
-            pos_float[samples[:, None], dest] = mean
+            pos_float[:, samples[:, None], dest] = mean.permute(2, 0, 1)
         keep[samples[:, None], dest] = True
     n = int(keep.sum(dim=1).max())
     kept = (~keep).long().argsort(dim=1, stable=True)[:, :n].sort(dim=1).values  # (B, L')
     filler = ~keep.gather(1, kept)
     image = seq.image.gather(1, kept).masked_fill(filler, -1)
-    pos_float = pos_float.gather(1, kept)
-    pos = pos_float.round().long() if mean_position else seq.pos.gather(1, kept)
+    rows = kept.expand(pos_float.shape[0], -1, -1)
+    pos_float = pos_float.gather(2, rows)
+    pos = pos_float.round().long() if mean_position else seq.pos.gather(2, rows)
+    layer_pos = None if seq.layer_pos is None else seq.layer_pos.gather(1, kept)
+    if layer_pos is not None and mean_position:
+        layer_pos = pos[0]
     new = _Seq(
         seq.orig.gather(1, kept), image, seq.real.gather(1, kept) & ~filler, size.gather(1, kept), pos, pos_float,
-        filler, seq.ends,
+        layer_pos, filler, seq.ends,
     )
     return new, take_rows(x, kept), kept
 
@@ -436,25 +444,11 @@ class _ReducingTextModel:
                        cache: Cache | None = None, inputs_embeds: Tensor | None = None,
                        use_cache: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
         """The text model's forward (transformers 5) with the reduction at the planned layers, or a reduced cache's masks."""
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            # after the unreduced prompt, as without the patch (a reduced cache's layers hold fewer columns)
-            past_seen_tokens = 0 if cache is None else cache.get_seq_length() if record is None else record.seen(cache)
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
-        causal_mask = None
-        if record is None or record.stages[0].first > 0:  # some layers hold the full sequence
-            causal_mask = create_causal_mask(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-                position_ids=position_ids,
-            )
+        inputs_embeds, cache, rope_positions, position_ids, causal_mask = self._prelude(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, record
+        )
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(hidden_states, rope_positions)
         layers = self.layers[: self.config.num_hidden_layers]
         if image is None:
             return self._continue(layers, record, hidden_states, causal_mask, attention_mask, position_ids,
@@ -462,7 +456,7 @@ class _ReducingTextModel:
         state: PatchState = getattr(self, SHARED_ATTR)
         options: VlmOptions = state.plan.options
         recorder = Recorder(state.plan)
-        seq = _start(image, attention_mask, position_ids)
+        seq = _start(image, attention_mask, rope_positions, position_ids)
         new_record = _CacheRecord(prompt=seq.length)
         mask = causal_mask
         if options.where == "input":
@@ -476,7 +470,7 @@ class _ReducingTextModel:
             )
         for i, layer in enumerate(layers):
             ratios = state.plan.schedule.get(i) if options.where == "llm" else None
-            common = dict(position_ids=seq.pos, cache=cache, use_cache=use_cache,
+            common = dict(position_ids=seq.layer_pos, cache=cache, use_cache=use_cache,
                           position_embeddings=position_embeddings, **kwargs)
             if ratios is None:
                 hidden_states = layer(hidden_states, attention_mask=mask, **common)
@@ -508,6 +502,34 @@ class _ReducingTextModel:
         returned = cache if use_cache or self._returns_cache_without_use_cache else None
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=returned)
 
+    def _prelude(
+        self, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
+        cache: Cache | None, inputs_embeds: Tensor | None, use_cache: bool | None, record: _CacheRecord | None,
+    ) -> tuple[Tensor, Cache | None, Tensor, Tensor | None, Tensor | None]:
+        """``LlamaModel.forward``'s lines before its layers: embeddings, cache, positions, causal mask.
+
+        Returns the embeddings, the cache, the rotary positions, the layers' position ids and the mask (None
+        where every layer holds a reduced cache, whose masks the patch builds).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            # after the unreduced prompt, as without the patch (a reduced cache's layers hold fewer columns)
+            past_seen_tokens = 0 if cache is None else cache.get_seq_length() if record is None else record.seen(cache)
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+        causal_mask = None
+        if record is None or record.stages[0].first > 0:  # some layers hold the full sequence
+            causal_mask = create_causal_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                position_ids=position_ids,
+            )
+        return inputs_embeds, cache, position_ids, position_ids, causal_mask
+
     def _after_reduce(
         self, seq: _Seq, x: Tensor, ratios: Ratios, relevance: Tensor | None, metric: Tensor,
         position_embeddings: tuple[Tensor, Tensor], options: VlmOptions, record: _CacheRecord, first: int,
@@ -522,7 +544,7 @@ class _ReducingTextModel:
         if new.length == seq.length and bool((new.size == seq.size).all()):
             return seq, x, position_embeddings, mask  # nothing removed or merged: the mask in use still fits
         if mean:
-            position_embeddings = self.rotary_emb(x_new, position_ids=new.pos_float)
+            position_embeddings = self.rotary_emb(x_new, new.pos_float[0] if new.pos_float.shape[0] == 1 else new.pos_float)
         else:
             position_embeddings = tuple(take_rows(t, kept) for t in position_embeddings)
         log_size = new.size.log()
