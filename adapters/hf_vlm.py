@@ -98,6 +98,20 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2Model
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLAttention,
+    Qwen2_5_VLDecoderLayer,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLTextModel,
+)
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VLAttention,
+    Qwen2VLDecoderLayer,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLModel,
+    Qwen2VLTextModel,
+)
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMForConditionalGeneration, SmolVLMModel
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
@@ -649,11 +663,60 @@ class PumerQwen2Model(_ReducingTextModel, Qwen2Model):
     _returns_cache_without_use_cache = False
 
 
+class _MropeTextModel(_ReducingTextModel):
+    """Qwen2-VL's and Qwen2.5-VL's text models: M-RoPE positions (3, B, L), the text row apart for the mask."""
+
+    _returns_cache_without_use_cache = True
+
+    def _prelude(
+        self, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
+        cache: Cache | None, inputs_embeds: Tensor | None, use_cache: bool | None, record: _CacheRecord | None,
+    ) -> tuple[Tensor, Cache | None, Tensor, Tensor | None, Tensor | None]:
+        """``Qwen2_5_VLTextModel.forward``'s lines before its layers (``Qwen2VLTextModel``'s are the same)."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = 0 if cache is None else cache.get_seq_length() if record is None else record.seen(cache)
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.view(1, 1, -1).expand(3, inputs_embeds.shape[0], -1)
+        elif position_ids.ndim == 2:
+            position_ids = position_ids[None, ...].expand(3, position_ids.shape[0], -1)
+        text_position_ids = None
+        if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+            text_position_ids, position_ids = position_ids[0], position_ids[1:]
+        causal_mask = None
+        if record is None or record.stages[0].first > 0:
+            causal_mask = create_causal_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                position_ids=text_position_ids,
+            )
+        return inputs_embeds, cache, position_ids, text_position_ids, causal_mask
+
+
+class PumerQwen2VLTextModel(_MropeTextModel, Qwen2VLTextModel):
+    """Qwen2-VL's text model, reducing (see ``_ReducingTextModel``)."""
+
+    _pumer_patched = True
+
+
+class PumerQwen2_5_VLTextModel(_MropeTextModel, Qwen2_5_VLTextModel):  # noqa: N801 (the library's name)
+    """Qwen2.5-VL's text model, reducing (see ``_ReducingTextModel``)."""
+
+    _pumer_patched = True
+
+
 # text model -> (its decoder layer, its attention, our class)
 _TEXT: dict[type[nn.Module], tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
     LlamaModel: (LlamaDecoderLayer, LlamaAttention, PumerLlamaModel),
     Qwen2Model: (Qwen2DecoderLayer, Qwen2Attention, PumerQwen2Model),
+    Qwen2VLTextModel: (Qwen2VLDecoderLayer, Qwen2VLAttention, PumerQwen2VLTextModel),
+    Qwen2_5_VLTextModel: (Qwen2_5_VLDecoderLayer, Qwen2_5_VLAttention, PumerQwen2_5_VLTextModel),
 }
+_MROPE = (Qwen2VLTextModel, Qwen2_5_VLTextModel)
 
 
 def _bare_forward(library: type[nn.Module]) -> Any:
@@ -721,6 +784,8 @@ _FAMILIES = (
     _Family(LlavaOnevisionModel, "language_model", LlavaOnevisionForConditionalGeneration),
     _Family(Idefics3Model, "text_model", Idefics3ForConditionalGeneration),
     _Family(SmolVLMModel, "text_model", SmolVLMForConditionalGeneration),
+    _Family(Qwen2VLModel, "language_model", Qwen2VLForConditionalGeneration),
+    _Family(Qwen2_5_VLModel, "language_model", Qwen2_5_VLForConditionalGeneration),
 )
 _PATCHED: dict[type[nn.Module], type[nn.Module]] = {}
 for _f in _FAMILIES:
@@ -728,7 +793,7 @@ for _f in _FAMILIES:
                                  f"``{_f.root.__name__}`` telling its language model where the image tokens are.")
     _PATCHED[_f.head] = _patched(_f.head, _head_forward(_f.head),
                                  f"``{_f.head.__name__}`` refusing labels while the patch reduces.")
-for _cls in (PumerLlamaModel, PumerQwen2Model):
+for _cls in (PumerLlamaModel, PumerQwen2Model, PumerQwen2VLTextModel, PumerQwen2_5_VLTextModel):
     _cls.__name__ = _cls.__bases__[-1].__name__
 
 _SUPPORTED = (
@@ -802,6 +867,12 @@ class HfVlmAdapter(Adapter):
         for name, valid in choices.items():
             if getattr(resolved, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {getattr(resolved, name)!r}")
+        language = getattr(_bare(root), _family(root).language)
+        if resolved.where == "input" and isinstance(language, _MROPE):
+            raise ValueError(
+                f"where='input' would reduce every layer's cache of this {type(language).__name__}, whose decode "
+                f"positions come from the cache's length (M-RoPE deltas): reduce inside the LLM, layers=[K] with K >= 0"
+            )
         if resolved.where == "input" and set(schedule) - {0}:
             raise ValueError(f"where='input' reduces once, before the first decoder layer: pass layers=[0], "
                              f"got layers={sorted(schedule)}")

@@ -354,6 +354,17 @@ OTHERS = [f for f in FAMILIES if f != "llava"]
 SAMPLES = [(3, [(32, 64)], 4), (1, [(32, 32), (64, 32)], 6), (2, [], 5)]
 
 
+def _continued(inputs, sequences, mask, n):
+    """The prompt ``inputs`` with the first ``n`` tokens of ``sequences`` (prompt and generated), no cache."""
+    out = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+    out.update(input_ids=sequences[:, :n], attention_mask=mask[:, :n])
+    if "mm_token_type_ids" in inputs:  # Qwen: the model numbers its 3-D positions
+        out["mm_token_type_ids"] = (sequences[:, :n] == IMAGE).int()
+    else:
+        out["position_ids"] = (mask[:, :n].cumsum(-1) - 1).masked_fill(mask[:, :n] == 0, 0)
+    return out
+
+
 @pytest.mark.parametrize("family", OTHERS)
 def test_every_family_is_bit_identical_when_nothing_is_removed(family):
     model = build(family)
@@ -377,13 +388,9 @@ def test_every_family_generates_as_its_no_cache_recompute_and_a_sample_as_alone(
     gen = _generate(model, inputs, steps)
     length = inputs["input_ids"].shape[1]
     mask = torch.cat([inputs["attention_mask"], torch.ones(len(SAMPLES), steps, dtype=torch.long)], dim=1)
-    images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
     for t in range(steps):
-        n = length + t
-        position_ids = (mask[:, :n].cumsum(-1) - 1).masked_fill(mask[:, :n] == 0, 0)
         with prompt_end(length), torch.no_grad():
-            logits = model(input_ids=gen.sequences[:, :n], attention_mask=mask[:, :n], position_ids=position_ids,
-                           use_cache=False, **images).logits[:, -1]
+            logits = model(**_continued(inputs, gen.sequences, mask, length + t), use_cache=False).logits[:, -1]
         torch.testing.assert_close(logits, gen.logits[t], rtol=0, atol=1e-5)
     for row, sample in enumerate(SAMPLES):
         expected = _forward(model, family_prompt(model, family, [sample]))[0]
@@ -401,3 +408,23 @@ def test_images_of_different_sizes_are_reduced_each_by_its_own_count():
     _forward(model, inputs)
     kept = sum(reduced_counts(c, 0, Ratios(prune=0.5), image_protected=0)[0] for c in counts)
     assert pumer_patch.last_trace(model).counts[0].image == kept
+
+
+def test_where_input_is_refused_for_m_rope_models_whose_decode_positions_read_the_cache():
+    model = build("qwen2_5_vl")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="where='input' would reduce every layer's cache"):
+        pumer_patch.apply(model, layers=[0], merge_ratio=0.3, where="input")
+    assert same(snapshot(model), before)
+
+
+def test_qwen_merged_tokens_stand_at_the_mean_of_their_m_rope_rows():
+    """Each of the three M-RoPE rows is averaged by size for a merged token; the no-cache recompute agrees."""
+    model = pumer_patch.apply(build("qwen2_vl"), layers=[1], merge_ratio=0.4, merge_position="mean")
+    inputs = family_prompt(model, "qwen2_vl", [(3, [(0, 0)], 4), (1, [(0, 0)], 6)])
+    gen = _generate(model, inputs, steps=2)
+    length = inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 2, dtype=torch.long)], dim=1)
+    with prompt_end(length), torch.no_grad():
+        logits = model(**_continued(inputs, gen.sequences, mask, length + 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(logits, gen.logits[1], rtol=0, atol=1e-5)

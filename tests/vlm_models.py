@@ -23,7 +23,11 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -85,7 +89,9 @@ def prompt(
 # the other families: LLaVA-NeXT and LLaVA-OneVision (any-res: visual tokens per image vary), Idefics3, SmolVLM
 # --------------------------------------------------------------------------------------------
 
-FAMILIES = ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm"]
+FAMILIES = ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl"]
+QWEN_START, QWEN_END = 97, 96  # Qwen's vision start / end tokens (98: its video token)
+WORDS = 95  # text tokens are drawn from 1..WORDS - 1, clear of every special token
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]
 
 
@@ -114,6 +120,21 @@ def build(family: str, implementation: str = "sdpa", layers: int = 3, seed: int 
         config = Idefics3Config(vision_config=Idefics3VisionConfig(**tower, image_size=64),
                                 text_config=_text(False, layers), scale_factor=2, image_token_id=IMAGE)
         model = Idefics3ForConditionalGeneration
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=100, pad_token_id=PAD,
+                    rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
+        ids = dict(image_token_id=IMAGE, video_token_id=98, vision_start_token_id=QWEN_START,
+                   vision_end_token_id=QWEN_END)
+        if family == "qwen2_5_vl":
+            vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, window_size=16,
+                          fullatt_block_indexes=[0])
+            config, model = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids), Qwen2_5_VLForConditionalGeneration
+        else:
+            vision = dict(depth=1, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=4,
+                          spatial_merge_size=2, temporal_patch_size=2)
+            config, model = Qwen2VLConfig(vision_config=vision, text_config=text, **ids), Qwen2VLForConditionalGeneration
     elif family == "smolvlm":
         config = SmolVLMConfig(vision_config=SmolVLMVisionConfig(**tower, image_size=64),
                                text_config=_text(False, layers), scale_factor=2, image_token_id=IMAGE)
@@ -141,28 +162,34 @@ def family_prompt(
     """Inputs for samples (text before, image sizes (H, W), text after), padded on ``side``.
 
     LLaVA ignores the sizes (16 visual tokens per image), Idefics3 and SmolVLM too (one 64x64 tile, 16
-    tokens); LLaVA-NeXT and OneVision tile each image by its size and place as many tokens as they make.
+    tokens), Qwen2-VL and Qwen2.5-VL too (an 8 x 8 patch grid, 16 tokens between vision start and end, their
+    positions numbered by the model); LLaVA-NeXT and OneVision tile each image by its size and place as many
+    tokens as they make.
     A sample's tokens and pixels depend only on the sample and ``seed``.
     """
     if family == "llava":
         return prompt([(b, len(sizes), a) for b, sizes, a in samples], side, seed)
     any_res = family in ("llava_next", "llava_onevision")
+    qwen = family.startswith("qwen")
     rows, pixels, image_sizes = [], [], []
     for before, sizes, after in samples:
         g = torch.Generator().manual_seed(seed * 1_000_003 + before * 10_007 + len(sizes) * 101 + after
                                           + sum(h * 7 + w for h, w in sizes))
-        ids = torch.randint(1, 98, (before,), generator=g).tolist()
+        ids = torch.randint(1, WORDS, (before,), generator=g).tolist()
         images = []
         for size in sizes:
-            if any_res:
+            if qwen:  # an 8 x 8 grid of 4 x 4 patches, 2 frames deep, merged 2 x 2: 16 tokens
+                image, count = torch.randn(64, 3 * 2 * 4 * 4, generator=g), VISUAL
+            elif any_res:
                 tiles = image_size_to_num_patches(size, PINPOINTS, 32)
                 image = torch.randn(tiles, 3, 32, 32, generator=g)
                 count = _any_res_tokens(model, size, image)
             else:
                 image, count = torch.randn(3, 64, 64, generator=g), VISUAL
             images.append(image)
-            ids += [IMAGE] * count + torch.randint(1, 98, (2,), generator=g).tolist()
-        ids += torch.randint(1, 98, (after,), generator=g).tolist()
+            run = [QWEN_START, *[IMAGE] * count, QWEN_END] if qwen else [IMAGE] * count
+            ids += run + torch.randint(1, WORDS, (2,), generator=g).tolist()
+        ids += torch.randint(1, WORDS, (after,), generator=g).tolist()
         rows.append(ids)
         pixels.append(images)
         image_sizes += sizes
@@ -175,7 +202,13 @@ def family_prompt(
         mask[i, where] = 1
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
-    if any_res and image_sizes:
+    if qwen:  # the model numbers its M-RoPE positions itself, from the token types and the grids
+        del inputs["position_ids"]
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE).int()
+        if image_sizes:
+            inputs["pixel_values"] = torch.cat([image for images in pixels for image in images])
+            inputs["image_grid_thw"] = torch.tensor([[1, 8, 8]] * len(image_sizes))
+    elif any_res and image_sizes:
         flat = [image for images in pixels for image in images]
         tiles = max(image.shape[0] for image in flat)
         inputs["pixel_values"] = torch.stack([torch.cat([im, im.new_zeros(tiles - im.shape[0], *im.shape[1:])])
