@@ -12,8 +12,9 @@ An adapter answers these questions (``patch`` / ``unpatch`` are generic, driven 
 * ``resolve_options(model, root, options, mode, schedule)``: the adapter's options (an instance of
   its ``Options`` dataclass) with their defaults, checked.
 * ``swaps(root)``: the modules whose instance class the patch switches to a module-level subclass
-  (never assigning to a library class); ``patch`` / ``unpatch`` switch them and attach ``state`` as
-  ``root._pumer``, and undo all of it.
+  (never assigning to a library class); ``patch`` / ``unpatch`` switch them, attach ``state`` as
+  ``root._pumer`` and write its record into a transformers root's config (``pumer_reduction``, for
+  ``save_pretrained``), and undo all of it.
 * optionally ``paper_layers`` (a paper config's layer numbers as block indices) and
   ``config_reduction`` (the reduction a PuMer checkpoint's config names).
 
@@ -31,6 +32,8 @@ A wrapper holding models of several families side by side gets each patched by i
 
 from __future__ import annotations
 
+import copy
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,12 +49,26 @@ from pumer_patch.core import Mode, Tokens
 from pumer_patch.ratios import Ratios
 
 __all__ = [
-    "Adapter", "Plan", "PatchState", "Trace", "LayerCount", "swap_class", "restore_classes", "check_restorable",
-    "ensure_class", "library_class", "warn_if_untested", "record_trace", "own_trace", "collecting_traces",
+    "RECORD_ATTR", "saved_config", "Adapter", "Plan", "PatchState", "Trace", "LayerCount", "swap_class",
+    "restore_classes", "check_restorable", "ensure_class", "library_class", "warn_if_untested", "record_trace", "own_trace", "collecting_traces",
 ]
 
 STATE_ATTR = "_pumer"  # the PatchState on a patched root
 SHARED_ATTR = "_pumer_state"  # the same PatchState on each sub-module whose class the patch switched
+RECORD_ATTR = "pumer_reduction"  # the reduction, in the root's transformers config (what save_pretrained writes)
+
+
+def saved_config(root: nn.Module) -> Any | None:
+    """The transformers ``PretrainedConfig`` that ``save_pretrained`` writes for ``root``, or None (timm, open_clip).
+
+    A ``PreTrainedModel``'s sub-modules hold the very config object of the model (a CLIP tower the
+    ``vision_config`` of its ``CLIPModel``), so an attribute set on it reaches config.json.
+    """
+    transformers = sys.modules.get("transformers")  # without transformers imported, no module holds its config
+    config = getattr(root, "config", None)
+    if transformers is None or not isinstance(config, transformers.PretrainedConfig):
+        return None
+    return config
 
 
 @dataclass(frozen=True)
@@ -94,12 +111,17 @@ class Trace:
 class PatchState:
     """Attached to every patched root as ``root._pumer``; shared by the sub-modules an adapter swaps.
 
-    Configuration only (the plan). Per-call state travels in ``_loop.CallScope`` and the trace of a
-    forward in ``record_trace``, never here.
+    Configuration only: the plan; ``record``, the reduction as ``apply`` arguments in JSON types,
+    which ``patch`` writes into the root's transformers config (``saved_config``) as
+    ``RECORD_ATTR`` for ``save_pretrained``, or None; ``prior``, that attribute's value before the
+    patch, as ``(value,)``, or ``()`` where it had none (``unpatch`` puts it back). Per-call state
+    travels in ``_loop.CallScope`` and the trace of a forward in ``record_trace``, never here.
     """
 
     adapter: str
     plan: Plan
+    record: dict[str, Any] | None = None
+    prior: tuple[Any, ...] = ()
 
 
 # traces per call: id(PatchState) -> (state, its last Trace) for this thread / context only
@@ -184,20 +206,34 @@ class Adapter:
         return None
 
     def patch(self, root: nn.Module, state: PatchState) -> None:
-        """Switch the classes of ``swaps(root)``; each swapped module and the root get the shared ``state``."""
+        """Switch the classes of ``swaps(root)``; each swapped module and the root get the shared ``state``.
+
+        With a ``state.record``, the root's config gets it as ``RECORD_ATTR`` (its earlier value kept in ``state.prior``).
+        """
         for module, patched in self.swaps(root):
             swap_class(module, patched)
             setattr(module, SHARED_ATTR, state)
         setattr(root, STATE_ATTR, state)
+        config = saved_config(root)
+        if config is not None and state.record is not None:
+            state.prior = (vars(config)[RECORD_ATTR],) if RECORD_ATTR in vars(config) else ()
+            setattr(config, RECORD_ATTR, copy.deepcopy(state.record))
 
     def unpatch(self, root: nn.Module) -> None:
-        """Undo ``patch``: library classes back, every attribute we added gone."""
+        """Undo ``patch``: library classes back, every attribute we added gone, the config's record as it was."""
+        state = vars(root).get(STATE_ATTR)
         modules = [module for module, _ in self.swaps(root)]
         restore_classes(*modules)
         for module in [*modules, root]:
             for attr in (SHARED_ATTR, STATE_ATTR):
                 if attr in vars(module):
                     delattr(module, attr)
+        config = saved_config(root)
+        if config is not None and state is not None and state.record is not None:
+            if state.prior:
+                setattr(config, RECORD_ATTR, state.prior[0])
+            elif RECORD_ATTR in vars(config):
+                delattr(config, RECORD_ATTR)
 
 
 def _patched_base(patched: type[nn.Module]) -> type[nn.Module]:

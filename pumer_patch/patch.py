@@ -13,7 +13,18 @@ from typing import Any
 from torch import nn
 
 from .adapters import REGISTRY, get_adapter, loaded_adapters
-from .adapters.base import STATE_ATTR, Adapter, PatchState, Plan, Trace, check_restorable, collecting_traces, own_trace
+from .adapters.base import (
+    RECORD_ATTR,
+    STATE_ATTR,
+    Adapter,
+    PatchState,
+    Plan,
+    Trace,
+    check_restorable,
+    collecting_traces,
+    own_trace,
+    saved_config,
+)
 from .core import Mode, check_mode
 from .ratios import Ratios, RatiosLike, parse_config
 
@@ -238,6 +249,12 @@ def apply(
 
     Validates everything before changing anything; a model already patched by pumer_patch is
     re-patched (the old patch removed first), never stacked. The state_dict does not change.
+
+    On a transformers model (ViLT, METER, the transformers ViT towers) the reduction is recorded in
+    the root's config as ``pumer_reduction``: ``save_pretrained`` writes it to config.json,
+    ``apply_from_config`` after ``from_pretrained`` re-applies it exactly, and ``remove`` puts the
+    config back as it was. timm and open_clip models have no config: nothing is recorded, and
+    after loading their weights ``apply`` is called again.
     """
     check_mode(mode)
     if not isinstance(model, nn.Module):
@@ -256,7 +273,8 @@ def apply(
             f"pumer_patch does not know how to patch {type(model).__name__}. Supported: {supported}. "
             f"Pass the model (or a module containing it), with its library imported."
         )
-    planned: list[tuple[Adapter, nn.Module, Plan]] = []
+    planned: list[tuple[Adapter, nn.Module, Plan, dict[str, Any] | None]] = []
+    recorded: set[int] = set()  # configs already given a record (two roots sharing one config get one)
     for adapter, root in roots:
         unknown = set(options) - set(adapter.option_names())
         if unknown:
@@ -280,33 +298,116 @@ def apply(
         adapter.check(root)
         kept = {i: r for i, r in blocks.items() if not r.is_zero}
         resolved = adapter.resolve_options(inner, root, dict(options), mode, kept)
-        planned.append((adapter, root, Plan(schedule=kept, mode=mode, trace=trace, options=resolved)))
+        config = saved_config(root)
+        record = None
+        if config is not None and id(config) not in recorded:
+            recorded.add(id(config))
+            record = _record(blocks, mode, options)
+        planned.append((adapter, root, Plan(schedule=kept, mode=mode, trace=trace, options=resolved), record))
     if idle is not None:  # after validation: a call that raises does not warn first
         warnings.warn(idle, stacklevel=2)
-    for adapter, root, plan in planned:
+    for adapter, root, plan, record in planned:
         if (old := _state(root)) is not None:
             get_adapter(old.adapter).unpatch(root)
-        adapter.patch(root, PatchState(adapter=adapter.name, plan=plan))
+        adapter.patch(root, PatchState(adapter=adapter.name, plan=plan, record=record))
     return model
 
 
-def apply_from_config(model: nn.Module, trace: bool = False) -> nn.Module:
-    """Patch a PuMer checkpoint with exactly the reduction its config names, in reference mode.
+def _plain(value: Any, where: str) -> Any:
+    """``value`` in JSON's types (numpy numbers as Python's, tuples as lists), for the config's record."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral) and type(value).__name__ not in ("bool_", "bool"):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return float(value)
+    if isinstance(value, Sequence) and not isinstance(value, bytes):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, where) for k, v in value.items()}
+    raise TypeError(
+        f"{where}={value!r} ({type(value).__name__}) cannot be recorded in the model's config for save_pretrained; "
+        f"pass it as ints, floats, strings, bools or lists of them"
+    )
 
-    PuMer's finetuned folders record the reduction they were trained with (``prune_r``, ``merge_r``,
-    ``merge_text``, ``reduce_layers``; ViLT also ``sim_method`` and ``merge_style``): METER's
-    ``from_pretrained`` keeps them in its config, and the ViLT converters carry them into the
-    ``ViltConfig``. ``reduce_layers`` is read in the research numbering (METER: two per fusion block).
+
+def _record(blocks: Mapping[int, Ratios], mode: Mode, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The reduction as ``apply`` arguments in JSON types, for the config's ``RECORD_ATTR``.
+
+    ``{"ratios": {"2": "p0.1-r0.3-t0.2", ...}, "mode": ..., "options": {...}}``: the adapter's own
+    block indices (a paper config's numbering already translated), every layer named (zero ratios
+    too), the adapter options as given. ``trace`` decides nothing and is not kept.
+    """
+    plain = {name: _plain(value, name) for name, value in options.items()}
+    return {"ratios": {str(i): str(r) for i, r in sorted(blocks.items())}, "mode": mode, "options": plain}
+
+
+_RECORD_FIELDS = ("ratios", "mode", "options")
+
+
+def _recorded_arguments(record: Any) -> dict[str, Any]:
+    """The ``apply`` arguments of a config's ``RECORD_ATTR``, each field checked; ValueError / TypeError naming it."""
+    what = f"config.{RECORD_ATTR}"
+    fix = "it is what pumer_patch.apply writes; delete it from config.json and call pumer_patch.apply instead"
+    if not isinstance(record, Mapping):
+        raise TypeError(f"{what}={record!r} is a {type(record).__name__}, not a mapping of {list(_RECORD_FIELDS)}; {fix}")
+    fields = sorted(str(k) for k in record)
+    if fields != sorted(_RECORD_FIELDS):
+        raise ValueError(f"{what} has the fields {fields}, not {sorted(_RECORD_FIELDS)}; {fix}")
+    ratios, mode, options = record["ratios"], record["mode"], record["options"]
+    if not isinstance(ratios, Mapping):
+        raise TypeError(f"{what}['ratios']={ratios!r} is not a mapping {{block index: 'p0.1-r0.3-t0.2'}}; {fix}")
+    schedule: dict[int, Ratios] = {}
+    for key, value in ratios.items():
+        if not isinstance(key, str) or not key.isdigit() or not key.isascii():
+            raise TypeError(f"{what}['ratios'] has the key {key!r}, not a block index such as '2'; {fix}")
+        if not isinstance(value, str):
+            raise TypeError(f"{what}['ratios'][{key!r}]={value!r} is not a ratios string 'p0.1-r0.3-t0.2'; {fix}")
+        try:
+            schedule[int(key)] = Ratios.parse(value)
+        except ValueError as error:
+            raise ValueError(f"{what}['ratios'][{key!r}]: {error}") from None
+    if mode not in ("default", "reference"):
+        raise ValueError(f"{what}['mode']={mode!r} is not 'default' or 'reference'; {fix}")
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"{what}['options']={options!r} is not a mapping of option names to values; {fix}")
+    layers = sorted(schedule)
+    return {"layers": layers, **({"ratios": schedule} if schedule else {}), "mode": mode, **options}
+
+
+def apply_from_config(model: nn.Module, trace: bool = False) -> nn.Module:
+    """Patch a model with exactly the reduction its config names: the one ``apply`` recorded, or PuMer's.
+
+    ``apply`` records the reduction of a transformers model (ViLT, METER, the transformers ViT
+    towers) in the root's config as ``pumer_reduction`` (its block indices and ratios, mode and
+    adapter options, in JSON types), so ``save_pretrained`` writes it to config.json and, after
+    ``from_pretrained``, this call re-applies it exactly. A timm or open_clip model has no config:
+    nothing is recorded there, and after loading its weights ``apply`` is called again.
+
+    Without ``pumer_reduction``, PuMer's finetuned folders record the reduction they were trained
+    with (``prune_r``, ``merge_r``, ``merge_text``, ``reduce_layers``; ViLT also ``sim_method`` and
+    ``merge_style``), applied in reference mode: METER's ``from_pretrained`` keeps them in its config,
+    and the ViLT converters carry them into the ``ViltConfig``. ``reduce_layers`` is read in the
+    research numbering (METER: two per fusion block).
+
+    A malformed field of either is refused, naming it, before anything changes.
     """
     roots = _find_roots(_unwrap(model))
-    for _, root in roots:
+    specs = []
+    for adapter, root in roots:
+        config = saved_config(root)
+        if config is not None and RECORD_ATTR in vars(config):
+            specs.append((adapter, _recorded_arguments(vars(config)[RECORD_ATTR])))
+            continue
         _check_config_fields(getattr(root, "config", None))
-    specs = [(adapter, adapter.config_reduction(root)) for adapter, root in roots]
-    specs = [(adapter, spec) for adapter, spec in specs if spec is not None]
+        spec = adapter.config_reduction(root)
+        if spec is not None:
+            specs.append((adapter, spec))
     if not specs:
         raise ValueError(
-            "this model's config names no reduction (prune_r / merge_r / merge_text with reduce_layers, as PuMer's "
-            "checkpoint folders do); call pumer_patch.apply with the config you want instead"
+            f"this model's config names no reduction (neither {RECORD_ATTR}, which pumer_patch.apply records, nor "
+            f"prune_r / merge_r / merge_text with reduce_layers, as PuMer's checkpoint folders do); call "
+            f"pumer_patch.apply with the reduction you want instead"
         )
     if any(spec != specs[0][1] for _, spec in specs):
         raise ValueError("the models inside this one name different reductions; patch each with pumer_patch.apply")
