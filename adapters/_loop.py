@@ -19,6 +19,16 @@ their own short loop on the same pieces:
   forward of the root, so one model served by several threads gives each call its own state, and
   nothing leaks from one batch to the next. Per-call state never lives on a module.
 * ``BlockStep`` / ``PlacedStep``: what one library's block looks like to ``run_blocks``.
+* ``call_as_block``: a block the loop runs in parts (a reduce block; every ViLT layer under SDPA or
+  reference mode; METER's fusion layers) still runs its own hooks, as ``nn.Module.__call__`` runs
+  them around ``forward``: the global and the block's forward pre-hooks on the hidden states the
+  block receives (a returned replacement is used), the forward hooks on what it returns (the reduced
+  tokens at a reduce block; a replacement is used). A hook may replace the hidden states, not the
+  masks and biases the loop computes, nor change the token count: the loop carries each token's
+  size, mask and source with it, so that is a clear error (``pumer_patch.TokenSizesLost`` where
+  tokens carry sizes), at plain blocks too. Backward hooks need the block's own call to wrap its
+  inputs and outputs: on a block run in parts (or registered globally) they are refused, at
+  ``apply`` and at each forward, naming the block and the fix.
 
 ``run_blocks``: pre-norm blocks ``x + attn(norm1(x)); x + mlp(norm2(x))`` over image tokens whose
 first ``protected`` are prefix tokens ([CLS], distillation, registers). A reduce block runs its
@@ -40,7 +50,8 @@ they only choose indices.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -48,10 +59,12 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from pumer_patch.core import Mode, Tokens, attention_bias, init_source, merge_count, reduce_tokens
 from pumer_patch.ratios import Ratios
+from pumer_patch.sizes import TokenSizesLost
 
 from .base import LayerCount, Plan, Trace
 
@@ -63,15 +76,22 @@ __all__ = [
     "Policy",
     "Recorder",
     "attention_relevance",
+    "call_as_block",
     "captured",
+    "check_tokens",
+    "hidden_argument",
     "key_bias",
     "probability_relevance",
+    "reduce_blocks",
+    "refuse_backward_hooks",
+    "refuse_backward_hooks_on",
     "run_blocks",
     "start",
     "watching",
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -243,6 +263,156 @@ def captured(*modules: nn.Module) -> Iterator[dict[int, Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the hooks of a block run in parts
+# ---------------------------------------------------------------------------------------------
+
+
+def _backward_hooked(block: nn.Module) -> str | None:
+    """Which backward hooks would fire on ``block``'s own call (its own, or global ones); None if none."""
+    if block._backward_hooks or block._backward_pre_hooks:
+        return "has a backward hook (register_full_backward_hook / register_full_backward_pre_hook)"
+    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+        return "would get the global module backward hook (register_module_full_backward_hook / _pre_hook)"
+    return None
+
+
+def refuse_backward_hooks(block: nn.Module, where: str) -> None:
+    """Raise if ``block``, which the loop runs in parts, would have backward hooks (checked at apply and forward).
+
+    torch runs a module's backward hooks by wrapping the inputs and outputs of its own call; a block
+    whose attention, reduction and MLP the loop calls one by one has no such call to wrap.
+    """
+    found = _backward_hooked(block)
+    if found is not None:
+        raise ValueError(
+            f"{where} {found}, but pumer_patch runs this block in parts (its attention, the token reduction, its "
+            f"MLP), so torch cannot run a backward hook on it. Register the hook on one of its sub-modules (its "
+            f"attention or MLP) or on the model itself, or pumer_patch.remove(model) first"
+        )
+
+
+def refuse_backward_hooks_on(blocks: Sequence[nn.Module], indices: Iterable[int], name: str) -> None:
+    """``refuse_backward_hooks`` on ``blocks[i]`` for each i in ``indices``: at apply, the blocks the plan runs in parts.
+
+    name: how the errors name the block list, as ``run_blocks`` does.
+    """
+    for i in sorted(indices):
+        refuse_backward_hooks(blocks[i], f"{name}[{i}] ({type(blocks[i]).__name__})")
+
+
+def reduce_blocks(schedule: Mapping[int, Ratios], merge_schedule: Sequence[int] | None) -> set[int]:
+    """The blocks ``run_blocks`` may run in parts: those with ratios, and those ``merge_schedule`` merges at."""
+    return set(schedule) | {i for i, r in enumerate(merge_schedule or ()) if r}
+
+
+def _forward_hooked(block: nn.Module) -> bool:
+    return bool(
+        block._forward_hooks or block._forward_pre_hooks
+        or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+    )
+
+
+def call_as_block(
+    block: nn.Module,
+    where: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    forward: Callable[[tuple[Any, ...], dict[str, Any]], R],
+) -> R:
+    """``forward(args, kwargs)``, run in place of ``block(*args, **kwargs)`` with the block's hooks as torch runs them.
+
+    args / kwargs: what the library's call of the block passes, hidden states first (what the hooks
+    see). forward: the loop's parts of the block, given the arguments after the pre-hooks; what it
+    returns (shaped as the block's own output) goes through the forward hooks, and their result is
+    returned. The order is ``nn.Module.__call__``'s: global forward pre-hooks, the block's; then the
+    global forward hooks, the block's (``with_kwargs`` ones get the keywords; ``always_call`` ones also
+    run when the forward raises). Backward hooks are refused (``refuse_backward_hooks``).
+    where: the block's name in the errors.
+    """
+    refuse_backward_hooks(block, where)
+    if not _forward_hooked(block):
+        return forward(args, kwargs)
+    hooks = (*torch_module._global_forward_hooks.items(), *block._forward_hooks.items())
+    with_kwargs = {*block._forward_hooks_with_kwargs, *torch_module._global_forward_hooks_with_kwargs}
+    always = {*block._forward_hooks_always_called, *torch_module._global_forward_hooks_always_called}
+    called: set[int] = set()
+    result: Any = None
+    try:
+        for key, hook in (*torch_module._global_forward_pre_hooks.items(), *block._forward_pre_hooks.items()):
+            if key in block._forward_pre_hooks_with_kwargs:
+                replaced = hook(block, args, kwargs)
+                if replaced is not None:
+                    if not (isinstance(replaced, tuple) and len(replaced) == 2):
+                        raise RuntimeError(
+                            f"forward pre-hook must return None or a tuple of (new_args, new_kwargs), but got {replaced}."
+                        )
+                    args, kwargs = replaced
+            else:
+                replaced = hook(block, args)
+                if replaced is not None:
+                    args = replaced if isinstance(replaced, tuple) else (replaced,)
+        result = forward(args, kwargs)
+        for key, hook in hooks:
+            called.add(key)
+            out = hook(block, args, kwargs, result) if key in with_kwargs else hook(block, args, result)
+            result = result if out is None else out
+        return result
+    except Exception:
+        for key, hook in hooks:  # torch's order: the global ones, then the block's
+            if key in always and key not in called:
+                try:
+                    own = key in block._forward_hooks_with_kwargs
+                    out = hook(block, args, kwargs, result) if own else hook(block, args, result)
+                    result = result if out is None else out
+                except Exception as error:
+                    warnings.warn(
+                        "module forward hook with ``always_call=True`` raised an exception that was silenced as "
+                        f"another error was raised in forward: {error}", stacklevel=2,
+                    )
+        raise
+
+
+def hidden_argument(where: str, given: tuple[tuple[Any, ...], dict[str, Any]], args: tuple[Any, ...],
+                    kwargs: dict[str, Any], sized: bool) -> Tensor:
+    """The hidden states (B, N, C) among the block's arguments after its pre-hooks (``args[0]``).
+
+    given: the arguments before them. A pre-hook may replace the hidden states with others of the
+    same (B, N); the other arguments are the loop's masks and biases, which it computes for these
+    tokens, so replacing one is an error, as is another token count (``check_tokens``).
+    """
+    given_args, given_kwargs = given
+    same = (
+        len(args) == len(given_args) and all(a is b for a, b in zip(args[1:], given_args[1:]))
+        and kwargs.keys() == given_kwargs.keys() and all(kwargs[k] is given_kwargs[k] for k in kwargs)
+    )
+    if not same:
+        raise ValueError(
+            f"a forward pre-hook on {where} replaced arguments other than the hidden states; pumer_patch runs this "
+            f"block in parts and computes its masks and biases for the tokens it carries, so a pre-hook may replace "
+            f"only the hidden states (the first argument). Or pumer_patch.remove(model) first"
+        )
+    return check_tokens(where, "a forward pre-hook", given_args[0], args[0], sized)
+
+
+def check_tokens(where: str, what: str, expected: Tensor, got: Any, sized: bool) -> Tensor:
+    """``got``, the hidden states a hook made of ``expected`` (B, N, ...), if it keeps their (B, N); else the clear error.
+
+    sized: the tokens carry sizes (``TokenSizesLost``); else a ``ValueError`` (their masks and sources).
+    """
+    if not isinstance(got, Tensor):
+        raise TypeError(f"{what} on {where} returned {type(got).__name__} where the block's hidden states (a Tensor) go")
+    if got.shape[:2] != expected.shape[:2]:
+        error = TokenSizesLost if sized else ValueError
+        raise error(
+            f"{what} on {where} turned hidden states of (B, N) = {tuple(expected.shape[:2])} into "
+            f"{tuple(got.shape[:2])}; pumer_patch carries each token's size, mask and source with it through the "
+            f"blocks, so it cannot go on with other tokens. Return hidden states of the same (B, N), or "
+            f"pumer_patch.remove(model) first"
+        )
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
 # the single-tower loop
 # ---------------------------------------------------------------------------------------------
 
@@ -270,7 +440,9 @@ class BlockStep(Protocol):
     """One library's block as ``run_blocks`` sees it; ``bias`` is the key bias (B, 1, 1, N) or None.
 
     plain: the library's own forward of the whole block. attend: the attention half, with ``q`` for
-    the query ``rows`` (a slice) or None. finish: the MLP half.
+    the query ``rows`` (a slice) or None. finish: the MLP half. A step may also say what ``plain``
+    passes the block, ``arguments(block, x, bias) -> (args, kwargs)`` with x first: the block's hooks
+    see them at a reduce block (``call_as_block``); without it they see ``(x,)`` alone.
     """
 
     def plain(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor: ...
@@ -328,6 +500,12 @@ def _block_ratios(plan: Plan, i: int, n: int, protected: int) -> tuple[Ratios, i
     return ratios or Ratios(), extra
 
 
+def _arguments(step: BlockStep, block: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """What ``step.plain`` would pass ``block`` (its hooks see them at a reduce block): the step's, or ``(x,)``."""
+    arguments = getattr(step, "arguments", None)
+    return ((x,), {}) if arguments is None else arguments(block, x, bias)
+
+
 def _reduce_block(
     block: nn.Module,
     tokens: Tokens,
@@ -339,33 +517,45 @@ def _reduce_block(
     cls_row: bool,
     guide: Callable[[Tensor], Tensor] | None,
     carry: tuple[Tensor, ...],
+    where: str,
 ) -> tuple[Tokens, tuple[Tensor, ...], bool]:
-    """One reduce block: attention half, relevance and metric, ``reduce_tokens``, MLP half.
+    """One reduce block: attention half, relevance and metric, ``reduce_tokens``, MLP half; the block's hooks around them.
 
     Returns the reduced ``Tokens``, the carry moved with them, and whether a merge happened (from
     then on sizes differ from one).
     """
-    prune = ratios.prune > 0
-    rows = None if not prune or guide is not None else (slice(0, 1) if cls_row else slice(protected, None))
-    att = step.attend(block, tokens.x, bias, rows)
-    relevance = None
-    with torch.no_grad():  # indices only
-        if prune and guide is not None:
-            relevance = guide(att.x)
-        elif prune:
-            weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
-            if att.probs is not None:
-                relevance = probability_relevance(att.probs[:, :, rows], weights)
-            else:
-                logit_bias = bias if att.logit_bias is None else att.logit_bias
-                relevance = attention_relevance(att.q, att.k, att.scale, logit_bias, weights)
-        metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
-    reduced = reduce_tokens(
-        relevance, replace(tokens, x=att.x), ratios, image_metric=metric, image_protected=protected,
-        extra_merges=extra_merges, carry=carry,
-    )
+    given = _arguments(step, block, tokens.x, bias)
+    done: dict[str, Any] = {}  # this call's reduction, handed out of ``forward`` past the hooks
+
+    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        x = hidden_argument(where, given, args, kwargs, tokens.size is not None)
+        prune = ratios.prune > 0
+        rows = None if not prune or guide is not None else (slice(0, 1) if cls_row else slice(protected, None))
+        att = step.attend(block, x, bias, rows)
+        relevance = None
+        with torch.no_grad():  # indices only
+            if prune and guide is not None:
+                relevance = guide(att.x)
+            elif prune:
+                weights = None if cls_row or tokens.size is None else tokens.size[:, protected:]
+                if att.probs is not None:
+                    relevance = probability_relevance(att.probs[:, :, rows], weights)
+                else:
+                    logit_bias = bias if att.logit_bias is None else att.logit_bias
+                    relevance = attention_relevance(att.q, att.k, att.scale, logit_bias, weights)
+            metric = att.k.mean(dim=1)  # (B, H, N, d) -> (B, N, d): keys averaged over heads
+        reduced = reduce_tokens(
+            relevance, replace(tokens, x=att.x), ratios, image_metric=metric, image_protected=protected,
+            extra_merges=extra_merges, carry=carry,
+        )
+        done["reduced"] = reduced
+        return step.finish(block, reduced.image.x)
+
+    out = call_as_block(block, where, *given, forward)
+    reduced = done["reduced"]
     image = reduced.image
-    return replace(image, x=step.finish(block, image.x)), reduced.carry, reduced.image_plan is not None
+    x = check_tokens(where, "a forward hook", image.x, out, image.size is not None)
+    return replace(image, x=x), reduced.carry, reduced.image_plan is not None
 
 
 def run_blocks(
@@ -379,6 +569,7 @@ def run_blocks(
     checkpointing: bool = False,
     carry: tuple[Tensor, ...] | None = None,
     mask: Tensor | None = None,
+    name: str = "blocks",
 ) -> tuple[Tokens, Trace]:
     """Run ``blocks`` on x (B, N, C), reducing at the planned blocks (default mode).
 
@@ -390,6 +581,7 @@ def run_blocks(
     each block's ``BlockStep`` (at None while no token has moved, so the library's own positions run).
     mask: (B, N) real (True) against padding of the entering tokens; it travels with them (padding is
     pruned first and never merges with real tokens) and enters the key bias after the first reduction.
+    name: how errors name the block list (``"VisionTransformer.blocks"``: block 2 is ``...blocks[2]``).
     Returns the final ``Tokens`` (with sizes, and sources with ``plan.trace``) and the ``Trace``.
     """
     policy = Policy.of(plan.mode)
@@ -401,13 +593,15 @@ def run_blocks(
     for i, block in enumerate(blocks):
         here: BlockStep = step if carry is None else step.at(i, moved)
         ratios = _block_ratios(plan, i, tokens.count, protected)
-        if ratios is None:
-            tokens = replace(tokens, x=recorder.run(here.plain, block, tokens.x, bias))
+        where = f"{name}[{i}] ({type(block).__name__})"
+        if ratios is None:  # the block's own call: torch runs its hooks, which must keep the tokens
+            out = recorder.run(here.plain, block, tokens.x, bias)
+            tokens = replace(tokens, x=check_tokens(where, "a forward hook", tokens.x, out, tokens.size is not None))
             continue
         before = tokens.count
         tokens, moving, merged = recorder.run(
             _reduce_block, block, tokens, bias, *ratios, here, protected, cls_row, guide,
-            (moved if moved is not None else carry) or (),
+            (moved if moved is not None else carry) or (), where,
         )
         if carry is not None and tokens.count < before:
             moved = moving

@@ -21,8 +21,9 @@ looping forward) and the final norms.
   add to their logits.
 * A reduce block runs the layer's two halves through its own sub-modules (norms, the attention
   module, layer scale, drop path, MLP) with the reduction between them (ToMe's and PuMer's place).
-  Its forward hooks then see its output, as they see a plain layer's (the library records
-  ``output_hidden_states`` there); forward pre-hooks do not run, the layer's input being the loop's.
+  Its hooks run as a plain layer's do (``_loop.call_as_block``): forward pre-hooks on the hidden
+  states it receives, forward hooks on the reduced ones it returns (the library records
+  ``output_hidden_states`` there); backward hooks on a reduce layer are refused, at apply and forward.
   In training with the library's gradient checkpointing, each half is checkpointed by the layer's own
   checkpoint function (``every_n_layers`` and the checkpointing keywords apply as to the plain layers);
   the reduction between them keeps the indices it chose, so a recompute never chooses again.
@@ -111,7 +112,7 @@ from pumer_patch.core import Mode, attention_bias
 from pumer_patch.ratios import Ratios
 from pumer_patch.sizes import TokenSizesLost, require_token_sizes, with_token_sizes
 
-from ._loop import Attended, CallScope, captured, run_blocks
+from ._loop import Attended, CallScope, captured, reduce_blocks, refuse_backward_hooks_on, run_blocks
 from ._vit import VitOptions, resolve_vit_options, weighted_mean
 from .base import (
     SHARED_ATTR,
@@ -154,17 +155,6 @@ def _checkpointed(layer: nn.Module, half: Callable[..., Any], *args: Any) -> Any
     return half(*args)
 
 
-def _forward_hooks(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Tensor:
-    """``out`` after the layer's forward hooks, as ``nn.Module.__call__`` runs them on what ``forward`` returned."""
-    for key, hook in layer._forward_hooks.items():
-        if key in layer._forward_hooks_with_kwargs:
-            result = hook(layer, args, kwargs, out)
-        else:
-            result = hook(layer, args, out)
-        out = out if result is None else result
-    return out
-
-
 class _LayerStep:
     """The loop's view of one library's encoder layers, for one forward (``_loop.BlockStep``).
 
@@ -182,7 +172,6 @@ class _LayerStep:
         self.mask = mask
         self.n = n
         self.kwargs = kwargs
-        self._entering: tuple[Tensor, Tensor | None] | None = None  # a reduce layer's (input, mask), for its hooks
 
     def _attention_half(self, layer: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
@@ -196,10 +185,12 @@ class _LayerStep:
     def plain(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
         return layer(x, self._mask_for(x, bias), **self.kwargs)
 
+    def arguments(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (x, self._mask_for(x, bias)), self.kwargs
+
     def attend(self, layer: nn.Module, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
         """The attention half: x (B, N, C) -> (B, N, C), with the keys and the probabilities (eager) or q rows."""
         mask = self._mask_for(x, bias)
-        self._entering = (x, mask)
         attn = getattr(layer, self.attention)
         with captured(attn.q_proj, attn.k_proj) as projected:
             out, probs = _checkpointed(layer, self._attention_half, layer, x, mask)
@@ -213,11 +204,8 @@ class _LayerStep:
         return Attended(out, q, k, scale, probs)
 
     def finish(self, layer: nn.Module, x: Tensor) -> Tensor:
-        """The MLP half on the reduced tokens (B, N', C), then the layer's forward hooks on its output."""
-        out = _checkpointed(layer, self._mlp_half, layer, x)
-        if not layer._forward_hooks:
-            return out
-        return _forward_hooks(layer, self._entering, self.kwargs, out)
+        """The MLP half on the reduced tokens (B, N', C)."""
+        return _checkpointed(layer, self._mlp_half, layer, x)
 
 
 class _ClipStep(_LayerStep):
@@ -298,16 +286,17 @@ class _ReducingLoop:
     def _prefix(self) -> int:
         return 1  # [CLS]
 
-    def _run(
-        self, layers: Sequence[nn.Module], x: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]
-    ) -> Tensor:
-        """x (B, N, C) through ``layers``, reducing at the planned ones -> (B, N', C); hands the sizes to the heads."""
+    def _run(self, layers: str, x: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+        """x (B, N, C) through the layer list ``layers`` (its attribute), reducing at the planned ones -> (B, N', C).
+
+        Hands the sizes to the heads.
+        """
         state: PatchState = getattr(self, SHARED_ATTR)
         _check_implementation(self.config, type(self).__bases__[-1].__name__)
         step = self._step(attention_mask, x.shape[1], kwargs)
         tokens, trace = run_blocks(
-            layers, x, state.plan, step, protected=self._prefix(), guide=guide_of(state),
-            mask=_key_padding(attention_mask),
+            getattr(self, layers), x, state.plan, step, protected=self._prefix(), guide=guide_of(state),
+            mask=_key_padding(attention_mask), name=f"{type(self).__bases__[-1].__name__}.{layers}",
         )
         record_trace(state, trace)
         call = _CALL.get(state)
@@ -323,7 +312,7 @@ class PumerCLIPEncoder(_ReducingLoop, CLIPEncoder):
     _step = _ClipStep
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
-        return BaseModelOutput(last_hidden_state=self._run(self.layers, inputs_embeds, attention_mask, kwargs))
+        return BaseModelOutput(last_hidden_state=self._run("layers", inputs_embeds, attention_mask, kwargs))
 
 
 class PumerSiglipEncoder(_ReducingLoop, SiglipEncoder):
@@ -336,7 +325,7 @@ class PumerSiglipEncoder(_ReducingLoop, SiglipEncoder):
         return 0
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
-        return BaseModelOutput(last_hidden_state=self._run(self.layers, inputs_embeds, attention_mask, kwargs))
+        return BaseModelOutput(last_hidden_state=self._run("layers", inputs_embeds, attention_mask, kwargs))
 
 
 class PumerDinov2Encoder(_ReducingLoop, Dinov2Encoder):
@@ -348,7 +337,7 @@ class PumerDinov2Encoder(_ReducingLoop, Dinov2Encoder):
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
-        return BaseModelOutput(last_hidden_state=self._run(self.layer, hidden_states, attention_mask, kwargs))
+        return BaseModelOutput(last_hidden_state=self._run("layer", hidden_states, attention_mask, kwargs))
 
 
 class PumerDinov2WithRegistersEncoder(_ReducingLoop, Dinov2WithRegistersEncoder):
@@ -363,7 +352,7 @@ class PumerDinov2WithRegistersEncoder(_ReducingLoop, Dinov2WithRegistersEncoder)
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
-        return BaseModelOutput(last_hidden_state=self._run(self.layer, hidden_states, attention_mask, kwargs))
+        return BaseModelOutput(last_hidden_state=self._run("layer", hidden_states, attention_mask, kwargs))
 
 
 class PumerViTModel(_ReducingLoop, ViTModel):
@@ -387,7 +376,7 @@ class PumerViTModel(_ReducingLoop, ViTModel):
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
         )
-        hidden_states = self._run(self.layers, embedding_output, attention_mask, kwargs)
+        hidden_states = self._run("layers", embedding_output, attention_mask, kwargs)
         sequence_output = self.layernorm(hidden_states)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
@@ -701,7 +690,10 @@ class HfVitAdapter(Adapter):
         tower = _tower(root)
         kind = _kind(tower)
         auto = "cls" if kind.cls else "received"
-        return resolve_vit_options(options, len(kind.layers_of(tower)), kind.cls, auto, mode)
+        resolved = resolve_vit_options(options, len(kind.layers_of(tower)), kind.cls, auto, mode)
+        refuse_backward_hooks_on(kind.layers_of(tower), reduce_blocks(schedule, resolved.merge_schedule),
+                                 f"{kind.loop.__bases__[-1].__name__}.{kind.layers}")
+        return resolved
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         """The looping module, the root where it opens the per-call scope of sizes, the SigLIP pooling head.

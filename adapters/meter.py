@@ -31,8 +31,15 @@ paper's configs leave it alone; merged image tokens enter the fusion blocks with
 travel with the features ``encode_image`` returns (``pumer_patch.token_sizes``), and ``fuse`` raises
 ``TokenSizesLost`` for image features that lost them (a copy; attach them with ``with_token_sizes``).
 
+Option ``unmerge_text`` (default: on exactly for ``MeterForPreTraining``, whose MLM head reads one
+row per input id): the fused text leaves ``fuse`` spread back over the positions its merged tokens
+stand for (as ViLT's ``unmerge_text``); the poolers read the text [CLS], which is never merged.
+
 NLVR2's two passes each reduce on their own. The fusion order (sequential / parallel) and masking
-(pumer / additive) are the model config's; the adapter calls each layer's own parts.
+(pumer / additive) are the model config's; the adapter calls each layer's own parts, and runs the
+layer's forward hooks and pre-hooks around them as its own call would (``_loop.call_as_block``: a
+text layer's hooks see the text it receives and returns; backward hooks on the fusion layers, and on
+the tower blocks ``encoder_merge_schedule`` merges at, are refused).
 """
 
 from __future__ import annotations
@@ -45,12 +52,29 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
-from pumer_patch.core import Mode, Tokens, reduce_tokens, reduces_layer, text_to_image_relevance
-from pumer_patch.models.meter import MeterAttention, MeterFusionLayer, MeterModel, MeterVisionTower
+from pumer_patch.core import Mode, Tokens, reduce_tokens, reduces_layer, text_to_image_relevance, unmerge
+from pumer_patch.models.meter import (
+    MeterAttention,
+    MeterForPreTraining,
+    MeterFusionLayer,
+    MeterModel,
+    MeterVisionTower,
+)
 from pumer_patch.ratios import Ratios
 from pumer_patch.sizes import require_token_sizes, with_token_sizes
 
-from ._loop import CallScope, Policy, Recorder, run_blocks, start
+from ._loop import (
+    CallScope,
+    Policy,
+    Recorder,
+    call_as_block,
+    check_tokens,
+    hidden_argument,
+    reduce_blocks,
+    refuse_backward_hooks_on,
+    run_blocks,
+    start,
+)
 from ._vit import VitOptions, resolve_vit_options
 from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Plan, Trace, ensure_class, record_trace
 from .open_clip import OpenClipBlockStep
@@ -60,9 +84,16 @@ __all__ = ["MeterAdapter", "MeterOptions", "PumerMeterModel", "PumerMeterVisionT
 
 @dataclass(frozen=True)
 class MeterOptions:
-    """METER's options: ``encoder_merge_schedule``, ToMe's r per CLIP tower block (int or one per block)."""
+    """METER's options (see the module docstring).
+
+    encoder_merge_schedule: ToMe's r per CLIP tower block (an int for every block, or one per block).
+    unmerge_text: spread merged text tokens back over the text positions they stand for when the
+        fusion returns, so the text features have one row per input id; None (default): exactly when
+        the model has a head that reads every text position (``MeterForPreTraining``'s MLM head).
+    """
 
     encoder_merge_schedule: int | Sequence[int] | None = None
+    unmerge_text: bool | None = None
 
 
 @dataclass
@@ -88,7 +119,7 @@ class PumerMeterVisionTower(MeterVisionTower):
             return super().run_blocks(x)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         tokens, _ = run_blocks(self.transformer.resblocks, x, encoder, _CLIP_STEP, protected=1,
-                               checkpointing=checkpointing)
+                               checkpointing=checkpointing, name="MeterModel.vit_model.transformer.resblocks")
         call = _IMAGE_CALL.get(state)
         if call is not None:
             call.size = tokens.size
@@ -122,41 +153,61 @@ def _text_layer(
     ratios: Ratios | None,
     policy: Policy,
     sized: bool,
+    where: str,
 ) -> tuple[Tokens, Tokens]:
-    """One fusion text layer, reducing after its cross-attention when ``ratios`` is given.
+    """One fusion text layer, reducing after its cross-attention when ``ratios`` is given; its hooks around it.
 
     text: (B, T, C) entering the block; image: (B, N, C), the block's input image states.
-    Returns the text layer's output tokens (B, T', C) and the image states (B, N', C) the block's
-    image layer will read (reduced, or ``image`` unchanged).
+    Returns the text layer's output tokens (B, T', C) (what its forward hooks made of them) and the
+    image states (B, N', C) the block's image layer will read (reduced, or ``image`` unchanged).
     """
-    text_bias = _log_sizes(policy, text) if sized else None
-    image_bias = _log_sizes(policy, image) if sized else None
-    own = layer.attention(text.x, key_weight=_key_weight(text), key_bias=text_bias)
-    prunes = ratios is not None and ratios.prune > 0  # only pruning reads the probabilities (SDPA otherwise)
-    cross = layer.crossattention(
-        own.hidden, context=image.x, key_weight=_key_weight(image), key_bias=image_bias, output_probs=prunes
-    )
-    text = replace(text, x=cross.hidden)
-    if ratios is not None:
-        relevance = None
-        if cross.probs is not None:
-            with torch.no_grad():
-                relevance = text_to_image_relevance(cross.probs, text.mask, policy.mode)
-        reduced = reduce_tokens(
-            relevance, image, ratios, image_metric=cross.keys, text_tokens=text, text_metric=own.keys,
-            mode=policy.mode, research="meter",
+    given = ((text.x, image.x, _key_weight(text), _key_weight(image)), {})  # as MeterModel.fuse calls it
+    done: dict[str, Any] = {}  # this call's streams, handed out of ``forward`` past the hooks
+
+    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        t = replace(text, x=hidden_argument(where, given, args, kwargs, text.size is not None))
+        v = image
+        text_bias = _log_sizes(policy, t) if sized else None
+        image_bias = _log_sizes(policy, v) if sized else None
+        own = layer.attention(t.x, key_weight=_key_weight(t), key_bias=text_bias)
+        prunes = ratios is not None and ratios.prune > 0  # only pruning reads the probabilities (SDPA otherwise)
+        cross = layer.crossattention(
+            own.hidden, context=v.x, key_weight=_key_weight(v), key_bias=image_bias, output_probs=prunes
         )
-        text, image = reduced.text, reduced.image
-    return replace(text, x=layer.feed_forward(text.x)), image
+        t = replace(t, x=cross.hidden)
+        if ratios is not None:
+            relevance = None
+            if cross.probs is not None:
+                with torch.no_grad():
+                    relevance = text_to_image_relevance(cross.probs, t.mask, policy.mode)
+            reduced = reduce_tokens(
+                relevance, v, ratios, image_metric=cross.keys, text_tokens=t, text_metric=own.keys,
+                mode=policy.mode, research="meter",
+            )
+            t, v = reduced.text, reduced.image
+        done["text"], done["image"] = replace(t, x=layer.feed_forward(t.x)), v
+        return done["text"].x
+
+    out = call_as_block(layer, where, *given, forward)
+    t = done["text"]
+    return replace(t, x=check_tokens(where, "a forward hook", t.x, out, t.size is not None)), done["image"]
 
 
-def _image_layer(layer: nn.Module, image: Tokens, text: Tokens, policy: Policy, sized: bool) -> Tokens:
-    """One fusion image layer: image (B, N, C) attends to itself and to ``text`` (B, T, C)."""
-    own = layer.attention(image.x, key_weight=_key_weight(image), key_bias=_log_sizes(policy, image) if sized else None)
-    cross = layer.crossattention(
-        own.hidden, context=text.x, key_weight=_key_weight(text), key_bias=_log_sizes(policy, text) if sized else None
-    )
-    return replace(image, x=layer.feed_forward(cross.hidden))
+def _image_layer(layer: nn.Module, image: Tokens, text: Tokens, policy: Policy, sized: bool, where: str) -> Tokens:
+    """One fusion image layer: image (B, N, C) attends to itself and to ``text`` (B, T, C); its hooks around it."""
+    given = ((image.x, text.x, _key_weight(image), _key_weight(text)), {})  # as MeterModel.fuse calls it
+
+    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        x = hidden_argument(where, given, args, kwargs, image.size is not None)
+        own = layer.attention(x, key_weight=_key_weight(image), key_bias=_log_sizes(policy, image) if sized else None)
+        cross = layer.crossattention(
+            own.hidden, context=text.x, key_weight=_key_weight(text),
+            key_bias=_log_sizes(policy, text) if sized else None,
+        )
+        return layer.feed_forward(cross.hidden)
+
+    out = call_as_block(layer, where, *given, forward)
+    return replace(image, x=check_tokens(where, "a forward hook", image.x, out, image.size is not None))
 
 
 class PumerMeterModel(MeterModel):
@@ -179,7 +230,8 @@ class PumerMeterModel(MeterModel):
         policy = Policy.of(plan.mode)
         loop = Recorder(plan, checkpointing=bool(getattr(self, "gradient_checkpointing", False)) and self.training
                         and torch.is_grad_enabled())
-        t = start(policy, text, text_mask, text=True, source=plan.trace)
+        unmerge_text = plan.options.unmerge_text
+        t = start(policy, text, text_mask, text=True, source=plan.trace or unmerge_text)
         v = start(policy, image, image_mask, source=plan.trace)
         if size is not None:
             v = replace(v, size=size)
@@ -189,13 +241,17 @@ class PumerMeterModel(MeterModel):
             ratios = plan.schedule.get(k)
             if ratios is not None and not reduces_layer(ratios, plan.mode, "meter"):
                 ratios = None
-            t_out, v = loop.run(_text_layer, text_layer, t, v, ratios, policy, sized)
+            names = [f"MeterModel.cross_modal_{stream}_layers[{k}] (MeterFusionLayer)" for stream in ("text", "image")]
+            t_out, v = loop.run(_text_layer, text_layer, t, v, ratios, policy, sized, names[0])
             if ratios is not None:
                 sized = sized or policy.sizes
                 loop.count(k, v, t_out)
-            v = loop.run(_image_layer, image_layer, v, t_out if sequential else t, policy, sized)
+            v = loop.run(_image_layer, image_layer, v, t_out if sequential else t, policy, sized, names[1])
             t = t_out
         record_trace(state, loop.trace(v, t))
+        if unmerge_text and t.count != text.shape[1]:
+            # the MLM head reads one row per input id; the text [CLS], never merged, keeps the pooler's row
+            return unmerge(t.x, t.source), v.x
         return t.x, v.x
 
 
@@ -244,16 +300,31 @@ class MeterAdapter(Adapter):
         self, model: nn.Module, root: nn.Module, options: dict[str, Any], mode: Mode, schedule: dict[int, Ratios]
     ) -> MeterOptions:
         given = MeterOptions(**options)
-        if given.encoder_merge_schedule is None:
-            return given
-        if mode == "reference":
+        if given.unmerge_text is not None and not isinstance(given.unmerge_text, bool):
+            raise TypeError(f"unmerge_text must be True or False, got {given.unmerge_text!r}")
+        dense = any(isinstance(m, MeterForPreTraining) for m in model.modules())
+        unmerge_text = dense if given.unmerge_text is None else given.unmerge_text
+        if dense and not unmerge_text and any(r.text_merge > 0 for r in schedule.values()):
             raise ValueError(
-                "encoder_merge_schedule is ToMe's schedule, which the research code (mode='reference') has not; "
-                "use mode='default'"
+                "MeterForPreTraining's MLM head reads every text position, but text merging with unmerge_text=False "
+                "would give it fewer rows than input_ids; leave unmerge_text at its default (True for this head) or "
+                "set text_merge_ratio=0"
             )
-        n_blocks = len(root.vit_model.transformer.resblocks)
-        resolved = resolve_vit_options({"merge_schedule": given.encoder_merge_schedule}, n_blocks, True, "cls", mode)
-        return MeterOptions(encoder_merge_schedule=resolved.merge_schedule)
+        encoder = given.encoder_merge_schedule
+        if encoder is not None:
+            if mode == "reference":
+                raise ValueError(
+                    "encoder_merge_schedule is ToMe's schedule, which the research code (mode='reference') has not; "
+                    "use mode='default'"
+                )
+            blocks = root.vit_model.transformer.resblocks
+            encoder = resolve_vit_options({"merge_schedule": encoder}, len(blocks), True, "cls", mode).merge_schedule
+            refuse_backward_hooks_on(blocks, reduce_blocks({}, encoder), "MeterModel.vit_model.transformer.resblocks")
+        if schedule or encoder is not None:  # the fusion then runs every layer in parts
+            for stream in ("text", "image"):
+                layers = getattr(root, f"cross_modal_{stream}_layers")
+                refuse_backward_hooks_on(layers, range(len(layers)), f"MeterModel.cross_modal_{stream}_layers")
+        return MeterOptions(encoder_merge_schedule=encoder, unmerge_text=unmerge_text)
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         return [(root, PumerMeterModel), (root.vit_model, PumerMeterVisionTower)]

@@ -4,7 +4,8 @@ The text tower uses the same ``Transformer`` and ``ResidualAttentionBlock`` clas
 image tower's instances are switched (towers with a timm trunk belong to the timm adapter):
 
 * ``visual.transformer`` -> ``PumerTransformer``: the reducing block loop (``_loop.run_blocks``),
-  calling the library's own blocks at plain blocks and their sub-modules at reduce blocks.
+  calling the library's own blocks at plain blocks and their sub-modules at reduce blocks (with the
+  block's forward hooks around them, ``_loop.call_as_block``; backward hooks there are refused).
   Proportional attention goes through the block's ``attn_mask``: ``nn.MultiheadAttention`` takes a
   float (B * H, N, N) mask, built as a stride-0 expansion of (B * H, 1, N), so no N^2 memory.
 * ``visual`` -> ``PumerOpenClipVisionTransformer``: ``avg`` pooling (CLIPA) becomes the size-weighted mean,
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from pumer_patch.core import Mode
 from pumer_patch.ratios import Ratios
 
-from ._loop import Attended, CallScope, run_blocks
+from ._loop import Attended, CallScope, reduce_blocks, refuse_backward_hooks_on, run_blocks
 from ._vit import VitOptions, reduces, resolve_vit_options, weighted_mean
 from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, record_trace, warn_if_untested
 from .guidance import GuidedTower, guide_of, text_guidance
@@ -83,6 +84,11 @@ class OpenClipBlockStep:
     def plain(self, block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None) -> Tensor:
         return block(x, attn_mask=_mha_mask(bias, block.attn.num_heads))
 
+    def arguments(
+        self, block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (x,), {"attn_mask": _mha_mask(bias, block.attn.num_heads)}
+
     def attend(self, block: ResidualAttentionBlock, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
         """``ResidualAttentionBlock.forward``'s attention line, then k (and q rows) from the fused in-projection."""
         attn: nn.MultiheadAttention = block.attn
@@ -118,7 +124,8 @@ class PumerTransformer(Transformer):
             raise ValueError("the image tower of a pumer_patch-reduced open_clip model takes no attn_mask")
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, trace = run_blocks(
-            self.resblocks, x, state.plan, _STEP, protected=1, guide=guide_of(state), checkpointing=checkpointing
+            self.resblocks, x, state.plan, _STEP, protected=1, guide=guide_of(state), checkpointing=checkpointing,
+            name="visual.transformer.resblocks",
         )
         record_trace(state, trace)
         call = _CALL.get(state)
@@ -196,7 +203,10 @@ class OpenClipAdapter(Adapter):
     ) -> VitOptions:
         # [CLS] relevance where the embedding is read from [CLS]; avg / attentional pooling: attention received
         auto = "cls" if root.attn_pool is None and root.pool_type == "tok" else "received"
-        return resolve_vit_options(options, len(root.transformer.resblocks), True, auto, mode)
+        resolved = resolve_vit_options(options, len(root.transformer.resblocks), True, auto, mode)
+        refuse_backward_hooks_on(root.transformer.resblocks, reduce_blocks(schedule, resolved.merge_schedule),
+                                 "visual.transformer.resblocks")
+        return resolved
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         return [(root, PumerOpenClipVisionTransformer), (root.transformer, PumerTransformer)]

@@ -7,7 +7,8 @@ The root's class is switched to a module-level subclass that overrides two metho
   (``_loop.run_blocks``), so that grad checkpointing and direct ``forward_features`` calls reduce
   too. It repeats the six steps of ``VisionTransformer.forward_features`` (timm 1.0); the library's
   own ``Block`` instances run unchanged at plain blocks (``blk(x, attn_mask=bias)``, which both the
-  fused and the eager attention honour) and as their own sub-modules at reduce blocks.
+  fused and the eager attention honour) and as their own sub-modules at reduce blocks, around which
+  the block's own forward hooks still run (``_loop.call_as_block``; backward hooks there are refused).
 * ``pool`` makes pooling count merged tokens by their sizes (default mode): ``avg`` is the
   size-weighted mean, which equals the mean over the tokens they stand for; ``map`` passes
   ``log(size)`` to the latent attention pool as proportional attention. ``token`` reads [CLS], which
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from pumer_patch.core import Mode, Tokens, attention_bias
 from pumer_patch.ratios import Ratios
 
-from ._loop import Attended, captured, run_blocks
+from ._loop import Attended, captured, reduce_blocks, refuse_backward_hooks_on, run_blocks
 from ._timm_common import TIMM_TESTED, PumerTimmRoot, pooling_sizes, refuse_masks
 from ._vit import VitOptions, resolve_vit_options, weighted_mean
 from .base import Adapter, Plan, Trace, ensure_class, library_class, warn_if_untested
@@ -53,6 +54,9 @@ class TimmBlockStep:
 
     def plain(self, block: Block, x: Tensor, bias: Tensor | None) -> Tensor:
         return block(x, attn_mask=bias)
+
+    def arguments(self, block: Block, x: Tensor, bias: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (x,), {"attn_mask": bias}
 
     def attend(self, block: Block, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
         """``Block.forward``'s attention line; the q/k it used come from a hook on ``attn.qkv``.
@@ -86,7 +90,8 @@ class _ReducingVit(PumerTimmRoot):
         refuse_masks(attn_mask, is_causal)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        return run_blocks(self.blocks, x, plan, _STEP, protected=self.num_prefix_tokens, checkpointing=checkpointing)
+        return run_blocks(self.blocks, x, plan, _STEP, protected=self.num_prefix_tokens, checkpointing=checkpointing,
+                          name=f"{library_class(self).__name__}.blocks")
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         """(B, N', C) -> (B, C), counting each token by its size where the pooling averages."""
@@ -162,7 +167,10 @@ class TimmAdapter(Adapter):
     ) -> VitOptions:
         # [CLS] relevance where the output is read from [CLS]; pooled towers use the attention received
         auto = "cls" if root.has_class_token and root.global_pool in ("token", "") else "received"
-        return resolve_vit_options(options, len(root.blocks), root.has_class_token, auto, mode)
+        resolved = resolve_vit_options(options, len(root.blocks), root.has_class_token, auto, mode)
+        refuse_backward_hooks_on(root.blocks, reduce_blocks(schedule, resolved.merge_schedule),
+                                 f"{library_class(root).__name__}.blocks")
+        return resolved
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
         return [(root, _PATCHED[library_class(root)])]

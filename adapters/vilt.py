@@ -11,7 +11,10 @@ Two instance classes are switched per patched ``ViltModel``:
   masks, sources) through the library's own ``ViltLayer`` instances. A reduce layer runs the layer's
   own sub-modules with the reduction between the attention residual and the MLP, which repeats the
   four lines of ``ViltLayer.forward`` (checked against transformers 4.40 to 5.x by the
-  zero-reduction parity tests).
+  zero-reduction parity tests). A layer run in parts (a reduce layer; every layer under SDPA or in
+  reference mode) still runs its forward hooks and pre-hooks as its own call would, on the hidden
+  states it receives and the (reduced) ones it returns (``_loop.call_as_block``); backward hooks on
+  such a layer are refused.
 
 Option ``attention="sdpa"`` (default ``"eager"``, ViLT's own): every layer of the loop computes its
 self-attention with ``F.scaled_dot_product_attention`` from the layer's own query/key/value/output
@@ -63,7 +66,18 @@ from transformers.models.vilt.modeling_vilt import (
 from pumer_patch.core import Mode, Tokens, masked_softmax, reduce_tokens, take_rows, text_to_image_relevance, unmerge
 from pumer_patch.ratios import Ratios
 
-from ._loop import CallScope, Policy, Recorder, captured, key_bias, start
+from ._loop import (
+    CallScope,
+    Policy,
+    Recorder,
+    call_as_block,
+    captured,
+    check_tokens,
+    hidden_argument,
+    key_bias,
+    refuse_backward_hooks_on,
+    start,
+)
 from .base import SHARED_ATTR, STATE_ATTR, Adapter, PatchState, Trace, ensure_class, record_trace, warn_if_untested
 
 __all__ = ["ViltAdapter", "ViltOptions", "PumerViltModel", "PumerViltEmbeddings", "PumerViltEncoder", "unmerge_hidden"]
@@ -208,17 +222,18 @@ class PumerViltEncoder(ViltEncoder):
             if output_hidden_states:
                 all_hidden += (h,)
             ratios = plan.schedule.get(i)
-            attn = None
+            where = f"ViltModel.encoder.layer[{i}] ({type(layer).__name__})"
             if ratios is None and kind == "eager":
                 # transformers >= 4.52: a ViltLayer checkpoints itself when asked
                 itself = bool(getattr(layer, "gradient_checkpointing", False))
                 out = loop.run(_library_layer, layer, h, bias, output_attentions, library_checkpoints=itself)
-                h, attn = out[0], (out[1] if output_attentions else None)
+                h, attn = _layer_result(where, h, out, output_attentions, policy.sizes)
             elif ratios is None:
-                h, attn = loop.run(_own_layer, layer, h, bias, kind)
+                h, attn = loop.run(_own_layer, layer, h, bias, kind, output_attentions, where, policy.sizes)
             else:
                 h, attn, text, image = loop.run(
-                    _reduce_layer, layer, h, bias, text, image, ratios, policy, kind, head, options.merge_style
+                    _reduce_layer, layer, h, bias, text, image, ratios, policy, kind, head, options.merge_style,
+                    output_attentions, where,
                 )
                 if kind == "masked":  # the research code resets the image mask to ones after reducing
                     bias = torch.cat([text.mask.float(), text.mask.new_ones(h.shape[0], image.count)], dim=1)
@@ -332,10 +347,40 @@ def _mlp_half(layer: ViltLayer, h: Tensor) -> Tensor:
     return layer.output(layer.intermediate(layer.layernorm_after(h)), h)
 
 
-def _own_layer(layer: ViltLayer, h: Tensor, bias: Tensor | None, kind: _Kind) -> tuple[Tensor, Tensor | None]:
-    """A whole ``ViltLayer`` with SDPA or the masked softmax: (B, L, C) -> (B, L, C), and the probs (masked)."""
-    h, _, probs = _attention_half(layer, h, bias, kind, rows=0)
-    return _mlp_half(layer, h), probs
+def _layer_output(h: Tensor, probs: Tensor | None, output_attentions: bool) -> tuple[Tensor, ...]:
+    """What ``ViltLayer.forward`` returns (its hooks see it): ``(h,)``, or ``(h, probs)`` with ``output_attentions``."""
+    return (h, probs) if output_attentions else (h,)
+
+
+def _layer_result(
+    where: str, expected: Tensor, out: Any, output_attentions: bool, sized: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The hidden states and probs from a layer's output after its hooks, which must keep the token count.
+
+    expected: the hidden states (B, L, C) the layer computed, whose (B, L) the hooks' must keep.
+    """
+    if not isinstance(out, tuple):
+        raise TypeError(
+            f"a forward hook on {where} returned {type(out).__name__}; ViltLayer returns a tuple (hidden states "
+            f"first), which the encoder reads: return one too"
+        )
+    return check_tokens(where, "a forward hook", expected, out[0], sized), (out[1] if output_attentions else None)
+
+
+def _own_layer(
+    layer: ViltLayer, h: Tensor, bias: Tensor | None, kind: _Kind, output_attentions: bool, where: str, sized: bool
+) -> tuple[Tensor, Tensor | None]:
+    """A whole ``ViltLayer`` with SDPA or the masked softmax, its hooks around it: (B, L, C) -> (B, L, C), and the probs.
+
+    The probs (B, H, L, L) come back with ``output_attentions`` (masked; SDPA runs without it).
+    """
+    given = ((h, bias, output_attentions), {})
+
+    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
+        x, _, probs = _attention_half(layer, hidden_argument(where, given, args, kwargs, sized), bias, kind, rows=0)
+        return _layer_output(_mlp_half(layer, x), probs, output_attentions)
+
+    return _layer_result(where, h, call_as_block(layer, where, *given, forward), output_attentions, sized)
 
 
 def _reduce_layer(
@@ -349,34 +394,47 @@ def _reduce_layer(
     kind: _Kind,
     head: int | None,
     merge_style: Literal["tome", "tip"],
+    output_attentions: bool,
+    where: str,
 ) -> tuple[Tensor, Tensor | None, Tokens, Tokens]:
-    """``ViltLayer.forward`` with PuMer's reduction between the attention residual and the MLP.
+    """``ViltLayer.forward`` with PuMer's reduction between the attention residual and the MLP, its hooks around it.
 
     h: (B, T + N, C). head: the one head whose attention is the relevance, None for the head mean.
     merge_style: the image merge (``core.reduce_tokens``; ``"tip"`` in reference mode only).
-    Returns the reduced (B, T' + N', C), the attention probs (B, H, T+N, T+N) (None with SDPA), and
-    the reduced text and image ``Tokens`` (their ``x`` are views of the new ``h``).
+    Returns the reduced (B, T' + N', C) (what the layer's forward hooks made of it), the attention
+    probs (B, H, T+N, T+N) with ``output_attentions`` (None with SDPA), and the reduced text and image
+    ``Tokens`` (their ``x`` before the MLP half; the encoder reads their sizes, masks and sources).
     """
-    n_text = text.count
-    h, keys, probs = _attention_half(layer, h, bias, kind, rows=n_text)
-    b, length, _ = h.shape
-    # (B, L, H * d) -> (B, L, d): keys averaged over heads (ToMe, PuMer)
-    metric = keys.view(b, length, layer.attention.attention.num_attention_heads, -1).mean(dim=2)
-    to_image = probs[:, :, :n_text, n_text:] if head is None else probs[:, head : head + 1, :n_text, n_text:]
-    relevance = text_to_image_relevance(to_image, text.mask, policy.mode)
-    reduced = reduce_tokens(
-        relevance,
-        replace(image, x=h[:, n_text:]),
-        ratios,
-        image_metric=metric[:, n_text:],
-        text_tokens=replace(text, x=h[:, :n_text]),
-        text_metric=metric[:, :n_text],
-        mode=policy.mode,
-        merge_style=merge_style,
-    )
-    text, image = reduced.text, reduced.image
-    h = _mlp_half(layer, torch.cat([text.x, image.x], dim=1))
-    return h, None if kind == "sdpa" else probs, text, image
+    given = ((h, bias, output_attentions), {})
+    sized = text.size is not None
+    done: dict[str, Any] = {}  # this call's reduction, handed out of ``forward`` past the hooks
+
+    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
+        n_text = text.count
+        x, keys, probs = _attention_half(layer, hidden_argument(where, given, args, kwargs, sized), bias, kind,
+                                         rows=n_text)
+        b, length, _ = x.shape
+        # (B, L, H * d) -> (B, L, d): keys averaged over heads (ToMe, PuMer)
+        metric = keys.view(b, length, layer.attention.attention.num_attention_heads, -1).mean(dim=2)
+        to_image = probs[:, :, :n_text, n_text:] if head is None else probs[:, head : head + 1, :n_text, n_text:]
+        relevance = text_to_image_relevance(to_image, text.mask, policy.mode)
+        reduced = reduce_tokens(
+            relevance,
+            replace(image, x=x[:, n_text:]),
+            ratios,
+            image_metric=metric[:, n_text:],
+            text_tokens=replace(text, x=x[:, :n_text]),
+            text_metric=metric[:, :n_text],
+            mode=policy.mode,
+            merge_style=merge_style,
+        )
+        done["text"], done["image"] = reduced.text, reduced.image
+        done["h"] = _mlp_half(layer, torch.cat([reduced.text.x, reduced.image.x], dim=1))
+        return _layer_output(done["h"], None if kind == "sdpa" else probs, output_attentions)
+
+    out = call_as_block(layer, where, *given, forward)
+    h, attn = _layer_result(where, done["h"], out, output_attentions, sized)
+    return h, attn, done["text"], done["image"]
 
 
 def unmerge_hidden(hidden: Tensor, trace: Trace, fill: float = 0.0) -> Tensor:
@@ -452,6 +510,10 @@ class ViltAdapter(Adapter):
                 "with unmerge_text=False would hand it image tokens as text; leave unmerge_text at its default "
                 "(True for these heads) or set text_merge_ratio=0"
             )
+        layers = root.encoder.layer
+        # SDPA runs every layer in parts, and so does reference mode where it reduces (its masked softmax)
+        every = resolved.attention == "sdpa" or (mode == "reference" and bool(schedule))
+        refuse_backward_hooks_on(layers, range(len(layers)) if every else schedule, "ViltModel.encoder.layer")
         return resolved
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:

@@ -73,6 +73,8 @@ class Entry:
     draws its patch order from the global RNG (ViLT), so two threads get orders that differ and
     outputs that agree only to float rounding. bad_options: family-specific rows of the bad-input
     table, (apply keywords, error, match). compile: the entry of its family that torch.compile checks.
+    query(model, inputs): a text query for ``text_guidance`` (its joint-space text features), None
+    where the model has no tower that takes one.
     """
 
     name: str
@@ -90,6 +92,7 @@ class Entry:
     random_patch_order: bool = False
     bad_options: tuple[tuple[dict[str, Any], type[Exception], str], ...] = ()
     compile: bool = False
+    query: Callable[[nn.Module, dict[str, Any]], Tensor] | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -298,8 +301,13 @@ def _coca_tower() -> nn.Module:
     ).eval()
 
 
+def _open_clip_query(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+    return model.encode_text(inputs["text"])
+
+
 def _open_clip(name: str, build: Callable[[], nn.Module], inputs: Callable[..., dict[str, Any]],
-               output: Callable[[nn.Module, dict[str, Any]], Tensor], compile: bool = False) -> Entry:
+               output: Callable[[nn.Module, dict[str, Any]], Tensor], compile: bool = False,
+               query: Callable[[nn.Module, dict[str, Any]], Tensor] | None = None) -> Entry:
     return Entry(
         name=f"open_clip-{name}",
         family="open_clip",
@@ -311,6 +319,7 @@ def _open_clip(name: str, build: Callable[[], nn.Module], inputs: Callable[..., 
         patch=dict(layers=[1, 2], prune_ratio=0.2, merge_ratio=0.3),
         bad_options=_VIT_BAD,
         compile=compile,
+        query=query,
     )
 
 
@@ -372,6 +381,10 @@ def _hf_output(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
     return out.last_hidden_state
 
 
+def _hf_query(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+    return model.get_text_features(input_ids=inputs["input_ids"]).pooler_output
+
+
 def _hf_vit(cls: type[nn.Module], attention: str = "eager", **kwargs: Any) -> Entry:
     text = cls in (CLIPModel, SiglipModel)
     return Entry(
@@ -384,6 +397,7 @@ def _hf_vit(cls: type[nn.Module], attention: str = "eager", **kwargs: Any) -> En
         checkpointing=hf_checkpointing,
         patch=dict(layers=[1, 2], prune_ratio=0.2, merge_ratio=0.3),
         bad_options=_VIT_BAD,
+        query=_hf_query if text else None,
         **{"save_pretrained": True, **kwargs},
     )
 
@@ -472,13 +486,15 @@ ENTRIES: list[Entry] = [
     _timm_eva("beit_shared", "beit_base_patch16_224", use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
               global_pool="token"),
     # ViT-B-32's layout, shrunk; training drops 4 of 16 patches before the blocks
-    _open_clip("vit_b32", _clip_builder(dict(patch_dropout=0.25), {}), _clip_inputs, _clip_output, compile=True),
+    _open_clip("vit_b32", _clip_builder(dict(patch_dropout=0.25), {}), _clip_inputs, _clip_output, compile=True,
+               query=_open_clip_query),
     _open_clip(  # CLIPA: average pooling, final LayerNorm after pooling, no ln_pre
         "clipa_avg",
         _clip_builder(dict(pool_type="avg", final_ln_after_pool=True, no_ln_pre=True),
                       dict(pool_type="last", no_causal_mask=True)),
         _clip_inputs,
         _clip_output,
+        query=_open_clip_query,
     ),
     _open_clip("coca_tower", _coca_tower, _images, lambda m, inputs: m(inputs["x"])[0]),  # attentional pooler
     _hf_vit(CLIPVisionModel, compile=True),

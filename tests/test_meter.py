@@ -256,3 +256,41 @@ def test_remove_restores_everything_and_state_dict_is_unchanged():
     assert model.state_dict().keys() == before[1].keys()
     pumer_patch.remove(model)
     assert same(before, snapshot(model))
+
+
+@pytest.mark.filterwarnings("ignore:layers=.* with all ratios zero reduces nothing")
+@pytest.mark.parametrize("mode", ["default", "reference"])
+def test_pretraining_mlm_logits_keep_one_row_per_input_id_with_text_merging(mode):
+    model = make(MeterForPreTraining)
+    inputs = batch()
+    with torch.no_grad():
+        expected = model(**inputs)
+        pumer_patch.apply(model, layers=[0, 2], ratios="p0-r0-t0", mode=mode)  # zero ratios: bit for bit
+        out = model(**inputs)
+        assert torch.equal(out.logits, expected.logits) and torch.equal(out.itm_logits, expected.itm_logits)
+        pumer_patch.apply(model, "p0.3r0.5t0.3-02", mode=mode, trace=True)
+        out = model(**inputs)
+    trace = pumer_patch.last_trace(model)
+    assert trace.text.count < inputs["input_ids"].shape[1]  # the text merged
+    assert out.logits.shape[:2] == inputs["input_ids"].shape  # one row per input id, each its group's
+    with torch.no_grad():
+        merged = trace.text.x
+        assert torch.equal(out.logits, model.mlm_score(pumer_patch.core.unmerge(merged, trace.text.source)))
+        # the poolers read the text [CLS], never merged: ITM is what the merged text gives
+        assert torch.equal(out.itm_logits, model.itm_score(model.meter.pool(merged, trace.image.x)))
+
+
+def test_pretraining_refuses_merged_text_without_unmerging_and_other_heads_keep_it_merged():
+    model = make(MeterForPreTraining)
+    with pytest.raises(ValueError, match="MLM head reads every text position, but text merging with unmerge_text=False"):
+        pumer_patch.apply(model, "p0.3r0.5t0.3-02", unmerge_text=False)
+    assert not pumer_patch.is_patched(model)
+    with pytest.raises(TypeError, match="unmerge_text must be True or False"):
+        pumer_patch.apply(model, "p0.3r0.5t0.3-02", unmerge_text="yes")
+    pumer_patch.apply(model, "p0.3r0.5t0-02", unmerge_text=False)  # no text merging: nothing to spread
+    assert model(**batch()).logits.shape[1] == 12
+    vqa = pumer_patch.apply(make(), "p0.3r0.5t0.3-02")
+    with torch.no_grad():
+        assert vqa.meter(**batch()).text_feats.shape[1] < 12  # merged, as before
+        pumer_patch.apply(vqa, "p0.3r0.5t0.3-02", unmerge_text=True)
+        assert vqa.meter(**batch()).text_feats.shape[1] == 12

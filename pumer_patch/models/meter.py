@@ -711,7 +711,7 @@ class MeterMLMHead(nn.Module):
 class MeterForPreTraining(MeterPreTrainedModel):
     """The pretraining heads (``mlm_score``, ``itm_score``), to load the checkpoints finetuning starts from.
 
-    Returns ``logits`` (B, T', vocab) over the fused text and ``itm_logits`` (B, 2).
+    Returns ``logits`` (B, T, vocab) over the fused text, one row per input id, and ``itm_logits`` (B, 2).
     """
 
     def __init__(self, config: MeterConfig) -> None:
