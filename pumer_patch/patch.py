@@ -126,6 +126,7 @@ def _zero_warning(layers: str, ratios: Ratios) -> str | None:
 
 
 _CONFIG_RATIOS = ("prune_r", "merge_r", "merge_text")
+_CONFIG_NAMES = {"sim_method": "sim_method='mean_head'", "merge_style": "merge_style='tome'"}
 
 
 def _check_config_fields(config: Any) -> None:
@@ -133,6 +134,7 @@ def _check_config_fields(config: Any) -> None:
 
     ``int()`` and ``float()`` would read ``[0.9, 2.7]`` as layers 0 and 2, ``True`` as layer 1, a
     dict as its keys and ``"0.1"`` as a ratio: a reduction the checkpoint was never trained with.
+    ``sim_method`` and ``merge_style`` are names (a list would fail inside a lookup, unnamed).
     """
     layers = getattr(config, "reduce_layers", None)
     if layers is not None:
@@ -154,6 +156,10 @@ def _check_config_fields(config: Any) -> None:
                 f"config.{name}={value!r} is a {type(value).__name__}; "
                 f"write the ratio as a number in [0, 1), e.g. {name}=0.1"
             )
+    for name, example in _CONFIG_NAMES.items():
+        value = getattr(config, name, None)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"config.{name}={value!r} is a {type(value).__name__}; write it as a string, e.g. {example}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -71,6 +71,8 @@ def test_a_config_without_a_reduction_or_an_unknown_sim_method_is_refused():
         ("reduce_layers", ["2", "5"], TypeError, r"holds str '2'"),
         ("prune_r", "0.1", TypeError, r"config.prune_r='0.1' is a str; write the ratio as a number"),
         ("merge_r", True, TypeError, r"config.merge_r=True is a bool"),
+        ("sim_method", ["mean_head"], TypeError, r"config.sim_method=\['mean_head'\] is a list; write it as a string"),
+        ("merge_style", True, TypeError, r"config.merge_style=True is a bool; write it as a string"),
     ],
 )
 def test_a_malformed_reduction_field_is_refused_not_coerced(field, value, error, message):
