@@ -2,8 +2,9 @@
 
 Found by ``isinstance``: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
 ``LlavaOnevisionForConditionalGeneration``, ``Idefics3ForConditionalGeneration``,
-``SmolVLMForConditionalGeneration`` and their bare ``...Model`` s, whose language model is a
-``LlamaModel`` or a ``Qwen2Model`` (without sliding-window layers). The patch switches the instance
+``SmolVLMForConditionalGeneration`` (whose language model is a ``LlamaModel`` or a ``Qwen2Model``
+without sliding-window layers), ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration`` and their bare ``...Model`` s. The patch switches the instance
 classes of the bare model (it tells its language model, for one forward, where the image tokens are),
 of the generation head (it refuses ``labels``) and of the language model. The VLM owns its vision tower: the tower is left whole (it is this
 adapter's, not the ViT adapters').
@@ -111,6 +112,13 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLModel,
     Qwen2VLTextModel,
+)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLModel,
+    Qwen3VLTextAttention,
+    Qwen3VLTextDecoderLayer,
+    Qwen3VLTextModel,
 )
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMForConditionalGeneration, SmolVLMModel
 from transformers.utils.deprecation import deprecate_kwarg
@@ -458,6 +466,7 @@ class _ReducingTextModel:
                        cache: Cache | None = None, inputs_embeds: Tensor | None = None,
                        use_cache: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
         """The text model's forward (transformers 5) with the reduction at the planned layers, or a reduced cache's masks."""
+        extra = self._extra_inputs(kwargs)
         inputs_embeds, cache, rope_positions, position_ids, causal_mask = self._prelude(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, record
         )
@@ -466,7 +475,7 @@ class _ReducingTextModel:
         layers = self.layers[: self.config.num_hidden_layers]
         if image is None:
             return self._continue(layers, record, hidden_states, causal_mask, attention_mask, position_ids,
-                                  position_embeddings, cache, use_cache, kwargs)
+                                  position_embeddings, cache, use_cache, kwargs, extra)
         state: PatchState = getattr(self, SHARED_ATTR)
         options: VlmOptions = state.plan.options
         recorder = Recorder(state.plan)
@@ -487,7 +496,7 @@ class _ReducingTextModel:
             common = dict(position_ids=seq.layer_pos, cache=cache, use_cache=use_cache,
                           position_embeddings=position_embeddings, **kwargs)
             if ratios is None:
-                hidden_states = layer(hidden_states, attention_mask=mask, **common)
+                hidden_states = self._after_layer(i, layer(hidden_states, attention_mask=mask, **common), extra)
                 continue
             attn = layer.self_attn
             entering = (hidden_states,)
@@ -506,6 +515,7 @@ class _ReducingTextModel:
             hidden_states = _checkpointed(layer, _mlp_half, layer, hidden_states)
             if layer._forward_hooks:
                 hidden_states = _forward_hooks(layer, entering, {"attention_mask": mask, **common}, hidden_states)
+            hidden_states = self._after_layer(i, hidden_states, extra)
         hidden_states = self.norm(hidden_states)
         if cache is not None and new_record.stages:
             _RECORDS[cache] = new_record
@@ -515,6 +525,14 @@ class _ReducingTextModel:
     def _output(self, hidden_states: Tensor, cache: Cache | None, use_cache: bool | None) -> BaseModelOutputWithPast:
         returned = cache if use_cache or self._returns_cache_without_use_cache else None
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=returned)
+
+    def _extra_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The model's own inputs that are not for its layers, taken out of ``kwargs`` (none here)."""
+        return {}
+
+    def _after_layer(self, i: int, hidden_states: Tensor, extra: dict[str, Any]) -> Tensor:
+        """What the model does after layer ``i``'s output (nothing here)."""
+        return hidden_states
 
     def _prelude(
         self, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -568,7 +586,7 @@ class _ReducingTextModel:
     def _continue(
         self, layers: Sequence[nn.Module], record: _CacheRecord, hidden_states: Tensor, causal_mask: Tensor | None,
         attention_mask: Tensor | None, position_ids: Tensor, position_embeddings: tuple[Tensor, Tensor],
-        cache: Cache, use_cache: bool | None, kwargs: dict[str, Any],
+        cache: Cache, use_cache: bool | None, kwargs: dict[str, Any], extra: dict[str, Any],
     ) -> BaseModelOutputWithPast:
         """A call on a reduced cache: the layers of each stage get a mask over their shorter cache and the new tokens."""
         b, q = hidden_states.shape[:2]
@@ -588,6 +606,7 @@ class _ReducingTextModel:
                 position_embeddings=position_embeddings, position_ids=position_ids, cache=cache,
                 use_cache=use_cache, **kwargs,
             )
+            hidden_states = self._after_layer(i, hidden_states, extra)
         hidden_states = self.norm(hidden_states)
         return self._output(hidden_states, cache, use_cache)
 
@@ -667,6 +686,7 @@ class _MropeTextModel(_ReducingTextModel):
     """Qwen2-VL's and Qwen2.5-VL's text models: M-RoPE positions (3, B, L), the text row apart for the mask."""
 
     _returns_cache_without_use_cache = True
+    _rows: ClassVar[int] = 3  # position rows made when none are given (Qwen3-VL: 4, the text row first)
 
     def _prelude(
         self, input_ids: Tensor | None, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -682,9 +702,9 @@ class _MropeTextModel(_ReducingTextModel):
         if position_ids is None:
             past_seen_tokens = 0 if cache is None else cache.get_seq_length() if record is None else record.seen(cache)
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.view(1, 1, -1).expand(3, inputs_embeds.shape[0], -1)
+            position_ids = position_ids.view(1, 1, -1).expand(self._rows, inputs_embeds.shape[0], -1)
         elif position_ids.ndim == 2:
-            position_ids = position_ids[None, ...].expand(3, position_ids.shape[0], -1)
+            position_ids = position_ids[None, ...].expand(self._rows, position_ids.shape[0], -1)
         text_position_ids = None
         if position_ids.ndim == 3 and position_ids.shape[0] == 4:
             text_position_ids, position_ids = position_ids[0], position_ids[1:]
@@ -709,14 +729,36 @@ class PumerQwen2_5_VLTextModel(_MropeTextModel, Qwen2_5_VLTextModel):  # noqa: N
     _pumer_patched = True
 
 
+class PumerQwen3VLTextModel(_MropeTextModel, Qwen3VLTextModel):
+    """Qwen3-VL's text model, reducing; DeepStack's additions run after their layers, all before any reduction.
+
+    ``apply`` refuses a reduce layer before DeepStack's last layer: its visual features are added to
+    the full sequence's image positions.
+    """
+
+    _pumer_patched = True
+    _rows = 4
+
+    def _extra_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {name: kwargs.pop(name, None) for name in ("visual_pos_masks", "deepstack_visual_embeds")}
+
+    def _after_layer(self, i: int, hidden_states: Tensor, extra: dict[str, Any]) -> Tensor:
+        """``Qwen3VLTextModel.forward``'s DeepStack step: the visual features of layer ``i`` added after it."""
+        embeds = extra.get("deepstack_visual_embeds")
+        if embeds is not None and i in range(len(embeds)):
+            hidden_states = self._deepstack_process(hidden_states, extra["visual_pos_masks"], embeds[i])
+        return hidden_states
+
+
 # text model -> (its decoder layer, its attention, our class)
 _TEXT: dict[type[nn.Module], tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
     LlamaModel: (LlamaDecoderLayer, LlamaAttention, PumerLlamaModel),
     Qwen2Model: (Qwen2DecoderLayer, Qwen2Attention, PumerQwen2Model),
     Qwen2VLTextModel: (Qwen2VLDecoderLayer, Qwen2VLAttention, PumerQwen2VLTextModel),
     Qwen2_5_VLTextModel: (Qwen2_5_VLDecoderLayer, Qwen2_5_VLAttention, PumerQwen2_5_VLTextModel),
+    Qwen3VLTextModel: (Qwen3VLTextDecoderLayer, Qwen3VLTextAttention, PumerQwen3VLTextModel),
 }
-_MROPE = (Qwen2VLTextModel, Qwen2_5_VLTextModel)
+_MROPE = (Qwen2VLTextModel, Qwen2_5_VLTextModel, Qwen3VLTextModel)
 
 
 def _bare_forward(library: type[nn.Module]) -> Any:
@@ -786,6 +828,7 @@ _FAMILIES = (
     _Family(SmolVLMModel, "text_model", SmolVLMForConditionalGeneration),
     _Family(Qwen2VLModel, "language_model", Qwen2VLForConditionalGeneration),
     _Family(Qwen2_5_VLModel, "language_model", Qwen2_5_VLForConditionalGeneration),
+    _Family(Qwen3VLModel, "language_model", Qwen3VLForConditionalGeneration),
 )
 _PATCHED: dict[type[nn.Module], type[nn.Module]] = {}
 for _f in _FAMILIES:
@@ -793,14 +836,20 @@ for _f in _FAMILIES:
                                  f"``{_f.root.__name__}`` telling its language model where the image tokens are.")
     _PATCHED[_f.head] = _patched(_f.head, _head_forward(_f.head),
                                  f"``{_f.head.__name__}`` refusing labels while the patch reduces.")
-for _cls in (PumerLlamaModel, PumerQwen2Model, PumerQwen2VLTextModel, PumerQwen2_5_VLTextModel):
+for _cls in (PumerLlamaModel, PumerQwen2Model, PumerQwen2VLTextModel, PumerQwen2_5_VLTextModel, PumerQwen3VLTextModel):
     _cls.__name__ = _cls.__bases__[-1].__name__
 
 _SUPPORTED = (
     "transformers LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-    "LlavaOnevisionForConditionalGeneration, Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration and "
-    "their bare ...Model, with a Llama or Qwen2 language model"
+    "LlavaOnevisionForConditionalGeneration, Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration "
+    "(with a Llama or Qwen2 language model), Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
+    "Qwen3VLForConditionalGeneration and their bare ...Model"
 )
+
+
+def _vlm_config(root: nn.Module) -> Any:
+    """The VLM's own config (of the bare model; a head shares it)."""
+    return _bare(root).config
 
 
 def _family(root: nn.Module) -> _Family:
@@ -873,6 +922,15 @@ class HfVlmAdapter(Adapter):
                 f"where='input' would reduce every layer's cache of this {type(language).__name__}, whose decode "
                 f"positions come from the cache's length (M-RoPE deltas): reduce inside the LLM, layers=[K] with K >= 0"
             )
+        if isinstance(language, Qwen3VLTextModel):
+            deepstack = len(_vlm_config(root).vision_config.deepstack_visual_indexes)
+            early = sorted(i for i in schedule if i < deepstack)
+            if early:
+                raise ValueError(
+                    f"layers {early} come before DeepStack's last layer ({deepstack - 1}): Qwen3-VL adds visual "
+                    f"features to the image positions after layers 0..{deepstack - 1}, which must stay whole until "
+                    f"then; reduce at layers >= {deepstack}"
+                )
         if resolved.where == "input" and set(schedule) - {0}:
             raise ValueError(f"where='input' reduces once, before the first decoder layer: pass layers=[0], "
                              f"got layers={sorted(schedule)}")

@@ -382,7 +382,8 @@ def test_every_family_is_bit_identical_when_nothing_is_removed(family):
 
 @pytest.mark.parametrize("family", OTHERS)
 def test_every_family_generates_as_its_no_cache_recompute_and_a_sample_as_alone(family):
-    model = pumer_patch.apply(build(family), layers=[0, 1], prune_ratio=0.3, merge_ratio=0.2, trace=True)
+    layers = [1, 2] if family == "qwen3_vl" else [0, 1]  # Qwen3-VL: after DeepStack's layer 0
+    model = pumer_patch.apply(build(family), layers=layers, prune_ratio=0.3, merge_ratio=0.2, trace=True)
     inputs = family_prompt(model, family, SAMPLES)
     steps = 2
     gen = _generate(model, inputs, steps)
@@ -428,3 +429,11 @@ def test_qwen_merged_tokens_stand_at_the_mean_of_their_m_rope_rows():
     with prompt_end(length), torch.no_grad():
         logits = model(**_continued(inputs, gen.sequences, mask, length + 1), use_cache=False).logits[:, -1]
     torch.testing.assert_close(logits, gen.logits[1], rtol=0, atol=1e-5)
+
+
+def test_a_reduce_layer_before_deepstack_s_last_layer_is_refused():
+    model = build("qwen3_vl")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"layers \[0\] come before DeepStack's last layer \(0\).*layers >= 1"):
+        pumer_patch.apply(model, layers=[0, 2], prune_ratio=0.3)
+    assert same(snapshot(model), before)

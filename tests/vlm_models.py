@@ -28,6 +28,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -89,7 +91,7 @@ def prompt(
 # the other families: LLaVA-NeXT and LLaVA-OneVision (any-res: visual tokens per image vary), Idefics3, SmolVLM
 # --------------------------------------------------------------------------------------------
 
-FAMILIES = ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava", "llava_next", "llava_onevision", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 QWEN_START, QWEN_END = 97, 96  # Qwen's vision start / end tokens (98: its video token)
 WORDS = 95  # text tokens are drawn from 1..WORDS - 1, clear of every special token
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]
@@ -120,13 +122,19 @@ def build(family: str, implementation: str = "sdpa", layers: int = 3, seed: int 
         config = Idefics3Config(vision_config=Idefics3VisionConfig(**tower, image_size=64),
                                 text_config=_text(False, layers), scale_factor=2, image_token_id=IMAGE)
         model = Idefics3ForConditionalGeneration
-    elif family in ("qwen2_vl", "qwen2_5_vl"):
+    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=100, pad_token_id=PAD,
                     rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
         ids = dict(image_token_id=IMAGE, video_token_id=98, vision_start_token_id=QWEN_START,
                    vision_end_token_id=QWEN_END)
-        if family == "qwen2_5_vl":
+        if family == "qwen3_vl":  # DeepStack: features of vision block 0 added after LLM layer 0
+            text["head_dim"] = 8
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64,
+                          deepstack_visual_indexes=[0])
+            config, model = Qwen3VLConfig(vision_config=vision, text_config=text, **ids), Qwen3VLForConditionalGeneration
+        elif family == "qwen2_5_vl":
             vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, window_size=16,
                           fullatt_block_indexes=[0])
