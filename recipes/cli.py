@@ -8,8 +8,9 @@
 
 ``parse`` turns the arguments into a frozen run configuration: a ``TrainRun`` (the preset merged
 with the options that override it), an ``EvalRun`` (with retrieval's ``PairScoring``), or the
-study's ``StudyRun``. ``main`` sets up logging and hands that configuration to the task; nothing
-below this module reads an ``argparse.Namespace``. The converters (``recipes.prepare``) load no
+study's ``StudyRun``. ``main`` sets up logging (the console, and a log file in the run's folder:
+``train.log``, ``eval.log``) and hands that configuration to the task; nothing below this module
+reads an ``argparse.Namespace``. The converters (``recipes.prepare``) load no
 model and have command lines of their own.
 """
 
@@ -28,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from recipes.data.records import RETRIEVAL_DATASETS
 from recipes.laptop.config import QUICK, MeterStudyConfig, StudyConfig
-from recipes.logs import configure_logging
+from recipes.logs import configure_logging, log_file
 from recipes.models import FAMILIES
 from recipes.presets import PRESETS, get_preset
 from recipes.run import PUMER_MODES, EvalRun, Launch, TaskSpec, TrainRun, evaluate, markdown_table, train
@@ -322,11 +323,22 @@ def _run(invocation: Invocation) -> None:
             print(table)
 
 
+def _log_path(invocation: Invocation) -> Path:
+    """Where a command keeps its log: ``OUTPUT/<command>.log`` (predict: beside its predictions file)."""
+    run = invocation.run
+    if isinstance(run, easy_vqa.StudyRun):
+        return run.out / "study.log"
+    if invocation.command == "predict":
+        return run.output.with_suffix(".log")
+    return run.output / f"{invocation.command}.log"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m recipes ...``: parse, set up logging, run."""
-    invocation = parse(argv)
+    """``python -m recipes ...``: parse, set up logging (the console, and the run folder's log file), run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    invocation = parse(args)
     configure_logging(invocation.log_level)
-    with logging_redirect_tqdm():
+    with log_file(_log_path(invocation), "python -m recipes " + " ".join(args)), logging_redirect_tqdm():
         _run(invocation)
     return 0
 

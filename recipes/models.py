@@ -223,7 +223,11 @@ def bundled_bert_vocab_dir() -> Path | None:
 
 def load_tokenizer(family: Family, model_path: str | os.PathLike[str],
                    override: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
-    """``override`` if given, else the tokenizer saved with the model, else the family's default."""
+    """``override`` if given, else the tokenizer saved with the model, else the family's default.
+
+    ViLT's default, ``bert-base-uncased``, falls back (with a warning) to the same vocabulary that the
+    ``[recipes]`` extra ships (``bundled_bert_vocab_dir``) when the hub cannot be reached.
+    """
     if override is not None:
         return AutoTokenizer.from_pretrained(str(override))
     local = Path(model_path)
@@ -232,5 +236,10 @@ def load_tokenizer(family: Family, model_path: str | os.PathLike[str],
     try:
         return AutoTokenizer.from_pretrained(family.tokenizer)
     except OSError as err:
+        bundled = bundled_bert_vocab_dir() if family.tokenizer == "bert-base-uncased" else None
+        if bundled is not None:  # offline: the same vocabulary, shipped by the [recipes] extra
+            logger.warning("%s cannot be loaded (%s); using the bert-base-uncased vocabulary in %s", family.tokenizer,
+                           str(err).splitlines()[0], bundled)
+            return AutoTokenizer.from_pretrained(str(bundled))
         raise OSError(f"no tokenizer with {model_path} and {family.tokenizer!r} cannot be loaded ({err}); "
                       f"pass --tokenizer PATH") from err

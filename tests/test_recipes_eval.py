@@ -216,3 +216,32 @@ def test_eval_of_an_unlabelled_split_points_to_predict(tmp_path: Path, tokenizer
         cli.main(["vqa", "eval", *common, "--split", "test", "--output", str(tmp_path / "eval")])
     assert not (tmp_path / "eval").exists()
     assert cli.main(["vqa", "eval", *common, "--split", "val", "--output", str(tmp_path / "val")]) == 0
+
+
+def test_the_run_folder_keeps_its_log_and_collect_tabulates_every_eval(tmp_path: Path, vilt_ve: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from recipes import collect
+
+    data = write_snli_ve(tmp_path / "data")
+    runs = tmp_path / "runs"
+    pumer = ["--pumer", "p0.3-r0.3-t0.2-1", "--pumer-mode", "default"]
+    for out, extra in ((runs / "vilt" / "eval", pumer), (runs / "vilt" / "eval", pumer), (runs / "plain", [])):
+        assert cli.main(_eval_args(data, vilt_ve, out, "--workers", "0", *extra)) == 0
+    log = (runs / "vilt" / "eval" / "eval.log").read_text()
+    assert log.count("# python -m recipes snli_ve eval --model") == 2  # appended: one header per job
+    assert "INFO recipes: unpatched: accuracy" in log and "PuMer p0.3-r0.3-t0.2-1 (default): accuracy" in log  # below --log-level
+    capsys.readouterr()
+
+    assert collect.main([str(runs), "--output", str(tmp_path / "all.md")]) == 0
+    table = (tmp_path / "all.md").read_text().splitlines()
+    assert capsys.readouterr().out.splitlines() == table
+    rows = json.loads((runs / "vilt" / "eval" / "eval.json").read_text())["rows"]
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| plain", "| vilt/eval", "| vilt/eval"]
+    cells = [line.strip("| ").split(" | ") for line in table[3:]]
+    assert [c[3] for c in cells] == ["unpatched", "PuMer p0.3-r0.3-t0.2-1 (default)"]
+    assert cells[0][6] == "+0.00" and cells[0][9] == "1.00x"
+    assert cells[1][5] == f"{100 * rows[1]['score']:.2f}"
+    assert cells[1][6] == f"{100 * (rows[1]['score'] - rows[0]['score']):+.2f}"
+    assert cells[1][7] == "12 examples" and cells[1][9] == f"{rows[1]['speedup']:.2f}x"
+    with pytest.raises(FileNotFoundError, match="no eval.json"):
+        collect.main([str(data)])
