@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import warnings
 
@@ -437,3 +438,16 @@ def test_a_reduce_layer_before_deepstack_s_last_layer_is_refused():
     with pytest.raises(ValueError, match=r"layers \[0\] come before DeepStack's last layer \(0\).*layers >= 1"):
         pumer_patch.apply(model, layers=[0, 2], prune_ratio=0.3)
     assert same(snapshot(model), before)
+
+
+def test_the_vlm_benchmark_runs_and_its_analytic_flops_match_the_counted_ones(tmp_path):
+    from benchmarks import vlm
+
+    vlm.main(["--tiny", "--batch-sizes", "1", "--repeats", "1", "--decode", "1", "--out", str(tmp_path)])
+    rows = {r["config"]: r for r in json.loads((tmp_path / "vlm.json").read_text())["rows"]}
+    assert rows["unpatched"]["visual_kept"] == 16 and rows["PuMer in the LLM, 288 kept"]["visual_kept"] == 8
+    for row in rows.values():  # the reduction's own relevance and matching add a little to the counted figure
+        assert row["gflops_analytic"] <= row["gflops"] <= 1.03 * row["gflops_analytic"], row
+        assert row["decode_tokens_per_s"] > 0 and row["kv_cache_mib"] > 0
+    assert rows["FastV rule, 144 kept"]["gflops"] < rows["FastV rule, 288 kept"]["gflops"] < rows["unpatched"]["gflops"]
+    assert rows["PuMer before the LLM, 288 kept"]["kv_cache_mib"] < rows["PuMer in the LLM, 288 kept"]["kv_cache_mib"]
