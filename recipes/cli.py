@@ -66,7 +66,8 @@ def _add_common(q: argparse.ArgumentParser, spec: TaskSpec[Any]) -> None:
     """Options of every command: data, tokenizer, PuMer, precision, processes, loader, logging."""
     q.add_argument("--data", type=Path, required=True, help=f"data folder written by {spec.converter}")
     q.add_argument("--tokenizer", help="tokenizer folder or hub id [the model's, else the family's]")
-    q.add_argument("--pumer", help="PuMer config, e.g. p0.1-r0.3-t0.2-258 [none / the preset's]")
+    q.add_argument("--pumer", help="PuMer config, e.g. p0.1-r0.3-t0.2-258; eval: 'config', the reduction the "
+                                   "checkpoint's config records (a -pumer run's best/) [none / the preset's]")
     q.add_argument("--pumer-mode", choices=PUMER_MODES, default=None,
                    help="reference: the research code's arithmetic; default: ours [reference / the preset's]")
     q.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")

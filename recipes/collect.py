@@ -19,7 +19,8 @@ from typing import Any
 __all__ = ["collect", "markdown_table", "main"]
 
 
-def _line(run: str, report: Mapping[str, Any], row: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, Any]:
+def _line(run: str, report: Mapping[str, Any], row: Mapping[str, Any],
+          base: Mapping[str, Any] | None) -> dict[str, Any]:
     retrieval = report.get("task") == "retrieval"
     score = row["rsum"] if retrieval else 100 * row["score"]
     base_score = None if base is None else (base["rsum"] if retrieval else 100 * base["score"])

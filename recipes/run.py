@@ -40,10 +40,10 @@ from recipes.models import FAMILIES, Family, family_of, get_family, label_index,
 from recipes.presets import LossScale, Preset
 
 __all__ = ["PUMER_MODES", "Launch", "TrainRun", "EvalRun", "Inputs", "TaskContext", "TaskData", "ClassificationData",
-           "SplitSet", "TaskSpec", "labelled_set", "check_model_path", "resolve_family", "patch", "check_launch",
-           "make_accelerator", "accumulation", "model_image_size", "train", "load_for_eval", "EvalSplit", "open_eval_split", "check_labelled",
-           "variants_of", "timing_fields", "timing_note", "tokens_per_layer", "evaluate", "markdown_table", "notes",
-           "write_report"]
+           "SplitSet", "TaskSpec", "labelled_set", "check_model_path", "resolve_family", "FROM_CONFIG", "patch",
+           "reduction_of", "check_launch", "make_accelerator", "accumulation", "model_image_size", "train",
+           "load_for_eval", "EvalSplit", "open_eval_split", "check_labelled", "variants_of", "timing_fields",
+           "timing_note", "tokens_per_layer", "evaluate", "markdown_table", "notes", "write_report"]
 
 logger = logging.getLogger("recipes")
 
@@ -250,12 +250,31 @@ def resolve_family(preset_family: str | None, model: str) -> Family:
     return get_family(name)
 
 
+FROM_CONFIG = "config"  # --pumer config: the reduction the checkpoint's config records
+
+
 def patch(model: nn.Module, pumer: str | None, mode: str) -> nn.Module:
-    """``pumer_patch.apply(model, pumer, mode=mode)``, or the model itself when ``pumer`` is None."""
+    """``pumer_patch.apply(model, pumer, mode=mode)``, or the model itself when ``pumer`` is None.
+
+    ``pumer="config"``: ``pumer_patch.apply_from_config``, the reduction the checkpoint records (a
+    ``-pumer`` run's ``best/`` writes its own as ``pumer_reduction``; PuMer's released folders name
+    theirs in research fields), with the mode it records; ``mode`` is not used.
+    """
     if pumer is None:
         return model
+    if pumer == FROM_CONFIG:
+        patched = pumer_patch.apply_from_config(model)
+        logger.info("PuMer from the checkpoint's config: %s", reduction_of(patched))
+        return patched
     logger.info("PuMer %s, %s mode", pumer, mode)
     return pumer_patch.apply(model, pumer, mode=mode)
+
+
+def reduction_of(model: nn.Module) -> Any:
+    """The reduction ``pumer_patch.apply`` recorded in a transformers model's config (``pumer_reduction``),
+    as ``save_pretrained`` writes it; None for a model that records none."""
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP's wrapper holds the model
+    return copy.deepcopy(getattr(config, "pumer_reduction", None))
 
 
 def check_launch(environ: Mapping[str, str] = os.environ) -> None:
@@ -414,7 +433,10 @@ def check_labelled(spec: TaskSpec[Any], split: str, records: Sequence[Any]) -> N
 
 def variants_of(run: EvalRun) -> list[tuple[str, str | None]]:
     """(row name, PuMer config) of each variant an evaluation compares: the unpatched model first."""
-    return [("unpatched", None)] + ([(f"PuMer {run.pumer} ({run.pumer_mode})", run.pumer)] if run.pumer else [])
+    if run.pumer is None:
+        return [("unpatched", None)]
+    name = "PuMer from the checkpoint's config" if run.pumer == FROM_CONFIG else f"PuMer {run.pumer} ({run.pumer_mode})"
+    return [("unpatched", None), (name, run.pumer)]
 
 
 def timing_fields(timing: Timing, base: Timing, unit: str = "examples") -> dict[str, Any]:
@@ -446,7 +468,8 @@ def evaluate(spec: TaskSpec[ClassificationData], run: EvalRun) -> dict[str, Any]
     for name, pumer in variants:
         result, timing = results[name], timings[name]
         skipped = int(result.metrics.get("skipped_images", 0))
-        rows.append({"variant": name, "pumer": pumer, **result.metrics, "examples": result.examples - skipped,
+        rows.append({"variant": name, "pumer": pumer, "reduction": reduction_of(models[name]) if pumer else None,
+                     **result.metrics, "examples": result.examples - skipped,
                      "skipped": skipped, **timing_fields(timing, base), "gflops_per_example": result.gflops,
                      "tokens_per_layer": tokens_per_layer(models[name], task, results["unpatched"].batches[0])})
         if accelerator.is_main_process:

@@ -229,7 +229,8 @@ def test_the_run_folder_keeps_its_log_and_collect_tabulates_every_eval(tmp_path:
         assert cli.main(_eval_args(data, vilt_ve, out, "--workers", "0", *extra)) == 0
     log = (runs / "vilt" / "eval" / "eval.log").read_text()
     assert log.count("# python -m recipes snli_ve eval --model") == 2  # appended: one header per job
-    assert "INFO recipes: unpatched: accuracy" in log and "PuMer p0.3-r0.3-t0.2-1 (default): accuracy" in log  # below --log-level
+    # INFO records, below the console's --log-level WARNING
+    assert "INFO recipes: unpatched: accuracy" in log and "PuMer p0.3-r0.3-t0.2-1 (default): accuracy" in log
     capsys.readouterr()
 
     assert collect.main([str(runs), "--output", str(tmp_path / "all.md")]) == 0

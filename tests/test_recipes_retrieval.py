@@ -372,6 +372,14 @@ def test_trains_and_evaluates(data: Path, vilt: Path, pretrained_meter: Path, to
     assert patched["gflops_per_pair"] < unpatched["gflops_per_pair"]
     assert ("gflops_per_pair_cached" in unpatched) == (family == "meter")
     assert "| TR@1 |" in (tmp_path / "e" / "eval.md").read_text()
+    if reduce:  # best/config.json records the reduction: eval --pumer config needs no retyping, and scores the same
+        recorded = json.loads((out / "best" / "config.json").read_text())["pumer_reduction"]
+        assert recorded == patched["reduction"] and recorded["mode"] == "default"
+        assert cli.main([*common[:-4], "--pumer", "config", "--output", str(tmp_path / "from-config")]) == 0
+        again = json.loads((tmp_path / "from-config" / "eval.json").read_text())["rows"][1]
+        assert again["variant"] == "PuMer from the checkpoint's config" and again["reduction"] == recorded
+        keys = ("tr_r1", "tr_r5", "ir_r1", "rsum", "gflops_per_pair", "tokens_per_layer")
+        assert {k: again[k] for k in keys} == {k: patched[k] for k in keys}
 
 
 def test_eval_resumes_from_its_tiles_and_reranks_a_shortlist(data: Path, pretrained_meter: Path, tokenizer_dir: Path,

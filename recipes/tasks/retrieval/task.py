@@ -62,6 +62,7 @@ from recipes.run import (
     model_image_size,
     notes,
     patch,
+    reduction_of,
     timing_fields,
     timing_note,
     variants_of,
@@ -287,7 +288,8 @@ def evaluate(run: EvalRun, scoring: PairScoring) -> dict[str, Any]:
                                        desc=name, **tiles)
         matrix = distinct[:, text_of]  # (I, U) -> (I, C): identical captions share their text's column
         metrics = recall(matrix, split.caption_image)
-        row: dict[str, Any] = {"variant": name, "pumer": pumer, **metrics, "images": n_images, "captions": n_captions,
+        row: dict[str, Any] = {"variant": name, "pumer": pumer, "reduction": reduction_of(variant) if pumer else None,
+                               **metrics, "images": n_images, "captions": n_captions,
                                "distinct_captions": n_texts, "pairs": stats.pairs, "pairs_scored_now": stats.scored_now,
                                "seconds": stats.seconds, "prepare_seconds": stats.prepare_seconds,
                                "tiles_skipped": stats.tiles_skipped,
