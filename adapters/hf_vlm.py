@@ -170,6 +170,7 @@ class _VlmCall:
 _CALL: CallScope[_VlmCall] = CallScope("pumer_patch_hf_vlm_call")
 # the position from which tokens stop being relevance rows (``prompt_end``), None: the sequence's end
 _PROMPT_END: ContextVar[int | None] = ContextVar("pumer_patch_hf_vlm_prompt_end", default=None)
+_NO_END = 1 << 62  # a position past any sequence
 
 
 @contextmanager
@@ -279,7 +280,7 @@ def _rows(seq: _Seq, text_tokens: str, end: int) -> tuple[Tensor, Tensor]:
     every image that ends before it. ``"last"``: the sample's last such row alone.
     """
     col = torch.arange(seq.length, device=seq.orig.device).expand_as(seq.orig)
-    first_end = torch.where(seq.ends >= 0, seq.ends, torch.full_like(seq.ends, 1 << 62)).amin(dim=1, keepdim=True)
+    first_end = torch.where(seq.ends >= 0, seq.ends, torch.full_like(seq.ends, _NO_END)).amin(dim=1, keepdim=True)
     text = seq.real & (seq.image < 0) & (seq.orig > first_end) & (seq.orig < end)
     if text_tokens == "last":
         last = torch.where(text, col, -1).amax(dim=1, keepdim=True)
@@ -312,7 +313,7 @@ def _relevance(
     and ``log(size)``: (B, H, T, L_cur), softmax in float32.
     """
     end = _PROMPT_END.get()
-    rows, ranks = _rows(seq, text_tokens, 1 << 62 if end is None else end)
+    rows, ranks = _rows(seq, text_tokens, _NO_END if end is None else end)
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     cos, sin = cos_sin
     q = _heads(take_rows(q_out, rows), attn, "q_norm")  # (B, H, T, d)
@@ -440,9 +441,11 @@ class _ReducingTextModel:
         state: PatchState = getattr(self, SHARED_ATTR)
         args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                     inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        record = None if cache is None else _RECORDS.get(cache)
-        call = _CALL.get(state)
         fresh = cache is None or cache.get_seq_length() == 0
+        if fresh and cache is not None:  # an emptied cache starts afresh: an earlier prompt's record goes
+            _RECORDS.pop(cache, None)
+        record = None if fresh else _RECORDS.get(cache)
+        call = _CALL.get(state)
         reduces = bool(state.plan.schedule) and call is not None and call.image is not None and fresh
         if record is None and not reduces:
             return super().forward(**args)
@@ -580,7 +583,8 @@ class _ReducingTextModel:
         else:
             position_embeddings = tuple(take_rows(t, kept) for t in position_embeddings)
         log_size = new.size.log()
-        record.stages.append(_Stage(first, new.real, log_size))
+        if first < len(self.layers[: self.config.num_hidden_layers]):  # after the last layer, no cache holds it
+            record.stages.append(_Stage(first, new.real, log_size))
         return new, x_new, position_embeddings, _mask(new.real, log_size, new.length, x.dtype)
 
     def _continue(
@@ -590,6 +594,10 @@ class _ReducingTextModel:
     ) -> BaseModelOutputWithPast:
         """A call on a reduced cache: the layers of each stage get a mask over their shorter cache and the new tokens."""
         b, q = hidden_states.shape[:2]
+        first = record.stages[0]
+        if cache.get_seq_length(first.first) < first.real.shape[1] or first.real.shape[0] != b:
+            raise ValueError("this cache holds a pumer_patch-reduced prompt of another batch, or was cropped into it; "
+                             "continue it with the batch that filled it, or start from an empty cache")
         if attention_mask is not None:  # the prompt's columns, then every token given since
             later = attention_mask[:, record.prompt:].bool()
         else:
@@ -640,7 +648,7 @@ def _mlp_half(layer: nn.Module, x: Tensor) -> Tensor:
 def _embedding_relevance(x: Tensor, seq: _Seq) -> Tensor:
     """Relevance (B, M, L) before the LLM: per image, the mean embedding of the prompt text after it as a query."""
     end = _PROMPT_END.get()
-    rows, ranks = _rows(seq, "all", 1 << 62 if end is None else end)
+    rows, ranks = _rows(seq, "all", _NO_END if end is None else end)
     text = take_rows(x, rows).float()  # (B, T, C)
     query = torch.einsum("btc,btm->bmc", text, ranks) / ranks.sum(dim=1).clamp_min(1.0)[:, :, None]
     b, m, c = query.shape

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration, StaticCache
+from transformers import DynamicCache, LlavaForConditionalGeneration, StaticCache
 
 import pumer_patch
 from pumer_patch.adapters.hf_vlm import prompt_end
@@ -140,6 +140,27 @@ def test_decode_continues_at_the_position_after_the_unreduced_prompt():
     assert [out.cache.get_seq_length(i) for i in range(3)] == [n + 1, n + 1, kept + 1]
 
 
+def test_an_emptied_cache_forgets_the_reduced_prompt_it_held():
+    model = llava()
+    text_only = prompt([(5, 0, 4)])
+    expected = _forward(model, text_only)
+    pumer_patch.apply(model, layers=[1], prune_ratio=0.5)
+    cache = DynamicCache(config=model.config.text_config)
+    _forward(model, prompt([(3, 1, 4)]), cache=cache, use_cache=True)
+    cache.reset()
+    torch.testing.assert_close(_forward(model, text_only, cache=cache, use_cache=True), expected, rtol=0, atol=1e-6)
+    other = prompt([(3, 1, 4), (1, 1, 6)])
+    with pytest.raises(ValueError, match="another batch"):
+        _forward(model, {"input_ids": other["input_ids"][:, :1]}, cache=_filled(model), use_cache=True)
+
+
+def _filled(model):
+    """A cache holding a reduced prompt of one sample."""
+    cache = DynamicCache(config=model.config.text_config)
+    _forward(model, prompt([(3, 1, 4)]), cache=cache, use_cache=True)
+    return cache
+
+
 def test_a_static_cache_is_refused_while_the_patch_reduces():
     model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3)
     inputs = prompt([(3, 1, 4)])
@@ -210,6 +231,18 @@ def test_several_reduce_layers_compound_and_the_cache_holds_each_stage():
         out = model(**inputs, use_cache=True)
     n = inputs["input_ids"].shape[1]
     assert [out.cache.get_seq_length(i) for i in range(4)] == [n, n - 8, n - 8, n - 12]
+
+
+def test_a_reduction_in_the_last_layer_leaves_every_cache_whole():
+    model = pumer_patch.apply(llava(), layers=[2], prune_ratio=0.5)
+    inputs = prompt([(3, 1, 4)])
+    gen = _generate(model, inputs, steps=2)
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    assert out.logits.shape[1] == n - VISUAL // 2
+    assert [out.cache.get_seq_length(i) for i in range(3)] == [n] * 3
+    assert gen.sequences.shape[1] == n + 2
 
 
 def test_output_hidden_states_has_every_layer_at_its_own_length():
