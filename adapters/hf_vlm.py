@@ -140,7 +140,7 @@ from .base import (
     warn_if_untested,
 )
 
-__all__ = ["HfVlmAdapter", "VlmOptions", "prompt_end"]
+__all__ = ["VLM_CLASSES", "HfVlmAdapter", "VlmOptions", "prompt_end"]
 
 _TESTED = ("5.0", "6")
 _IMPLEMENTATIONS = ("eager", "sdpa")
@@ -846,6 +846,9 @@ for _f in _FAMILIES:
                                  f"``{_f.head.__name__}`` refusing labels while the patch reduces.")
 for _cls in (PumerLlamaModel, PumerQwen2Model, PumerQwen2VLTextModel, PumerQwen2_5_VLTextModel, PumerQwen3VLTextModel):
     _cls.__name__ = _cls.__bases__[-1].__name__
+
+#: the vision-language models this adapter patches (their vision towers are theirs, never the ViT adapters')
+VLM_CLASSES: tuple[type[nn.Module], ...] = tuple(c for f in _FAMILIES for c in (f.root, f.head))
 
 _SUPPORTED = (
     "transformers LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
