@@ -23,9 +23,13 @@ split, IR and TR R@1/5/10 with ties counting against the model, pairs scored in 
 tiles of the score matrix shared out over processes and saved as they finish (a rerun with the
 same ``--output`` skips finished tiles), METER on cached unimodal features (``--no-cache`` runs
 the whole model per pair). ``--rerank-top K --rerank-pumer CONFIG`` is the approximate shortlist
-mode: the model under a strong PuMer config scores every pair first. ``eval.json`` / ``eval.md``
-compare the unpatched model with ``--pumer``: recall, pairs/s, GFLOPs per pair (whole model; for
-cached METER also the fusion alone, what a pair costs on the cache).
+mode: the model under a strong PuMer config scores every pair first. Identical captions are scored
+once per image (``scoring.distinct_texts``), so they tie exactly whatever ``--pair-batch``.
+``--on-bad-image skip`` is refused: recall ranks every image against every caption. ``eval.json`` /
+``eval.md`` compare the unpatched model with ``--pumer``: recall, pairs/s and speedup (the models
+alone on the first tile's pair batches, interleaved: ``recipes.engine.interleaved_seconds``),
+GFLOPs per pair (whole model; for cached METER also the fusion alone, what a pair costs on the
+cache), the tokens after each reducing layer.
 """
 
 from __future__ import annotations
