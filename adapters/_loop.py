@@ -332,6 +332,7 @@ def call_as_block(
     refuse_backward_hooks(block, where)
     if not _forward_hooked(block):
         return forward(args, kwargs)
+    kwargs = dict(kwargs)  # the hooks' own, as a call's ``**kwargs`` is: changing it in place changes no caller's
     hooks = (*torch_module._global_forward_hooks.items(), *block._forward_hooks.items())
     with_kwargs = {*block._forward_hooks_with_kwargs, *torch_module._global_forward_hooks_with_kwargs}
     always = {*block._forward_hooks_always_called, *torch_module._global_forward_hooks_always_called}

@@ -676,20 +676,22 @@ def test_block_hooks_fire_with_the_hidden_states_each_block_receives_and_returns
 def test_a_hook_that_replaces_the_hidden_states_is_used(entry):
     inputs = entry.inputs()
     first = entry.patch["layers"][0]
-    plain = output(entry, pumer_patch.apply(entry.build(), **entry.patch), inputs)
+    model = pumer_patch.apply(entry.build(), **entry.patch)
+    layers = blocks(entry, model)
+    plain = output(entry, model, inputs)
     for i in (first - 1, first):  # a forward hook replaces what block i returns: block i + 1 gets that
-        model = pumer_patch.apply(entry.build(), **entry.patch)
-        layers = blocks(entry, model)
         seen: dict[str, Tensor] = {}
-        layers[i].register_forward_hook(lambda _m, _a, out: seen.__setitem__("returned", _hidden(out)))
-        layers[i].register_forward_hook(lambda _m, _a, out: _scaled(out, 1.5))
-        layers[i + 1].register_forward_pre_hook(lambda _m, args: seen.__setitem__("next", args[0]))
+        handles = [
+            layers[i].register_forward_hook(lambda _m, _a, out: seen.__setitem__("returned", _hidden(out))),
+            layers[i].register_forward_hook(lambda _m, _a, out: _scaled(out, 1.5)),
+            layers[i + 1].register_forward_pre_hook(lambda _m, args: seen.__setitem__("next", args[0])),
+        ]
         assert not torch.equal(output(entry, model, inputs), plain), i
         assert torch.equal(seen["next"], seen["returned"] * 1.5), i
+        for handle in handles:
+            handle.remove()
     for j in (first, first + 1):  # a pre-hook replaces what block j receives (on a reduce block: the keyword form)
         for factor in (1.0, 1.5):  # a new tensor of the same values gives the same output; other values another
-            model = pumer_patch.apply(entry.build(), **entry.patch)
-            block = blocks(entry, model)[j]
             given: dict[str, Tensor] = {}
 
             def replace_input(args: tuple[Any, ...], factor: float = factor) -> tuple[Any, ...]:
@@ -697,11 +699,15 @@ def test_a_hook_that_replaces_the_hidden_states_is_used(entry):
                 return (given["new"], *args[1:])
 
             if j == first:
-                block.register_forward_pre_hook(lambda _m, args, kwargs: (replace_input(args), kwargs), with_kwargs=True)
+                handle = layers[j].register_forward_pre_hook(
+                    lambda _m, args, kwargs: (replace_input(args), kwargs), with_kwargs=True
+                )
             else:
-                block.register_forward_pre_hook(lambda _m, args: replace_input(args))
-            block.register_forward_hook(lambda _m, args, _o: given.__setitem__("seen", args[0]))
+                handle = layers[j].register_forward_pre_hook(lambda _m, args: replace_input(args))
+            seen_by = layers[j].register_forward_hook(lambda _m, args, _o: given.__setitem__("seen", args[0]))
             changed = output(entry, model, inputs)
+            handle.remove()
+            seen_by.remove()
             assert given["seen"] is given["new"], (j, factor)  # forward hooks get the replaced arguments, as torch's
             assert torch.equal(changed, plain) == (factor == 1.0), (j, factor)
 

@@ -278,3 +278,19 @@ def test_an_untested_timm_version_warns_at_the_apply_call(monkeypatch):
     with pytest.warns(UserWarning, match=r"repeats .* as of timm 1\.0\.\.<2; found 0\.9\.16") as warned:
         pumer_patch.apply(make("vit"), layers=[1], merge_ratio=0.3)
     assert warned[0].filename == __file__  # reported at the caller's line
+
+
+def test_backward_hooks_on_a_block_called_whole_still_run_and_refusals_follow_the_schedule():
+    # only a block the loop runs in parts refuses backward hooks; blocks called whole keep torch's
+    model = make()
+    grads: list[torch.Size] = []
+    model.blocks[0].register_full_backward_hook(lambda _m, _gi, go: grads.append(go[0].shape))
+    pumer_patch.apply(model, layers=[1, 2], prune_ratio=0.2, merge_ratio=0.3)
+    model(images()).sum().backward()
+    assert grads == [torch.Size([2, 17, 32])]
+    # with merge_schedule every block that merges runs in parts: block 0 too
+    with pytest.raises(ValueError, match=r"VisionTransformer.blocks\[0\] \(Block\) has a backward hook"):
+        pumer_patch.apply(model, layers=[], merge_schedule=[2, 0, 0, 0])
+    pumer_patch.apply(model, layers=[], merge_schedule=[0, 2, 2, 0])  # block 0 whole again: allowed
+    model(images()).sum().backward()
+    assert len(grads) == 2

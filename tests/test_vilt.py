@@ -282,3 +282,22 @@ def test_sdpa_alone_without_reduction_matches_the_library():
     pumer_patch.apply(model, layers=[], attention="sdpa")
     patched = run(model, {**batch, "output_attentions": True})
     assert len(patched.attentions) == 6 and torch.equal(patched.logits, eager.logits)
+
+
+@pytest.mark.parametrize("output_attentions", [False, True])
+def test_reference_mode_runs_every_layers_hooks_with_its_attentions(output_attentions):
+    # reference mode runs every layer in parts (its masked softmax): the hooks of each layer see the
+    # tuple ViltLayer returns, its attentions included when asked for, as the encoder records them
+    model = make(ViltForQuestionAnswering)
+    pumer_patch.apply(model, layers=[1, 3], ratios="p0.2-r0.3-t0.2", mode="reference")
+    seen: list[tuple[int, int, int]] = []
+    for i, layer in enumerate(model.vilt.encoder.layer):
+        layer.register_forward_hook(lambda _m, args, out, i=i: seen.append((i, args[0].shape[1], len(out))))
+    out = run(model, {**inputs(ViltForQuestionAnswering), "output_attentions": output_attentions})
+    assert [s[0] for s in seen] == list(range(6)) and all(s[2] == 1 + output_attentions for s in seen)
+    assert seen[1][1] == seen[0][1] > seen[2][1]  # layer 1 reduces: layer 2 receives fewer tokens
+    if output_attentions:
+        assert [a.shape[-1] for a in out.attentions] == [s[1] for s in seen]
+    with pytest.raises(ValueError, match=r"layer\[0\] \(ViltLayer\) has a backward hook"):
+        model.vilt.encoder.layer[0].register_full_backward_hook(lambda *_: None)
+        pumer_patch.apply(model, layers=[1, 3], ratios="p0.2-r0.3-t0.2", mode="reference")
