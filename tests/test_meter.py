@@ -294,3 +294,33 @@ def test_pretraining_refuses_merged_text_without_unmerging_and_other_heads_keep_
         assert vqa.meter(**batch()).text_feats.shape[1] < 12  # merged, as before
         pumer_patch.apply(vqa, "p0.3r0.5t0.3-02", unmerge_text=True)
         assert vqa.meter(**batch()).text_feats.shape[1] == 12
+
+
+def test_tower_and_image_fusion_layers_run_their_hooks():
+    # the contract suite hooks the text layers (the blocks layers= indexes); the CLIP tower's blocks under
+    # encoder_merge_schedule and the fusion image layers run in parts too
+    model = make()
+    pumer_patch.apply(model, "p0.3r0.5t0.2-02", encoder_merge_schedule=[2, 0, 2])
+    seen: list[tuple[str, int, int, int]] = []
+
+    def note(where: str, k: int):
+        return lambda _m, args, out: seen.append((where, k, args[0].shape[1], out.shape[1]))
+
+    for k, block in enumerate(model.meter.vit_model.transformer.resblocks):
+        block.register_forward_hook(note("tower", k))
+    for k, layer in enumerate(model.meter.cross_modal_image_layers):
+        layer.register_forward_hook(note("image", k))
+    with torch.no_grad():
+        model(**batch())
+    assert seen[:3] == [("tower", 0, 17, 15), ("tower", 1, 15, 15), ("tower", 2, 15, 13)]
+    image = [s for s in seen if s[0] == "image"]
+    assert [s[1] for s in image] == [0, 1, 2, 3] and all(s[2] == s[3] for s in image)
+    assert image[0][2] < 13  # block 0 reduces the image its image layer reads
+    fresh = make()
+    fresh.meter.vit_model.transformer.resblocks[2].register_full_backward_hook(lambda *_: None)
+    with pytest.raises(ValueError, match=r"vit_model.transformer.resblocks\[2\] \(ResidualAttentionBlock\) has a back"):
+        pumer_patch.apply(fresh, "p0.3r0.5t0.2-02", encoder_merge_schedule=[2, 0, 2])
+    pumer_patch.apply(fresh, "p0.3r0.5t0.2-02", encoder_merge_schedule=[2, 2, 0])  # block 2 whole: allowed
+    fresh.meter.cross_modal_image_layers[3].register_full_backward_pre_hook(lambda *_: None)
+    with pytest.raises(ValueError, match=r"cross_modal_image_layers\[3\] \(MeterFusionLayer\) has a backward hook"):
+        fresh(**batch())
