@@ -6,8 +6,8 @@ Found by ``isinstance``: ``LlavaForConditionalGeneration``, ``LlavaNextForCondit
 without sliding-window layers), ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
 ``Qwen3VLForConditionalGeneration`` and their bare ``...Model`` s. The patch switches the instance
 classes of the bare model (it tells its language model, for one forward, where the image tokens are),
-of the generation head (it refuses ``labels``) and of the language model. The VLM owns its vision tower: the tower is left whole (it is this
-adapter's, not the ViT adapters').
+of the generation head (it refuses ``labels``) and of the language model. The VLM owns its vision
+tower, which is left whole (it is this adapter's, not the ViT adapters': ``VLM_CLASSES``).
 
 Where (``where``):
 
@@ -40,11 +40,15 @@ batch. Samples whose reduced lengths differ are aligned by keeping some removed 
 fillers (never attended to), so a sample gives the same output in a batch as alone (to float
 rounding), with left or right padding. A prompt without image tokens passes untouched.
 
-Positions: surviving tokens keep their position ids; a merged token takes its destination's
-(``merge_position="destination"``, the default) or the size-weighted mean of its members'
-(``"mean"``: the rotary angles are computed at that fractional position). Decoding continues at the
-position after the unreduced prompt, as the unpatched model's would (``generate`` numbers positions
-from its 2-D mask; without position ids the patch counts the prompt's full length).
+Positions: surviving tokens keep their position ids (1-D, or each of Qwen's M-RoPE rows); a merged
+token takes its destination's (``merge_position="destination"``, the default) or the size-weighted
+mean of its members' (``"mean"``, row by row: the rotary angles are computed at that fractional
+position). Decoding continues at the position after the unreduced prompt, as the unpatched model's
+would: ``generate`` numbers 1-D positions from its 2-D mask, Qwen's from its ``rope_deltas`` and the
+cache's length, which is layer 0's, never reduced inside the LLM; without position ids the patch
+counts the prompt's full length. ``where="input"`` reduces layer 0's cache too, so it is refused for
+the M-RoPE models. Qwen3-VL's DeepStack adds visual features to the image positions after its first
+layers: a reduce layer before DeepStack's last layer is refused.
 
 Attention after a reduction: an additive float mask (B, 1, Q, K) the patch builds for the reduced
 columns (causal by original order, padding and fillers masked, ``log(size)`` on merged keys:
@@ -63,12 +67,13 @@ Outputs of a reducing forward cover the reduced sequence: ``logits`` / ``last_hi
 (B, L', ...), the last column being the prompt's last token; ``pumer_patch.last_trace(model)`` counts,
 per reduce layer, the visual tokens (``image``) and the real text tokens (``text``) of the sample that
 keeps the most; with ``trace=True`` its ``image`` is the whole final sequence (B, L', C) with each
-column's size and, as ``mask``, its real columns (not padding, not fillers). ``labels`` are refused while the patch reduces (their columns would no longer match).
+column's size and, as ``mask``, its real columns (not padding, not fillers). ``labels`` are refused
+while the patch reduces (their columns would no longer match).
 
-The text model's forward and the decoder layer's two halves repeat ``LlamaModel.forward`` /
-``Qwen2Model.forward`` and their decoder layers' forward as of transformers 5 (checked by the zero-reduction parity tests); a
-forward that reduces nothing is the library's own. ``mode="reference"`` (the research code's
-arithmetic of ViLT and METER) is refused.
+The text model's forward and the decoder layer's two halves repeat the library's (``LlamaModel``,
+``Qwen2Model``, Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's text models, as of transformers 5; checked by
+the zero-reduction parity tests); a forward that reduces nothing is the library's own.
+``mode="reference"`` (the research code's arithmetic of ViLT and METER) is refused.
 """
 
 from __future__ import annotations

@@ -80,6 +80,21 @@ def test_the_vision_tower_belongs_to_the_vlm_and_stays_whole():
     assert not any(hasattr(type(m), "_pumer_patched") for m in model.model.vision_tower.modules())
 
 
+def test_apply_again_replaces_the_patch_and_torch_save_keeps_it(tmp_path):
+    inputs = prompt([(3, 1, 4), (1, 1, 6)])
+    once = _forward(pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3), inputs)
+    model = pumer_patch.apply(llava(), layers=[0, 2], merge_ratio=0.4)
+    pumer_patch.apply(model, layers=[1], prune_ratio=0.3)
+    # saved before a forward: the CLIP tower's output-capturing hooks, installed by the first one, do not pickle
+    torch.save(model, tmp_path / "model.pt")
+    assert torch.equal(_forward(model, inputs), once)
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert pumer_patch.is_patched(loaded)
+    assert torch.equal(_forward(loaded, inputs), once)
+    pumer_patch.remove(loaded)
+    assert not any(hasattr(type(m), "_pumer_patched") for m in loaded.modules())
+
+
 def test_a_deepcopy_reduces_alike_and_on_its_own():
     model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3, merge_ratio=0.2)
     inputs = prompt([(3, 1, 4), (1, 1, 6)])
