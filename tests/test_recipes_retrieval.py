@@ -5,7 +5,8 @@ folders of plain-colour JPEGs; the converter writes the data folder. Recall and 
 checked against hand-computed ranks; the score matrix against itself: resumed by tile, sharded
 over two gloo processes, METER on cached unimodal features (with PuMer, and with ToMe in its CLIP
 tower) against the whole model per pair. Tiny pretraining-style checkpoints (ITM head, no
-``rank_output``) train 3 steps and evaluate, with and without PuMer.
+``rank_output``) train 3 steps and evaluate, with and without PuMer; a run resumed half-way, scored
+by two processes and rescored from its tiles gives what one uninterrupted run and process give.
 """
 
 from __future__ import annotations
@@ -274,15 +275,35 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_score_the_same_matrix(data: Path, pretrained_meter: Path, tokenizer_dir: Path,
-                                             tmp_path: Path) -> None:
-    args = ["retrieval", "eval", "--data", str(data), "--model", str(pretrained_meter), "--tokenizer", str(tokenizer_dir), "--workers", "0",
-            "--no-progress", "--eval-batch", "3", "--pair-batch", "5", "--tile-images", "1", "--tile-captions", "4",
-            "--cpu", "--log-level", "WARNING"]
-    assert cli.main([*args, "--output", str(tmp_path / "one")]) == 0
+def test_a_resumed_run_scored_on_two_processes_and_rescored_equals_an_uninterrupted_one(
+        data: Path, pretrained_meter: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """METER trained 3 steps in one job, and in two (stopped after 2, resumed); the resumed run's best
+    scored by two torchrun processes, then again by one process into the same folder (every tile
+    found): the same scores and recall as the uninterrupted run's best scored by one process."""
+    train = ["retrieval", "train", "--preset", "meter-retrieval-flickr", "--data", str(data), "--model",
+             str(pretrained_meter), "--tokenizer", str(tokenizer_dir), "--per-device-batch", "2", "--total-batch", "2",
+             "--max-steps", "3", "--eval-every", "2", "--image-size", "32", "--workers", "0", "--no-progress",
+             "--negatives", "3", "--log-level", "WARNING"]
+    assert cli.main([*train, "--output", str(tmp_path / "whole")]) == 0
+    assert cli.main([*train, "--output", str(tmp_path / "parts"), "--stop-after-steps", "2"]) == 0
+    assert cli.main([*train, "--output", str(tmp_path / "parts"), "--resume"]) == 0
+    whole, parts = (json.loads((tmp_path / run / "train_info.json").read_text()) for run in ("whole", "parts"))
+    assert (parts["step"], parts["data_digest"], parts["best_step"]) == (whole["step"], whole["data_digest"],
+                                                                         whole["best_step"])
+    from safetensors.torch import load_file
+
+    best = [load_file(str(tmp_path / run / "best" / "model.safetensors")) for run in ("whole", "parts")]
+    assert best[0].keys() == best[1].keys() and all(torch.equal(best[0][k], best[1][k]) for k in best[0])
+
+    def evaluate(model: str) -> list[str]:
+        return ["retrieval", "eval", "--data", str(data), "--model", str(tmp_path / model / "best"), "--tokenizer",
+                str(tokenizer_dir), "--workers", "0", "--no-progress", "--eval-batch", "3", "--pair-batch", "5",
+                "--tile-images", "1", "--tile-captions", "4", "--cpu", "--log-level", "WARNING"]
+
+    assert cli.main([*evaluate("whole"), "--output", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_port()), "-m", "recipes", *args, "--output", str(tmp_path / "two")],
+                           str(_port()), "-m", "recipes", *evaluate("parts"), "--output", str(tmp_path / "two")],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "scores" / "unpatched" / "scores.pt")
@@ -294,6 +315,12 @@ def test_two_processes_score_the_same_matrix(data: Path, pretrained_meter: Path,
     # one speed figure for the job: the 1 x 4 timing tile on both processes, the slower counted; printed once
     assert report["timing"]["pairs_per_pass"] == 2 * 4 and proc.stdout.count("| variant |") == 1
     assert report["rows"][0]["pairs_per_s"] == pytest.approx(8 / report["rows"][0]["seconds_per_pass"])
+    assert cli.main([*evaluate("parts"), "--output", str(tmp_path / "two")]) == 0  # re-evaluated: every tile found
+    again = json.loads((tmp_path / "two" / "eval.json").read_text())["rows"][0]
+    first = json.loads((tmp_path / "one" / "eval.json").read_text())["rows"][0]
+    assert again["tiles_skipped"] == 12 and again["pairs_scored_now"] == 0  # 4 x 3 tiles of 1 x 4
+    recalls = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
+    assert {k: again[k] for k in recalls} == {k: report["rows"][0][k] for k in recalls} == {k: first[k] for k in recalls}
 
 
 # ---------------------------------------------------------------------------------------- training
