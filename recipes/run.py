@@ -356,6 +356,10 @@ def train(spec: TaskSpec[Any], run: TrainRun) -> dict[str, Any]:
         teacher = load_model(family, spec.name, run.teacher, data.labels, image_size=preset.image_size)
         teacher_labels = model_labels(teacher)
         teacher_index = None if teacher_labels == labels else label_index(teacher_labels, labels)
+    if preset.pumer is None and reduction_of(model) is not None:  # its checkpoints would claim a reduction
+        logger.warning("%s records the reduction %s, which this run does not apply (no --pumer): left out of the "
+                       "checkpoints it saves", preset.model, reduction_of(model))
+        delattr(model.config, "pumer_reduction")
     patch(model, preset.pumer, preset.pumer_mode)  # before prepare: DDP and autocast wrap the patched model
 
     inputs = Inputs(family, labels, tokenizer, preset.image_size, preset.text_length, launch.limit,

@@ -407,6 +407,13 @@ def test_trains_and_evaluates(data: Path, vilt: Path, pretrained_meter: Path, to
         assert again["variant"] == "PuMer from the checkpoint's config" and again["reduction"] == recorded
         keys = ("tr_r1", "tr_r5", "ir_r1", "rsum", "gflops_per_pair", "tokens_per_layer")
         assert {k: again[k] for k in keys} == {k: patched[k] for k in keys}
+    if reduce and family == "vilt":  # trained on without --pumer: its checkpoints record no reduction
+        plain = tmp_path / "plain"
+        assert cli.main(["retrieval", "train", "--preset", "vilt-retrieval-flickr", "--data", str(data), "--model",
+                         str(out / "best"), "--tokenizer", str(tokenizer_dir), "--output", str(plain),
+                         "--per-device-batch", "2", "--total-batch", "2", "--max-steps", "1", "--eval-every", "1",
+                         "--image-size", "32", "--workers", "0", "--no-progress", "--negatives", "3"]) == 0
+        assert "pumer_reduction" not in json.loads((plain / "best" / "config.json").read_text())
 
 
 def test_eval_resumes_from_its_tiles_and_reranks_a_shortlist(data: Path, pretrained_meter: Path, tokenizer_dir: Path,
