@@ -263,7 +263,11 @@ def patch(model: nn.Module, pumer: str | None, mode: str) -> nn.Module:
     if pumer is None:
         return model
     if pumer == FROM_CONFIG:
-        patched = pumer_patch.apply_from_config(model)
+        try:
+            patched = pumer_patch.apply_from_config(model)
+        except ValueError as err:
+            raise ValueError(f"--pumer config: {err}; on the command line, pass --pumer with a config such as "
+                             f"p0.1-r0.3-t0.2-258") from err
         logger.info("PuMer from the checkpoint's config: %s", reduction_of(patched))
         return patched
     logger.info("PuMer %s, %s mode", pumer, mode)

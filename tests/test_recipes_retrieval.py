@@ -414,6 +414,10 @@ def test_trains_and_evaluates(data: Path, vilt: Path, pretrained_meter: Path, to
                          "--per-device-batch", "2", "--total-batch", "2", "--max-steps", "1", "--eval-every", "1",
                          "--image-size", "32", "--workers", "0", "--no-progress", "--negatives", "3"]) == 0
         assert "pumer_reduction" not in json.loads((plain / "best" / "config.json").read_text())
+        with pytest.raises(ValueError, match="--pumer config: this model's config names no reduction"):
+            cli.main([*common[:-4], "--model", str(plain / "best"), "--pumer", "config", "--output",
+                      str(tmp_path / "none")])
+        assert not (tmp_path / "none" / "scores").exists() and not (tmp_path / "none" / "eval.json").exists()
 
 
 def test_eval_resumes_from_its_tiles_and_reranks_a_shortlist(data: Path, pretrained_meter: Path, tokenizer_dir: Path,

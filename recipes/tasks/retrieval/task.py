@@ -272,22 +272,26 @@ def evaluate(run: EvalRun, scoring: PairScoring) -> dict[str, Any]:
     tiles = dict(tile_images=scoring.tile_images, tile_captions=scoring.tile_captions, pair_batch=scoring.pair_batch,
                  progress=run.launch.progress)
     rows: list[dict[str, Any]] = []
-    models: dict[str, nn.Module] = {}
-    for name, pumer in variants_of(run):
-        variant = models[name] = patch(copy.deepcopy(model), pumer, run.pumer_mode).to(accelerator.device).eval()
+    variants = variants_of(run)
+    # every variant patched before any is scored: a reduction that cannot apply fails before a tile is written
+    models = {name: patch(copy.deepcopy(model), pumer, run.pumer_mode).to(accelerator.device).eval()
+              for name, pumer in variants}
+    cheap = None
+    if scoring.rerank_top is not None:
+        cheap = patch(copy.deepcopy(model), scoring.rerank_pumer, run.pumer_mode).to(accelerator.device).eval()
+    for name, pumer in variants:
+        variant = models[name]
         scorer = _scorer(variant, family, split, texts, accelerator, run, scoring)
         folder = run.output / "scores" / _slug(name)
         meta = {**base_meta, "variant": name}
         mask, first_stats = None, None
-        if scoring.rerank_top is not None:
-            cheap = patch(copy.deepcopy(model), scoring.rerank_pumer, run.pumer_mode).to(accelerator.device).eval()
+        if cheap is not None:
             first, first_stats = score_matrix(accelerator,
                                               _scorer(cheap, family, split, texts, accelerator, run, scoring),
                                               n_images, n_texts, folder / "first-pass",
                                               meta={**base_meta, "variant": f"first pass {scoring.rerank_pumer}"},
                                               desc=f"{name}: first pass", **tiles)
             mask = shortlist(first, scoring.rerank_top)
-            del cheap
         distinct, stats = score_matrix(accelerator, scorer, n_images, n_texts, folder, meta=meta, mask=mask,
                                        desc=name, **tiles)
         matrix = distinct[:, text_of]  # (I, U) -> (I, C): identical captions share their text's column
@@ -307,6 +311,7 @@ def evaluate(run: EvalRun, scoring: PairScoring) -> dict[str, Any]:
         if main:
             torch.save(matrix, folder / "scores.pt")
         del scorer  # its caches: the timing below needs only the first tile's
+    del cheap
 
     # the speed: every variant's first pair batches, inputs ready, interleaved (no decoding, no loader start-up)
     passes, pairs = {}, 0
