@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from pumer_patch.flops import gflops_per_example
 from .speed import machine_info
 
 __all__ = ["Row", "analytic_flops", "build", "main"]
+
+log = logging.getLogger("benchmarks.vlm")
 
 IMAGE = 32000  # the image-placeholder id, inside the vocabulary
 VOCAB = 32064
@@ -174,6 +177,7 @@ def measure(width: int, batch_sizes: list[int], repeats: int, steps: int, tiny: 
                 prefill[r.name].append(time.perf_counter() - start)
                 cache_bytes[r.name] = _cache_bytes(out.cache)
                 decode[r.name].append(_decode(models[r.name], inputs, out, steps))
+        log.info("batch %d: prefill ms %s", batch, {k: round(1e3 * statistics.median(v), 1) for k, v in prefill.items()})
         base = statistics.median(prefill["unpatched"])
         for r in rows:
             d = model.config.text_config
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="width 64, 2 layers, 16 visual tokens: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("results/vlm"))
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     width = 64 if args.tiny else args.width
     rows, kept = measure(width, args.batch_sizes, args.repeats, args.decode, args.tiny)
     big = full_size(kept) if not args.tiny else []
