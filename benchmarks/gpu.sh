@@ -45,7 +45,7 @@ LOG="$OUT_DIR/gpu.log"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 echo "gpu.sh: results in $OUT_DIR, work folder $WORK, dry run: $DRY" | tee -a "$LOG"
 
-if ! "$PY" -c "import pumer_patch.adapters" 2>>"$LOG"; then  # pumer_patch.adapters exists only installed
+if ! "$PY" -c "import importlib.metadata as m; m.distribution('pumer-patch')" 2>>"$LOG"; then  # adapters/ maps in only installed
     echo "gpu.sh: pumer_patch is not installed; installing it (editable, no dependencies)" | tee -a "$LOG"
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
         || { echo "gpu.sh: could not install pumer-patch: pip install -e . first" | tee -a "$LOG"; exit 2; }

@@ -44,14 +44,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch._dynamo.backends.debugging import ExplainWithBackend
 from tqdm import tqdm
 
 import pumer_patch
 from pumer_patch.flops import gflops_per_example, match_gflops
+
+if TYPE_CHECKING:
+    from torch._dynamo.backends.debugging import ExplainWithBackend
 
 log = logging.getLogger("benchmarks.speed")
 
@@ -277,6 +279,8 @@ def compiled_copy(net: torch.nn.Module, config: Config, backend: str) -> tuple[t
     weights in memory), so ``net`` itself stays free for the eager rows' patch / remove. Static
     shapes (``dynamic=False``): the token counts are static, each batch size gets its own graphs.
     """
+    from torch._dynamo.backends.debugging import ExplainWithBackend  # dynamo loads in a second: only for --compile
+
     shared = {id(t): t for t in (*net.parameters(), *net.buffers())}
     twin = copy.deepcopy(pumer_patch.remove(net), memo=shared)
     if config.apply:

@@ -14,7 +14,9 @@ steps and one evaluation at the end. The presets distil from a teacher, which a 
 have: ``--distill-weight 0``. Writes ``train_steps.json`` and ``train_steps.md`` under ``--out``:
 per run its steps, examples, wall seconds (loading, training, the evaluation, the saves), training
 examples per second, the last loss, the evaluation's score (random weights and data: not a figure
-of merit) and, on CUDA, the peak memory. Needs the recipes extra (accelerate, lmdb, safetensors).
+of merit) and, on CUDA, the peak memory; the JSON after every run, so a run stopped by a time limit
+keeps the rows before it. Each run's folder (a full-size METER saves about 5 GB) is removed after
+it unless ``--keep-runs``. Needs the recipes extra (accelerate, lmdb, safetensors) and open_clip.
 """
 
 from __future__ import annotations

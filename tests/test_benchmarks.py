@@ -97,3 +97,98 @@ def test_same_counts_forward_is_the_model_when_nothing_is_dropped():
         pooled = same_counts(vilt, "vilt8", batch, {})()
         torch.manual_seed(1)  # ViLT draws its patch order at random
         torch.testing.assert_close(pooled, vilt(**batch).pooler_output)
+
+
+def test_speed_compile_rows_beside_the_eager_rows(tmp_path):
+    from benchmarks import speed
+
+    pm = "prune+merge p0.2-r0.2-369"
+    speed.main(["--models", "vit_tiny_patch16_224", "--configs", pm, "--batch-sizes", "2", "--repeats", "1",
+                "--no-latency", "--compile", "--compile-backend", "eager", "--device", "cpu", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    base, patched = result["rows"]  # --configs keeps the named row and the unpatched baseline
+    assert (base["config"], patched["config"]) == ("unpatched", pm)
+    assert result["machine"]["compile_backend"] == "eager"
+    for row in (base, patched):
+        assert row["compiled_throughput_b2"] > 0 and row["throughput_b2"] > 0 and row["compile_s"] > 0
+        assert "latency_ms" not in row and "compiled_latency_ms" not in row  # --no-latency: no batch-1 run
+    assert base["graphs"] == 1 and base["graph_breaks"] == []  # the unpatched timm ViT is one graph
+    assert patched["graphs"] >= 1 and bool(patched["graph_breaks"]) == (patched["graphs"] > 1)  # breaks named
+    assert base["compiled_speedup_b2"] == 1.0
+    assert patched["compiled_speedup_b2"] == pytest.approx(patched["compiled_throughput_b2"] / base["compiled_throughput_b2"])
+    assert patched["speedup_b2"] == pytest.approx(patched["throughput_b2"] / base["throughput_b2"])
+    text = (tmp_path / "results.md").read_text()
+    assert "compiled speedup @2" in text and f"| vit_tiny_patch16_224 | {pm} |" in text
+    head, rule = text.splitlines()[2:4]
+    assert head.count("|") == rule.count("|")
+
+
+def test_speed_refuses_bad_options_before_measuring(tmp_path):
+    from benchmarks import speed
+
+    with pytest.raises(ValueError, match=r"none of \['ToMe r=8'\] is a config of 'vit_tiny_patch16_224'.*ToMe r=16"):
+        speed.main(["--models", "vit_tiny_patch16_224", "--configs", "ToMe r=8", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="needs the config it matches"):
+        speed.main(["--models", "vit_tiny_patch16_224", "--configs", "ToMe-style", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):  # argparse's error: "torch sees no CUDA device here; use --device cpu"
+            speed.main(["--device", "cuda", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--tiny builds"):
+        speed.build("open_clip:ViT-B-16", tiny=True)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_tiny_builds_keep_the_token_counts(tmp_path):
+    from benchmarks import speed
+
+    # --tiny narrows the models and keeps depth and tokens: the reduce layers see the counts of full size
+    speed.main(["--models", "vilt40", "meter384_32", "--tiny", "--configs", "p0.1-r0.3-t0.2-258", "p0.2r0.2t0.2-0246",
+                "--batch-sizes", "1", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
+    rows = {r["model"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["tokens"]}
+    assert [(t["image"], t["text"]) for t in rows["vilt40"]["tokens"]] == [(88, 32), (53, 26), (32, 21)]
+    assert [(t["image"], t["text"]) for t in rows["meter384_32"]["tokens"]] == [(347, 26), (209, 21), (125, 17), (75, 14)]
+    assert rows["vilt40"]["gflops"] < 1
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_writes_every_step(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # the GPU run's every step on CPU at tiny sizes (benchmarks.vlm has tests of its own: left out)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "gpu"), "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--dry-run", "--skip", "vlm"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "gpu"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.json", "gpu.log", "gpu.md"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("pumer-gpu.")] == []  # the work folder is gone
+    result = json.loads((out / "gpu.json").read_text())
+    assert {s["step"]: s["status"] for s in result["steps"]} == {
+        "device": "ok", "speed": "ok", "compile": "ok", "vlm": "skipped", "train": "ok"}
+    assert result["device"]["device"] and result["device"]["torch"] == torch.__version__
+    speed_rows = result["speed"]["rows"]
+    assert [r["model"] for r in speed_rows] == ["vilt40"] * 2 + ["meter384_32"] * 2 + ["vit_base_patch16_224"] * 2
+    assert result["speed"]["machine"]["dtype"] == "bf16 autocast" and result["speed"]["machine"]["tiny"]
+    assert all(r["compiled_throughput_b2"] > 0 and r["compile_s"] > 0 for r in result["compile"]["rows"])
+    train = result["train"]
+    assert train["failures"] == [] and len(train["rows"]) == 8
+    assert {(r["task"], r["family"]) for r in train["rows"]} == {
+        (t, f) for t in ("vqa", "snli_ve", "nlvr2", "retrieval") for f in ("vilt", "meter")}
+    assert all(r["steps"] == 2 and r["pumer"] and r["eval_score"] is not None for r in train["rows"])
+    assert train["machine"]["mixed_precision"] == "bf16"
+    md = (out / "gpu.md").read_text()
+    assert "## torch.compile: compiled pair beside the eager pair" in md and "| retrieval | meter |" in md
+
+
+def test_gpu_script_refuses_unknown_arguments(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+    for args in (["--fast"], ["--skip", "speedd"]):
+        done = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "gpu.sh:" in done.stderr
