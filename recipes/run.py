@@ -36,12 +36,13 @@ import pumer_patch
 from recipes.data.dataset import ImageTextDataset, OnBadImage
 from recipes.data.loader import EpochKeySampler, EpochSampler, loader_throughput, make_loader
 from recipes.engine import Engine, FitConfig, Task, Timing, evaluate as evaluate_model, time_models
+from recipes.launch import check_launch
 from recipes.models import FAMILIES, Family, family_of, get_family, label_index, load_model, load_tokenizer, model_labels
 from recipes.presets import LossScale, Preset
 
 __all__ = ["PUMER_MODES", "Launch", "TrainRun", "EvalRun", "Inputs", "TaskContext", "TaskData", "ClassificationData",
            "SplitSet", "TaskSpec", "labelled_set", "check_model_path", "resolve_family", "FROM_CONFIG", "patch",
-           "reduction_of", "check_launch", "make_accelerator", "accumulation", "model_image_size", "train",
+           "reduction_of", "make_accelerator", "accumulation", "model_image_size", "train",
            "load_for_eval", "EvalSplit", "open_eval_split", "check_labelled", "variants_of", "timing_fields",
            "timing_note", "tokens_per_layer", "evaluate", "markdown_table", "notes", "write_report"]
 
@@ -279,21 +280,6 @@ def reduction_of(model: nn.Module) -> Any:
     as ``save_pretrained`` writes it; None for a model that records none."""
     config = getattr(getattr(model, "module", model), "config", None)  # DDP's wrapper holds the model
     return copy.deepcopy(getattr(config, "pumer_reduction", None))
-
-
-def check_launch(environ: Mapping[str, str] = os.environ) -> None:
-    """Refuse an ``accelerate launch --num_processes N`` that started one process instead of N.
-
-    Without GPUs (or with one), accelerate's simple launcher starts a single process for any
-    ``--num_processes``; what it leaves behind is its own variables (``ACCELERATE_*``) and a
-    rendezvous address (``MASTER_ADDR``, set only when it was asked for several processes), with no
-    ``WORLD_SIZE``, which every real multi-process launcher sets.
-    """
-    launched_by_accelerate = any(k.startswith("ACCELERATE_") for k in environ)
-    if launched_by_accelerate and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ:
-        raise RuntimeError("accelerate launch was asked for several processes but started one (its simple launcher "
-                           "does that without several GPUs): on CPU launch with torchrun --nproc_per_node N -m recipes "
-                           "... --cpu; on GPUs with accelerate launch --multi_gpu --num_processes N -m recipes ...")
 
 
 def make_accelerator(launch: Launch) -> Accelerator:

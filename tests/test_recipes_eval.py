@@ -36,7 +36,7 @@ from recipes.data.loader import make_loader  # noqa: E402
 from recipes.data.records import SNLI_VE_LABELS, write_jsonl  # noqa: E402
 from recipes.data.store import write_image_store  # noqa: E402
 from recipes.engine import evaluate, interleaved_seconds, time_models  # noqa: E402
-from recipes.run import check_launch  # noqa: E402
+from recipes.launch import check_launch  # noqa: E402
 
 pytest_plugins = ["recipe_fixtures"]
 
