@@ -429,10 +429,12 @@ def test_every_family_is_bit_identical_when_nothing_is_removed(family):
     assert not pumer_patch.is_patched(model)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("family", OTHERS)
-def test_every_family_generates_as_its_no_cache_recompute_and_a_sample_as_alone(family):
+def test_every_family_generates_as_its_no_cache_recompute_and_a_sample_as_alone(family, implementation):
     layers = [1, 2] if family == "qwen3_vl" else [0, 1]  # Qwen3-VL: after DeepStack's layer 0
-    model = pumer_patch.apply(build(family), layers=layers, prune_ratio=0.3, merge_ratio=0.2, trace=True)
+    model = pumer_patch.apply(build(family, implementation), layers=layers, prune_ratio=0.3, merge_ratio=0.2,
+                              trace=True)
     inputs = family_prompt(model, family, SAMPLES)
     steps = 2
     gen = _generate(model, inputs, steps)

@@ -124,7 +124,7 @@ def build(family: str, implementation: str = "sdpa", layers: int = 3, seed: int 
         model = Idefics3ForConditionalGeneration
     elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=100, pad_token_id=PAD,
+                    num_key_value_heads=2, vocab_size=100, pad_token_id=PAD, bos_token_id=None, eos_token_id=None,
                     rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
         ids = dict(image_token_id=IMAGE, video_token_id=98, vision_start_token_id=QWEN_START,
                    vision_end_token_id=QWEN_END)
