@@ -334,8 +334,9 @@ def call_as_block(
         return forward(args, kwargs)
     kwargs = dict(kwargs)  # the hooks' own, as a call's ``**kwargs`` is: changing it in place changes no caller's
     hooks = (*torch_module._global_forward_hooks.items(), *block._forward_hooks.items())
-    with_kwargs = {*block._forward_hooks_with_kwargs, *torch_module._global_forward_hooks_with_kwargs}
-    always = {*block._forward_hooks_always_called, *torch_module._global_forward_hooks_always_called}
+    # the global hooks' keyword and always-call flags are absent in older torch releases
+    with_kwargs = {*block._forward_hooks_with_kwargs, *getattr(torch_module, "_global_forward_hooks_with_kwargs", {})}
+    always = {*block._forward_hooks_always_called, *getattr(torch_module, "_global_forward_hooks_always_called", {})}
     called: set[int] = set()
     result: Any = None
     try:
