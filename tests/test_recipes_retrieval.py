@@ -351,12 +351,17 @@ def test_loss_and_proxy_metrics_by_hand() -> None:
     logits[0, 0, 1:] = torch.tensor([0.0, 3.0])  # ITM right on both pairs of image 0, wrong on image 1's
     logits[0, 1, 1:] = torch.tensor([3.0, 0.0])
     outputs = RetrievalOutput(logits=logits[..., 0], itm_logits=logits[..., 1:])  # (B, K) and (B, K, 2)
-    batch = {"index": torch.arange(2), "valid": torch.tensor([True, True])}
+    ids = torch.arange(2 * 3 * 4).view(2, 3, 4)  # (B, K, T): every caption its own text
+    batch = {"index": torch.arange(2), "valid": torch.tensor([True, True]), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids)}
     rank = torch.nn.functional.cross_entropy(logits[..., 0], torch.zeros(2, dtype=torch.long))
     itm = torch.nn.functional.cross_entropy(logits[:, :2, 1:].reshape(4, 2), torch.tensor([1, 0, 1, 0]))
     torch.testing.assert_close(task.loss(outputs, batch), rank + 0.5 * itm)
     metrics = task.metrics(task.eval_outputs(outputs, batch))
     assert metrics["score"] == 0.5 and metrics["itm_accuracy"] == 0.5  # image 1's ITM logits tie: wrong on both pairs
+    # image 0's second negative is its true caption's text (COCO repeats captions): a tie, whatever its score
+    ids[0, 2] = ids[0, 0]
+    assert task.metrics(task.eval_outputs(outputs, batch))["score"] == 0.0
 
 
 @pytest.mark.parametrize("family", ["vilt", "meter"])

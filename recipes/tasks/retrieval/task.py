@@ -16,7 +16,8 @@ cross-entropy on two pairs per image: the true one ("match") and the *first* neg
 match"), a uniformly drawn one, so that ITM sees as many matches as mismatches as in ViLT's ITM.
 METER encodes each image once for its 16 pairs. Validation during training is a cheap proxy on the
 val split: the fraction of images whose true caption outscores (ties count against) 15 fixed
-negatives, and ITM accuracy; the full recall comes from ``eval``.
+negatives (a negative with the true caption's text ties it), and ITM accuracy; the full recall comes
+from ``eval``.
 
 **Evaluation** (``recipes.tasks.retrieval.scoring``): every image against every caption of the
 split, IR and TR R@1/5/10 with ties counting against the model, pairs scored in batches of ``--pair-batch``,
@@ -121,7 +122,11 @@ class RetrievalTask(ImageTextCall):
 
     def eval_outputs(self, outputs: RetrievalOutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         scores = outputs.logits.float()  # (B, K)
-        first = (scores[:, 1:] >= scores[:, :1]).sum(1) == 0  # ties count against: strictly above every negative
+        # a negative with the true caption's very text is a tie, whatever its slot made of the scores' last bits
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, K, T)
+        same_text = ((ids[:, 1:] == ids[:, :1]) & (mask[:, 1:] == mask[:, :1])).all(-1)  # (B, K - 1)
+        above = (scores[:, 1:] >= scores[:, :1]) | same_text
+        first = above.sum(1) == 0  # ties count against: strictly above every negative
         itm = outputs.itm_logits[:, :2].float()  # (B, 2 pairs, 2 logits); a tie is wrong either way
         itm_correct = (itm[:, 0, 1] > itm[:, 0, 0]).long() + (itm[:, 1, 0] > itm[:, 1, 1]).long()
         return {"index": batch["index"], "first": first, "itm_correct": itm_correct, "valid": batch["valid"]}
