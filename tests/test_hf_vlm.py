@@ -9,7 +9,15 @@ import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache, LlavaForConditionalGeneration, StaticCache
+from transformers import (
+    CLIPVisionConfig,
+    DynamicCache,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+    Qwen2Config,
+    StaticCache,
+)
 
 import pumer_patch
 from pumer_patch.adapters.hf_vlm import prompt_end
@@ -501,3 +509,24 @@ def test_the_vlm_benchmark_runs_and_its_analytic_flops_match_the_counted_ones(tm
         assert row["decode_tokens_per_s"] > 0 and row["kv_cache_mib"] > 0
     assert rows["FastV rule, 144 kept"]["gflops"] < rows["FastV rule, 288 kept"]["gflops"] < rows["unpatched"]["gflops"]
     assert rows["PuMer before the LLM, 288 kept"]["kv_cache_mib"] < rows["PuMer in the LLM, 288 kept"]["kv_cache_mib"]
+
+
+def _llava_with(text) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE))
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    (MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=100), "language model is a MistralModel; .* LlamaModel or"),
+    (Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=100, use_sliding_window=True, sliding_window=8,
+                 max_window_layers=0), "sliding-window layers.*use_sliding_window=False"),
+], ids=["mistral", "qwen2-sliding"])
+def test_a_language_model_the_patch_does_not_know_is_refused_and_left_untouched(text, match):
+    model = _llava_with(text)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        pumer_patch.apply(model, layers=[1], prune_ratio=0.3)
+    assert same(snapshot(model), before)
