@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from pumer_patch.core import Mode, Tokens, attention_bias
 from pumer_patch.ratios import Ratios
 
-from ._loop import Attended, BlockStep, CallScope, captured, run_blocks
+from ._loop import Attended, BlockStep, CallScope, captured, reduce_blocks, refuse_backward_hooks_on, run_blocks
 from ._positions import gather_bias, grid_carry, positions, rope_rows, rope_slope
 from ._timm_common import TIMM_TESTED, PumerTimmRoot, pooling_sizes, refuse_masks
 from ._vit import VitOptions, resolve_vit_options, weighted_mean
@@ -106,6 +106,9 @@ class _EvaBlock(NamedTuple):
 
     def plain(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
         return block(x, rope=self.rope, attn_mask=bias)
+
+    def arguments(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (x,), {"rope": self.rope, "attn_mask": bias}
 
     def attend(self, block: nn.Module, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
         """The attention half, with the q/k the attention used.
@@ -277,6 +280,9 @@ class _BeitBlock(NamedTuple):
         with _beit_cells(block, self.where):
             return block(x, shared_rel_pos_bias=_beit_bias(self.where, self.shared_full, bias))
 
+    def arguments(self, block: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (x,), {"shared_rel_pos_bias": _beit_bias(self.where, self.shared_full, bias)}
+
     def attend(self, block: nn.Module, x: Tensor, bias: Tensor | None, rows: slice | None) -> Attended:
         """The attention half; the relevance's logit bias is the position biases of the query rows and the key bias."""
         attn: BeitAttention = block.attn
@@ -365,7 +371,8 @@ class PumerEva(PumerTimmRoot, Eva):
         carry = grid_carry(x.shape[0], self.num_prefix_tokens, grid, x.device, position == "mean")
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, trace = run_blocks(
-            self.blocks, x, plan, step, protected=self.num_prefix_tokens, checkpointing=checkpointing, carry=carry
+            self.blocks, x, plan, step, protected=self.num_prefix_tokens, checkpointing=checkpointing, carry=carry,
+            name=f"{library_class(self).__name__}.blocks",
         )
         trace.grid = grid
         return tokens, trace
@@ -408,7 +415,7 @@ class PumerBeit(PumerTimmRoot, Beit):
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, trace = run_blocks(
             self.blocks, x, plan, BeitStep(self, shared), protected=self.num_prefix_tokens,
-            checkpointing=checkpointing, carry=carry,
+            checkpointing=checkpointing, carry=carry, name=f"{library_class(self).__name__}.blocks",
         )
         trace.grid = grid
         return tokens, trace
@@ -477,6 +484,8 @@ class TimmEvaAdapter(Adapter):
         has_cls = getattr(root, "cls_token", None) is not None
         auto = "cls" if has_cls and root.global_pool in ("token", "") else "received"
         vit = resolve_vit_options(options, len(root.blocks), has_cls, auto, mode)
+        refuse_backward_hooks_on(root.blocks, reduce_blocks(schedule, vit.merge_schedule),
+                                 f"{library_class(root).__name__}.blocks")
         return EvaOptions(vit.merge_schedule, vit.relevance, position)
 
     def swaps(self, root: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:

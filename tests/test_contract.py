@@ -736,15 +736,8 @@ def test_a_hook_that_changes_the_token_count_is_a_clear_error(entry):
 
 _REFUSED = r"\[{}\] \(\w+\) {} .*, but pumer_patch runs this block in parts .* on one of its sub-modules"
 
-# timm_eva's resolve_options does not yet call _loop.refuse_backward_hooks_on: its forward refuses (below)
-_APPLY_CHECKS = [
-    pytest.param(e, marks=pytest.mark.xfail(strict=True, reason="timm_eva: no apply-time check yet"))
-    if e.family == "timm_eva" else e
-    for e in ENTRIES
-]
 
-
-@pytest.mark.parametrize("entry", _APPLY_CHECKS, ids=ids)
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids)
 def test_apply_refuses_backward_hooks_on_a_block_run_in_parts(entry):
     model = entry.build()
     reduce = entry.patch["layers"][0]
