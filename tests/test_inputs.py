@@ -162,3 +162,38 @@ def test_apply_after_accelerate_prepare_says_apply_before_prepare(name, fresh_ac
     with torch.no_grad():
         entry.output(prepared, entry.inputs())
     assert pumer_patch.is_patched(prepared)
+
+
+def test_a_peft_lora_model_is_patched_through_and_removed_exactly():
+    """peft's ``PeftModel`` delegates attribute lookups to the model it wraps, as compile's wrapper does.
+
+    peft is not a dependency: this runs where it is installed (``pip install peft``).
+    """
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft): PeftModel untested here")
+    entry = by_name("vilt-ForQuestionAnswering")
+    model = peft.get_peft_model(entry.build(), peft.LoraConfig(target_modules=["query", "value"], r=4))
+    model.eval()
+    inputs = entry.inputs()
+
+    def logits() -> torch.Tensor:
+        torch.manual_seed(0)  # ViltEmbeddings draws its patch order
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    unpatched = logits()
+    pumer_patch.apply(model, layers=entry.patch["layers"], prune_ratio=0.0, merge_ratio=0.0)
+    assert len(pumer_patch.patched_roots(model)) == 1
+    assert torch.equal(logits(), unpatched)
+    full = pumer_patch.last_trace(model).counts[0].image
+    pumer_patch.apply(model, **entry.patch)
+    reduced = logits()
+    assert pumer_patch.last_trace(model).counts[0].image < full
+    assert not torch.equal(reduced, unpatched)
+    model.train()
+    torch.manual_seed(0)
+    model(**inputs).logits.sum().backward()
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora and all(p.grad is not None for p in lora)
+    model.eval()
+    assert pumer_patch.remove(model) is model and not pumer_patch.is_patched(model)
+    assert torch.equal(logits(), unpatched)
