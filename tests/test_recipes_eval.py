@@ -155,7 +155,9 @@ def test_a_zero_ratio_config_runs_at_the_unpatched_speed(tmp_path: Path, vilt_ve
     assert report["timing"]["examples_per_pass"] == 12 and report["timing"]["rounds"] == 9  # 4 kept batches of 3
     assert len(base["round_seconds"]) == len(zero["round_seconds"]) == 9
     assert base["speedup"] == 1.0 and base["gflops_per_example"] == zero["gflops_per_example"]
-    assert 0.7 <= zero["speedup"] <= 1.4, (zero["speedup"], base["round_seconds"], zero["round_seconds"])
+    # wide: these passes take milliseconds on a shared two-core machine; the start-up cost this guards
+    # against made the same config read 2.8-3.7x
+    assert 0.4 <= zero["speedup"] <= 2.5, (zero["speedup"], base["round_seconds"], zero["round_seconds"])
     assert zero["examples_per_s"] == pytest.approx(12 / zero["seconds_per_pass"])
     table = (out / "eval.md").read_text()
     assert "| speedup |" in table and "the model alone on batches held in device memory" in table
