@@ -210,6 +210,7 @@ example's epoch with its index, which seeds its augmentation); wrap_model
     wraps the model for training (what the engine calls and saves). distills: whether presets may
     distil from a teacher. splits: split names; train/eval splits are the defaults of ``train``
     and ``eval``. converter: the module that writes the data folder, named in errors and help.
+    extra_metrics: other metrics of the task's ``metrics`` shown as columns after ``score``.
     """
 
     name: str
@@ -226,6 +227,7 @@ example's epoch with its index, which seeds its augmentation); wrap_model
     train_sampler: type[EpochSampler] = EpochKeySampler
     wrap_model: Callable[[nn.Module], nn.Module] = _same_model
     distills: bool = True
+    extra_metrics: tuple[tuple[str, str], ...] = ()  # (metric key, column title) shown beside ``score``
 
 
 # ---------------------------------------------------------------------------------------- checks and setup
@@ -471,6 +473,7 @@ def evaluate(spec: TaskSpec[ClassificationData], run: EvalRun) -> dict[str, Any]
                         spec.metric, result.metrics["score"], result.examples - skipped, skipped,
                         timing.examples_per_second, timing.speedup_over(base), result.gflops)
     report: dict[str, Any] = {"task": spec.name, "model": run.model, "split": run.split, "metric": spec.metric,
+                              "extra_metrics": [list(m) for m in spec.extra_metrics],
                               "image_size": split.image_size, "text_length": run.text_length,
                               "processes": accelerator.num_processes, "timing": timing_note(base, run), "rows": rows}
     if run.loader_speed:
@@ -501,12 +504,15 @@ def tokens_per_layer(model: nn.Module, task: Task, batch: Mapping[str, Any]) -> 
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """One row per variant: the task's metric (in percent), examples scored and skipped, examples/s,
+    """One row per variant: the task's metric (in percent; then its extra metrics), examples scored and skipped, examples/s,
     speedup, GFLOPs per example; then what the speed measured and the tokens per layer."""
-    lines = [f"| variant | {report['metric']} | examples | skipped | examples/s | speedup | GFLOPs/ex |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    extra = report.get("extra_metrics", [])
+    titles = "".join(f" {title} |" for _, title in extra)
+    lines = [f"| variant | {report['metric']} |{titles} examples | skipped | examples/s | speedup | GFLOPs/ex |",
+             "|---|---:|" + "---:|" * len(extra) + "---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        lines.append(f"| {r['variant']} | {100 * r['score']:.2f} | {r['examples']} | {r['skipped']} | "
+        values = "".join(f" {100 * r[key]:.2f} |" for key, _ in extra)
+        lines.append(f"| {r['variant']} | {100 * r['score']:.2f} |{values} {r['examples']} | {r['skipped']} | "
                      f"{r['examples_per_s']:.1f} | {r['speedup']:.2f}x | {r['gflops_per_example']:.3f} |")
     return "\n".join(lines + notes(report))
 

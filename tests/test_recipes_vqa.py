@@ -98,7 +98,10 @@ def test_vilt_trains_evaluates_and_reloads(data: Path, vilt: Path, tokenizer_dir
     if pumer is not None:
         assert [r["variant"] for r in rows] == ["unpatched", f"PuMer {pumer} (default)"]
         assert rows[1]["gflops_per_example"] < rows[0]["gflops_per_example"]
-    assert "| variant | VQA accuracy (official) |" in (out / "eval.md").read_text()
+    table = (out / "eval.md").read_text()
+    assert "| variant | VQA accuracy (official) | VQA soft score (from the targets) | examples |" in table
+    unpatched = next(line for line in table.splitlines() if line.startswith("| unpatched |"))
+    assert unpatched.split(" | ")[2] == f"{100 * rows[0]['soft_score']:.2f}"
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

@@ -148,7 +148,8 @@ class VqaData:
 VQA = TaskSpec(name="vqa", title="VQAv2", metric="VQA accuracy (official)", data=VqaData,
                make_task=VqaTask.from_context,
                splits=tuple(SPLITS), train_split="train", eval_split="val", text_length=32,
-               converter="recipes.prepare.convert_vqav2")
+               converter="recipes.prepare.convert_vqav2",
+               extra_metrics=(("soft_score", "VQA soft score (from the targets)"),))
 
 
 def predict(run: EvalRun) -> list[dict[str, Any]]:
