@@ -466,11 +466,12 @@ def evaluate(spec: TaskSpec[ClassificationData], run: EvalRun) -> dict[str, Any]
         skipped = int(result.metrics.get("skipped_images", 0))
         rows.append({"variant": name, "pumer": pumer, "reduction": reduction_of(models[name]) if pumer else None,
                      **result.metrics, "examples": result.examples - skipped,
-                     "skipped": skipped, **timing_fields(timing, base), "gflops_per_example": result.gflops,
+                     "skipped": skipped + split.dataset.dropped, **timing_fields(timing, base), "gflops_per_example": result.gflops,
                      "tokens_per_layer": tokens_per_layer(models[name], task, results["unpatched"].batches[0])})
         if accelerator.is_main_process:
             logger.info("%s: %s %.4f on %d examples (%d skipped), %.1f examples/s (x%.2f), %.3f GFLOPs/example", name,
-                        spec.metric, result.metrics["score"], result.examples - skipped, skipped,
+                        spec.metric, result.metrics["score"], result.examples - skipped,
+                        skipped + split.dataset.dropped,
                         timing.examples_per_second, timing.speedup_over(base), result.gflops)
     report: dict[str, Any] = {"task": spec.name, "model": run.model, "split": run.split, "metric": spec.metric,
                               "extra_metrics": [list(m) for m in spec.extra_metrics],

@@ -112,9 +112,10 @@ def test_the_models_alone_are_timed_not_the_loader() -> None:
 # ---------------------------------------------------------------------------------------- eval on SNLI-VE
 
 
-def write_snli_ve(root: Path, *, broken: str | None = None) -> Path:
+def write_snli_ve(root: Path, *, broken: str | None = None, missing: str | None = None) -> Path:
     """An SNLI-VE data folder as ``recipes.prepare.convert_snli_ve`` writes it: 12 dev and 12 test pairs
-    over 3 images; ``broken``: an image stem whose stored bytes do not decode."""
+    over 3 images; ``broken``: an image stem whose stored bytes do not decode; ``missing``: one left out
+    of the store."""
     root.mkdir(parents=True, exist_ok=True)
     for split in ("train", "dev", "test"):
         write_jsonl(root / f"snli_ve_{split}.jsonl",
@@ -123,7 +124,7 @@ def write_snli_ve(root: Path, *, broken: str | None = None) -> Path:
                       "gold_label": SNLI_VE_LABELS[i % 3]} for i in range(12)])
     write_image_store(root / "flickr30k_images.lmdb",
                       [(str(1000 + k), b"not an image" if str(1000 + k) == broken else image_bytes(c))
-                       for k, c in enumerate(COLOURS)])
+                       for k, c in enumerate(COLOURS) if str(1000 + k) != missing])
     return root
 
 
@@ -163,8 +164,11 @@ def test_a_zero_ratio_config_runs_at_the_unpatched_speed(tmp_path: Path, vilt_ve
     assert "| speedup |" in table and "the model alone on batches held in device memory" in table
 
 
-def test_tables_count_examples_scored_and_skipped_apart(tmp_path: Path, vilt_ve: Path) -> None:
-    data = write_snli_ve(tmp_path / "data", broken="1001")  # pairs 1, 4, 7, 10 of each split use it
+@pytest.mark.parametrize("bad", ["broken", "missing"])
+def test_tables_count_examples_scored_and_skipped_apart(tmp_path: Path, vilt_ve: Path, bad: str) -> None:
+    """An image that does not decode (skipped at evaluation) or is missing from the store (its pairs
+    dropped when the split is built): both count as skipped, never as scored."""
+    data = write_snli_ve(tmp_path / "data", **{bad: "1001"})  # pairs 1, 4, 7, 10 of each split use it
     out = tmp_path / "eval"
     assert cli.main(_eval_args(data, vilt_ve, out, "--workers", "0", "--split", "test", "--on-bad-image", "skip",
                                "--pumer", "p0.3-r0.3-t0.2-1", "--pumer-mode", "default")) == 0

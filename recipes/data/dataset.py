@@ -70,6 +70,7 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
         self.seed = seed
         keys = {k for r in records for k in _stems(image_key(r))}
         missing = sorted(k for k in keys if k not in store)
+        dropped = 0
         if missing:
             message = (f"{len(missing)} of {len(keys)} images are missing from {store.path}, "
                        f"e.g. {', '.join(missing[:5])}")
@@ -79,6 +80,7 @@ class ImageTextDataset(Dataset[dict[str, Tensor]], Generic[R]):
             kept = [r for r in records if gone.isdisjoint(_stems(image_key(r)))]
             dropped, records = len(records) - len(kept), kept
             logger.warning("%s: skipping their %d records", message, dropped)
+        self.dropped = dropped  # records left out for a missing image: evaluation counts them as skipped
         self.records = list(records)
         self.keys = [image_key(r) for r in self.records]
         enc = tokenizer([text(r) for r in self.records], padding="max_length", max_length=max_length,
