@@ -346,8 +346,9 @@ def _images(seq: _Seq) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
     counts.scatter_add_(1, seq.image.clamp_min(0), (seq.image >= 0).long())
     starts = counts.cumsum(dim=1) - counts
     groups: dict[int, list[tuple[int, int]]] = {}
+    per_image = counts.tolist()
     for i, j in (counts > 0).nonzero().tolist():
-        groups.setdefault(int(counts[i, j]), []).append((i, j))
+        groups.setdefault(per_image[i][j], []).append((i, j))
     out = {}
     for c, pairs in groups.items():
         samples = torch.tensor([p[0] for p in pairs], device=col.device)
@@ -369,7 +370,7 @@ def _reduce(
     size = seq.size.clone()
     pos_float = seq.pos_float.clone()
     keep = (seq.image < 0) & ~seq.filler  # text and the prompt's padding stay; image columns only as survivors
-    for _, (samples, images, columns) in _images(seq).items():
+    for samples, images, columns in _images(seq).values():
         tokens = Tokens(x[samples[:, None], columns], size=size[samples[:, None], columns])
         rel = None if relevance is None else relevance[samples[:, None], images[:, None], columns]
         out = reduce_tokens(
@@ -389,9 +390,7 @@ def _reduce(
     rows = kept.expand(pos_float.shape[0], -1, -1)
     pos_float = pos_float.gather(2, rows)
     pos = pos_float.round().long() if mean_position else seq.pos.gather(2, rows)
-    layer_pos = None if seq.layer_pos is None else seq.layer_pos.gather(1, kept)
-    if layer_pos is not None and mean_position:
-        layer_pos = pos[0]
+    layer_pos = None if seq.layer_pos is None else seq.layer_pos.gather(1, kept)  # the rotary reads pos, not these
     new = _Seq(
         seq.orig.gather(1, kept), image, seq.real.gather(1, kept) & ~filler, size.gather(1, kept), pos, pos_float,
         layer_pos, filler, seq.ends,
@@ -404,7 +403,7 @@ def _mask(real: Tensor, log_size: Tensor, queries: int, dtype: torch.dtype) -> T
 
     A query row with no real key before it (padding, a filler) sees itself, so no row is empty.
     """
-    b, k = real.shape
+    k = real.shape[1]
     q_col = torch.arange(k - queries, k, device=real.device)[:, None]
     k_col = torch.arange(k, device=real.device)[None, :]
     allowed = real[:, None, :] & (k_col <= q_col)[None]
