@@ -454,9 +454,10 @@ class _ReducingTextModel:
         if record is None and not reduces:
             return super().forward(**args)
         _check_implementation(self.config, type(self).__name__)
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("pumer_patch reduces a prompt given a 2-D attention_mask (B, L) or none; got a "
-                             f"{attention_mask.dim()}-D mask: pass the padding mask, the causal mask is built inside")
+        if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2):
+            found = f"a {attention_mask.dim()}-D mask" if isinstance(attention_mask, Tensor) else "prepared masks"
+            raise ValueError(f"pumer_patch reduces a prompt given a 2-D attention_mask (B, L) or none; got {found}: "
+                             "pass the padding mask, the causal mask is built inside")
         if reduces and cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"pumer_patch reduces the prompt's cache in place of some layers: a {type(cache).__name__} "
                              "cannot hold layers of different lengths; use the default DynamicCache "

@@ -330,6 +330,15 @@ def test_an_implementation_switched_after_apply_is_refused_at_the_forward():
         _forward(model, prompt([(3, 1, 4)]))
 
 
+def test_a_prepared_4d_mask_is_refused_while_the_patch_reduces():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3)
+    inputs = prompt([(3, 1, 4)])
+    n = inputs["input_ids"].shape[1]
+    inputs["attention_mask"] = torch.ones(1, 1, n, n).tril()
+    with pytest.raises(ValueError, match="a 2-D attention_mask .* got a 4-D mask"):
+        _forward(model, inputs)
+
+
 def test_labels_are_refused_while_the_patch_reduces():
     model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3)
     inputs = prompt([(3, 1, 4)])
