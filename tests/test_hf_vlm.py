@@ -539,3 +539,27 @@ def test_a_language_model_the_patch_does_not_know_is_refused_and_left_untouched(
     with pytest.raises(ValueError, match=match):
         pumer_patch.apply(model, layers=[1], prune_ratio=0.3)
     assert same(snapshot(model), before)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_cached_generation_equals_uncached_generation_of_the_same_reduction(beams):
+    """Beam search reorders the cache: each beam keeps its sample's reduced columns."""
+    model = pumer_patch.apply(llava(), layers=[0, 1], prune_ratio=0.3, merge_ratio=0.2)
+    inputs = prompt([(3, 1, 4), (1, 1, 6)])
+    cached = _generate(model, inputs, steps=3, num_beams=beams)
+    with prompt_end(inputs["input_ids"].shape[1]):
+        uncached = _generate(model, inputs, steps=3, num_beams=beams, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+
+
+def test_training_through_a_reduce_layer_gives_gradients_with_and_without_checkpointing():
+    for checkpointing in (False, True):
+        model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3, merge_ratio=0.2)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        inputs = prompt([(3, 1, 4), (1, 1, 6)])
+        model(**inputs, use_cache=False).logits.float().pow(2).mean().backward()
+        layer = model.model.language_model.layers[1]
+        assert layer.mlp.down_proj.weight.grad is not None and layer.self_attn.q_proj.weight.grad is not None
+        assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
