@@ -25,8 +25,10 @@ without running it.
 
 Analytic count (what ``FlopCounterMode`` counts: a multiply-accumulate is 2 FLOPs, SDPA in full):
 a layer on N tokens costs ``2 N d (2 d + 2 d_kv) + 4 N^2 d + 6 N d f``; a reduce layer runs its
-attention on N and its MLP on the N' kept; the head reads the last token (``2 d V``). The benchmark
-checks it against the counted figure of its own model. Writes ``vlm.json`` and ``vlm.md`` under ``--out``.
+attention on N and its MLP on the N' kept; the head reads the last token (``2 d V``). Both figures
+are reported for the model run here (``tests/test_hf_vlm.py`` checks that they agree). Timings on a
+shared CPU are noisy: the FLOPs and cache bytes are exact. Writes ``vlm.json`` and ``vlm.md`` under
+``--out``.
 """
 
 from __future__ import annotations
