@@ -9,13 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["IMAGE_SIZE", "CACHE_VERSION", "ModelConfig", "MeterModelConfig", "TrainConfig", "ReduceConfig",
-           "MeterStudyConfig", "StudyConfig", "QUICK"]
+__all__ = ["IMAGE_SIZE", "CACHE_VERSION", "ModelConfig", "MeterModelConfig", "VlmModelConfig", "TrainConfig",
+           "ReduceConfig", "MeterStudyConfig", "VlmStudyConfig", "StudyConfig", "QUICK"]
 
 IMAGE_SIZE = 64  # every easy-vqa image is 64 x 64 RGB
 
 
-CACHE_VERSION = 1  # bump when training code changes in a way that invalidates cached weights
+CACHE_VERSION = 2  # bump when training code changes in a way that invalidates cached weights (2: the ten-minute budget)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,25 @@ class MeterModelConfig:
 
 
 @dataclass(frozen=True)
+class VlmModelConfig:
+    """The LLaVA-style VLM trained from scratch: a CLIP tower, LLaVA's two-layer projector, a Llama.
+
+    The tower (patch 8, pre-LN) gives 64 patch features per image (LLaVA drops its [CLS]) from its
+    last layer; the projector maps them into the Llama's width; the Llama (grouped-query attention,
+    ``kv_heads`` key heads, rotary positions) reads ``[CLS] <64 visual tokens> question [SEP]`` and
+    generates the answer's word pieces and ``[SEP]``. Width 64 as the other two models.
+    """
+
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    layers: int = 4
+    intermediate: int = 256
+    vision_layers: int = 2
+    patch: int = 8
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """AdamW (0.9, 0.98), no decay on biases and norms, linear warm-up then linear decay (the paper's).
 
@@ -64,9 +83,9 @@ class TrainConfig:
     full balance (1.0) removes the question prior that the yes/no skills are learned on and stalls them.
     """
 
-    epochs: float = 6.0
-    batch_size: int = 32  # more updates per second than 64 on two cores; the skills need updates, not examples
-    lr: float = 1e-3
+    epochs: float = 2.0
+    batch_size: int = 64
+    lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: float = 0.1
     answer_balance: float = 0.25
@@ -100,16 +119,40 @@ class MeterStudyConfig:
     per block of the CLIP tower (``encoder_merge_schedule``). Each reduced variant (PuMer, the tower's
     ToMe, both) is also finetuned with its reduction on, distilled from the unpatched METER.
 
-    Trained 2 epochs (the ViLT 6) and finetuned a quarter epoch per reduction (the ViLT one), to keep
-    the default run short (README gives the measured run time); a METER step costs about what a ViLT
-    step does, and more epochs buy a few points of accuracy.
+    Trained 1 epoch (the ViLT 2) and finetuned a quarter epoch, only with both reductions on
+    (``finetuned``), to keep the default run within its ten minutes (README gives the measured run
+    time); a METER step costs about what a ViLT step does, and more epochs buy accuracy.
     """
 
     model: MeterModelConfig = field(default_factory=MeterModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
     encoder_merge: int = 16
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.25))
+    finetuned: tuple[str, ...] = ("pumer+tower-tome",)  # reductions also finetuned ("pumer", "tower-tome", ...)
+
+
+@dataclass(frozen=True)
+class VlmStudyConfig:
+    """The VLM third of the study: a LLaVA-style model that generates the answer, and its reductions.
+
+    ``budgets``: the visual tokens kept, as divisors of the 64 (4: a quarter, 16 tokens). At each
+    budget: PuMer in the LLM at decoder layer ``reduce_layer`` (prune to twice the budget by the
+    prompt's attention, then merge half the survivors), the same before the LLM (``where="input"``),
+    FastV's rule (the last prompt token's attention, pruning only), merging only (half per layer
+    from ``reduce_layer`` on, as many layers as the budget needs) and a random keep before the LLM.
+    ``finetuned``: the variants also finetuned (``<variant>-<budget>``, e.g. ``"pumer-llm-4"``), on
+    the answers alone. ``test_images``: the VLM is scored on the first N test images (generation
+    costs a few forwards per question); None: those of the study.
+    """
+
+    model: VlmModelConfig = field(default_factory=VlmModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.5))
+    reduce_layer: int = 1
+    budgets: tuple[int, ...] = (4, 8)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.25))
+    finetuned: tuple[str, ...] = ("pumer-llm-4",)
+    test_images: int | None = 300
 
 
 @dataclass(frozen=True)
@@ -119,16 +162,19 @@ class StudyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))
-    meter: MeterStudyConfig | None = field(default_factory=MeterStudyConfig)  # None: the ViLT alone
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.25))
+    meter: MeterStudyConfig | None = field(default_factory=MeterStudyConfig)  # None: no METER
+    vlm: VlmStudyConfig | None = field(default_factory=VlmStudyConfig)  # None: no VLM
     distill_weight: float = 0.5  # KL to the unpatched model's logits; 0 trains on the labels alone
     val_fraction: float = 0.1  # of the training images, held out for validation
     train_images: int | None = None  # first N training images only (``--quick``); None = all 4,000
-    test_images: int | None = None  # first N test images only; None = all 1,000
-    eval_batch_size: int = 64
-    timing_batches: int = 8
-    timing_rounds: int = 15
-    timing_warmup: int = 2
+    test_images: int | None = 500  # first N test images only (about 4,800 questions); None = all 1,000
+    # evaluation and timing at batch 256: at width 64 a batch of 64 is mostly per-operation overhead,
+    # whose share (and so the speedups) moves with the machine's load
+    eval_batch_size: int = 256
+    timing_batches: int = 2
+    timing_rounds: int = 7
+    timing_warmup: int = 1
     figure_examples: int = 6
     seed: int = 0
 
@@ -172,6 +218,28 @@ class StudyConfig:
             }
         )
 
+    def vlm_key(self, vocabulary: Mapping[str, int]) -> str:
+        """Cache key of the trained VLM (its settings move no other model's keys)."""
+        if self.vlm is None:
+            raise ValueError("this study has no VLM (vlm=None)")
+        return _digest(
+            {
+                "version": CACHE_VERSION,
+                "vocabulary": _digest(vocabulary),
+                "model": dataclasses.asdict(self.vlm.model),
+                "train": dataclasses.asdict(self.vlm.train),
+                "val_fraction": self.val_fraction,
+                "train_images": self.train_images,
+                "seed": self.seed,
+            }
+        )
+
+    def vlm_finetune_key(self, patch: Mapping[str, Any]) -> str:
+        """Cache key of a VLM finetuned with ``patch`` (a variant's reduction) on."""
+        if self.vlm is None:
+            raise ValueError("this study has no VLM (vlm=None)")
+        return _digest({"patch": dict(patch), "finetune": dataclasses.asdict(self.vlm.finetune)})
+
     def meter_finetune_key(self, patch: Mapping[str, Any]) -> str:
         """Cache key of a METER finetuned with ``patch`` (``pumer_patch.apply`` arguments) on."""
         if self.meter is None:
@@ -192,9 +260,11 @@ def _digest(obj: Mapping[str, Any]) -> str:
 QUICK = StudyConfig(
     train=TrainConfig(epochs=1.0),
     finetune=TrainConfig(epochs=0.2),
-    # one layer per tower (two fusion blocks still): METER's share of the smoke run stays under 20 s
+    # one layer per tower (two fusion blocks still): METER's share of the smoke run stays small
     meter=MeterStudyConfig(model=MeterModelConfig(vision_layers=1, text_layers=1), train=TrainConfig(epochs=0.5),
                            finetune=TrainConfig(epochs=0.1)),
+    vlm=VlmStudyConfig(model=VlmModelConfig(vision_layers=1), train=TrainConfig(epochs=0.5),
+                       finetune=TrainConfig(epochs=0.1), test_images=20),
     train_images=200,
     test_images=40,
     eval_batch_size=32,

@@ -25,7 +25,7 @@ def _pyplot() -> Any:
     return plt
 
 
-_MODEL_NAMES = {"vilt": "ViLT", "meter": "METER"}
+_MODEL_NAMES = {"vilt": "ViLT", "meter": "METER", "vlm": "LLaVA-style VLM (prefill)"}
 
 
 def plot_tradeoff(rows: Sequence[Mapping[str, Any]], examples_per_pass: int, threads: int, path: Path) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from recipes.engine import Engine, FitConfig
 from recipes.laptop.config import TrainConfig
 from recipes.laptop.data import SampledBatches, Split, SplitDataset
+from recipes.laptop.vlm import VlmDataset, VlmSplit, VlmTask
 from recipes.tasks.classification import ImageTextCall
 
 __all__ = ["EasyVqaTask", "train", "predict", "accuracy"]
@@ -51,11 +52,11 @@ class EasyVqaTask(ImageTextCall):
 
 def train(
     model: nn.Module,
-    data: Split,
+    data: Split | VlmSplit,
     cfg: TrainConfig,
     *,
     seed: int,
-    val: Split | None = None,
+    val: Split | VlmSplit | None = None,
     teacher: nn.Module | None = None,
     distill_weight: float = 0.0,
     eval_batch_size: int = 64,
@@ -68,8 +69,14 @@ def train(
     clipped at 1 (from scratch at lr 1e-3: keeps early steps sane), batches drawn with replacement
     (``SampledBatches``), validation accuracy every epoch, the final weights kept (no early stop,
     no checkpoints: the study caches the result itself). Returns the final validation accuracy,
-    the final running loss and the wall time.
+    the final running loss and the wall time. A ``VlmSplit`` trains the VLM (``VlmTask``: teacher
+    forcing on the answer; validation scores its teacher-forced exact match).
     """
+    vlm = isinstance(data, VlmSplit)
+    labels = data.split.label if vlm else data.label
+    dataset = VlmDataset if vlm else SplitDataset
+    if vlm and teacher is not None and distill_weight > 0:
+        raise ValueError("the VLM trains on its answers alone: pass no teacher (distill_weight 0)")
     steps = max(1, math.ceil(cfg.epochs * len(data) / cfg.batch_size))
     per_epoch = math.ceil(len(data) / cfg.batch_size)
     distill = teacher is not None and distill_weight > 0
@@ -84,13 +91,13 @@ def train(
             name=desc, log_every=steps + 1,
         )
         accelerator = Accelerator(cpu=True)
-        sampler = SampledBatches(data.label, cfg.batch_size, steps, cfg.answer_balance, seed)
+        sampler = SampledBatches(labels, cfg.batch_size, steps, cfg.answer_balance, seed)
         # generators for the loaders: their per-iteration seeds must not come from (and advance) torch's
         # global RNG, which ViLT's patch sampling draws from (the study's results would change with them)
-        loader = DataLoader(SplitDataset(data), batch_sampler=sampler, generator=torch.Generator().manual_seed(seed))
-        val_loader = None if val is None else DataLoader(SplitDataset(val), batch_size=eval_batch_size,
+        loader = DataLoader(dataset(data), batch_sampler=sampler, generator=torch.Generator().manual_seed(seed))
+        val_loader = None if val is None else DataLoader(dataset(val), batch_size=eval_batch_size,
                                                          generator=torch.Generator().manual_seed(seed))
-        task = EasyVqaTask(1.0 - distill_weight if distill else 1.0)
+        task = VlmTask(data.prompt_length) if vlm else EasyVqaTask(1.0 - distill_weight if distill else 1.0)
         engine, loader, val_loader = Engine.prepare(accelerator, model, task, fit_cfg, loader, val_loader,
                                                     teacher=teacher if distill else None)
         logger.info("%s: %d steps (%.2g epochs of %d questions), batch %d, lr %g%s", desc, steps, cfg.epochs,

@@ -51,8 +51,6 @@ def build_variants(cfg: StudyConfig, base: nn.Module, example: Mapping[str, Tens
     return [
         Variant("unpatched", "the trained ViLT, no reduction"),
         Variant("pumer", f"PuMer {r.name}, default mode, off the shelf", patch=pumer),
-        Variant("pumer-reference", f"PuMer {r.name}, reference mode (research code arithmetic), off the shelf",
-                patch={**pumer, "mode": "reference"}),
         Variant("prune-only", f"text-informed pruning {r.prune:g} at layers {layer_names}, no merging",
                 patch=patch_args(r.layers, r.prune, 0.0, 0.0)),
         Variant("merge-only", f"merging {r.merge:g} image / {r.text_merge:g} text at layers {layer_names}, no pruning",
@@ -69,6 +67,10 @@ def build_variants(cfg: StudyConfig, base: nn.Module, example: Mapping[str, Tens
 def meter_patches(cfg: MeterStudyConfig) -> dict[str, dict[str, Any]]:
     """METER's three reductions as ``pumer_patch.apply`` arguments: PuMer in the fusion blocks, ToMe in
     the CLIP tower (``encoder_merge_schedule``), and both."""
+    unknown = set(cfg.finetuned) - {"pumer", "tower-tome", "pumer+tower-tome"}
+    if unknown:
+        raise ValueError(f"MeterStudyConfig.finetuned names {sorted(unknown)}; finetunable: pumer, tower-tome, "
+                         f"pumer+tower-tome")
     r = cfg.reduce
     pumer = patch_args(r.layers, r.prune, r.merge, r.text_merge)
     return {
@@ -79,7 +81,7 @@ def meter_patches(cfg: MeterStudyConfig) -> dict[str, dict[str, Any]]:
 
 
 def build_meter_variants(cfg: StudyConfig) -> list[Variant]:
-    """METER's rows: unpatched, then each reduction off the shelf, then each finetuned with it on.
+    """METER's rows: unpatched, then each reduction off the shelf, then those of ``finetuned`` finetuned with it on.
 
     The finetuned weights of reduction ``k`` are ``weights["meter-finetuned-" + k]``.
     """
@@ -103,5 +105,5 @@ def build_meter_variants(cfg: StudyConfig) -> list[Variant]:
              for k, patch in patches.items()]
     rows += [Variant(f"meter-{k}-finetuned", f"{what[k]}, finetuned with it on{distilled}",
                      weights=f"meter-finetuned-{k}", patch=patch, model="meter")
-             for k, patch in patches.items()]
+             for k, patch in patches.items() if k in m.finetuned]
     return rows
