@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --out) OUT_DIR=$2; shift ;;
         --skip) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do SKIP="$SKIP$1 "; shift; done; continue ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1 (--dry-run, --out DIR, --skip STEP...)" >&2; exit 2 ;;
     esac
     shift
