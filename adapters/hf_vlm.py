@@ -55,11 +55,13 @@ columns (causal by original order, padding and fillers masked, ``log(size)`` on 
 proportional attention), which eager and SDPA both add to their logits.
 
 KV cache: the cache a reducing forward fills (``DynamicCache``, the default, made by the model or
-passed in) records, for the length of its life and keyed weakly by the cache object (never on a
+passed in, or a ``StaticCache``) records, for the length of its life and keyed weakly by the cache object (never on a
 module), which prompt columns each later layer kept and their sizes; every later call on that cache
 (each ``generate`` step) gives the layers after a reduce layer their own mask over their shorter
 cache. The images of a prompt are reduced in the call that fills an empty cache (or in a call
-without one). A static cache is refused while the patch reduces. ``prompt_end(n)``: inside the
+without one). A ``StaticCache`` (``generate(..., cache_implementation="static")``) works alike: its
+layers count their own lengths, and the masks are widened to its size (the 4-D mask ``generate``
+prepares for it is read back as the padding mask it was made from). ``prompt_end(n)``: inside the
 ``with`` block, tokens at position ``n`` and after are not relevance rows, so a no-cache recompute of
 a generated sequence reduces exactly as its prompt's prefill did.
 
@@ -92,7 +94,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import transformers
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaModel
@@ -412,6 +414,28 @@ def _mask(real: Tensor, log_size: Tensor, queries: int, dtype: torch.dtype) -> T
     return mask[:, None]
 
 
+def _padding_of(mask: Tensor, cache: Cache, record: _CacheRecord | None, queries: int) -> Tensor:
+    """The 2-D padding mask (B, L) of the 4-D causal mask (B, 1, Q, K) ``generate`` prepares for a static cache.
+
+    Its last query row sees every real key up to itself (a padded row too: padding masks keys only), in
+    layer 0's columns. Where layer 0 holds a reduced cache (``where="input"``) its positions are not the
+    prompt's; there every layer reads the record's own prompt columns, and the tokens since are real.
+    """
+    if record is not None and record.stages[0].first == 0:
+        return torch.ones(mask.shape[0], record.seen(cache) + queries, dtype=torch.long, device=mask.device)
+    seen = cache.get_seq_length() if record is None else record.seen(cache)
+    row = mask[:, 0, -1, : seen + queries]
+    return (row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2).long()
+
+
+def _padded(mask: Tensor, cache: Cache | None) -> Tensor:
+    """``mask`` (B, 1, Q, K) widened to a static cache's length with masked columns (its layers return them all)."""
+    if not isinstance(cache, StaticCache):
+        return mask
+    width = cache.layers[0].max_cache_len - mask.shape[-1]
+    return torch.nn.functional.pad(mask, (0, width), value=torch.finfo(mask.dtype).min)
+
+
 # ---------------------------------------------------------------------------------------------
 # the patched modules
 # ---------------------------------------------------------------------------------------------
@@ -454,14 +478,16 @@ class _ReducingTextModel:
         if record is None and not reduces:
             return super().forward(**args)
         _check_implementation(self.config, type(self).__name__)
+        if isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 and isinstance(cache, StaticCache):
+            attention_mask = _padding_of(attention_mask, cache, record,
+                                         (input_ids if input_ids is not None else inputs_embeds).shape[1])
         if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2):
             found = f"a {attention_mask.dim()}-D mask" if isinstance(attention_mask, Tensor) else "prepared masks"
             raise ValueError(f"pumer_patch reduces a prompt given a 2-D attention_mask (B, L) or none; got {found}: "
                              "pass the padding mask, the causal mask is built inside")
-        if reduces and cache is not None and not isinstance(cache, DynamicCache):
+        if reduces and cache is not None and not isinstance(cache, (DynamicCache, StaticCache)):
             raise ValueError(f"pumer_patch reduces the prompt's cache in place of some layers: a {type(cache).__name__} "
-                             "cannot hold layers of different lengths; use the default DynamicCache "
-                             "(generate(..., cache_implementation=None))")
+                             "cannot hold layers of different lengths; use the default DynamicCache or a StaticCache")
         return self._pumer_forward(
             call.image if reduces else None, record, input_ids=input_ids, attention_mask=attention_mask,
             position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -497,7 +523,7 @@ class _ReducingTextModel:
                 relevance = _embedding_relevance(hidden_states, seq)
             seq, hidden_states, position_embeddings, mask = self._after_reduce(
                 seq, hidden_states, ratios, relevance, hidden_states, position_embeddings, options, new_record, 0,
-                recorder, mask,
+                recorder, mask, cache,
             )
         for i, layer in enumerate(layers):
             ratios = state.plan.schedule.get(i) if options.where == "llm" else None
@@ -518,7 +544,7 @@ class _ReducingTextModel:
                 metric = _heads(k_out, attn, "k_norm").mean(dim=1)  # (B, L, d): keys before rotary, mean over heads
             seq, hidden_states, position_embeddings, mask = self._after_reduce(
                 seq, hidden_states, ratios, relevance, metric, position_embeddings, options, new_record, i + 1,
-                recorder, mask,
+                recorder, mask, cache,
             )
             hidden_states = _checkpointed(layer, _mlp_half, layer, hidden_states)
             if layer._forward_hooks:
@@ -573,7 +599,7 @@ class _ReducingTextModel:
     def _after_reduce(
         self, seq: _Seq, x: Tensor, ratios: Ratios, relevance: Tensor | None, metric: Tensor,
         position_embeddings: tuple[Tensor, Tensor], options: VlmOptions, record: _CacheRecord, first: int,
-        recorder: Recorder, mask: Tensor | None,
+        recorder: Recorder, mask: Tensor | None, cache: Cache | None,
     ) -> tuple[_Seq, Tensor, tuple[Tensor, Tensor], Tensor | None]:
         """Reduce x (B, L, C) and everything that goes with its columns; layers from ``first`` cache the result."""
         mean = options.merge_position == "mean"
@@ -590,7 +616,7 @@ class _ReducingTextModel:
         log_size = new.size.log()
         if first < len(self.layers[: self.config.num_hidden_layers]):  # after the last layer, no cache holds it
             record.stages.append(_Stage(first, new.real, log_size))
-        return new, x_new, position_embeddings, _mask(new.real, log_size, new.length, x.dtype)
+        return new, x_new, position_embeddings, _padded(_mask(new.real, log_size, new.length, x.dtype), cache)
 
     def _continue(
         self, layers: Sequence[nn.Module], record: _CacheRecord, hidden_states: Tensor, causal_mask: Tensor | None,
@@ -611,7 +637,7 @@ class _ReducingTextModel:
         for stage in record.stages:
             real = torch.cat([stage.real, later], dim=1)
             log_size = torch.cat([stage.log_size, later.new_zeros(later.shape, dtype=stage.log_size.dtype)], dim=1)
-            masks[stage.first] = _mask(real, log_size, q, hidden_states.dtype)
+            masks[stage.first] = _padded(_mask(real, log_size, q, hidden_states.dtype), cache)
         for i, layer in enumerate(layers):
             stage = record.stage_of(i)
             hidden_states = layer(

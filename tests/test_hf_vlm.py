@@ -16,7 +16,6 @@ from transformers import (
     LlavaForConditionalGeneration,
     MistralConfig,
     Qwen2Config,
-    StaticCache,
 )
 
 import pumer_patch
@@ -184,12 +183,17 @@ def _filled(model):
     return cache
 
 
-def test_a_static_cache_is_refused_while_the_patch_reduces():
-    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3)
-    inputs = prompt([(3, 1, 4)])
-    cache = StaticCache(config=model.config.text_config, max_cache_len=64)
-    with pytest.raises(ValueError, match="use the default DynamicCache"):
-        _forward(model, inputs, cache=cache, use_cache=True)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("where", ["llm", "input"])
+def test_a_static_cache_generates_as_the_default_cache(where, implementation):
+    layers = [0] if where == "input" else [0, 1]
+    model = pumer_patch.apply(llava(implementation), layers=layers, prune_ratio=0.3, merge_ratio=0.2, where=where)
+    inputs = prompt([(3, 1, 4), (1, 1, 6)])
+    dynamic = _generate(model, inputs, steps=3)
+    static = _generate(model, inputs, steps=3, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
