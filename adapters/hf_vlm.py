@@ -478,6 +478,8 @@ class _ReducingTextModel:
         if record is None and not reduces:
             return super().forward(**args)
         _check_implementation(self.config, type(self).__name__)
+        if isinstance(attention_mask, dict) and set(attention_mask) == {"full_attention"}:
+            attention_mask = attention_mask["full_attention"]  # what generate prepares per layer type (Qwen)
         if isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 and isinstance(cache, StaticCache):
             attention_mask = _padding_of(attention_mask, cache, record,
                                          (input_ids if input_ids is not None else inputs_embeds).shape[1])

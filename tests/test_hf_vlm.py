@@ -567,3 +567,15 @@ def test_training_through_a_reduce_layer_gives_gradients_with_and_without_checkp
         layer = model.model.language_model.layers[1]
         assert layer.mlp.down_proj.weight.grad is not None and layer.self_attn.q_proj.weight.grad is not None
         assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", OTHERS)
+def test_every_family_generates_with_a_static_cache_as_with_the_default_one(family):
+    layers = [1, 2] if family == "qwen3_vl" else [0, 1]
+    model = pumer_patch.apply(build(family), layers=layers, prune_ratio=0.3, merge_ratio=0.2)
+    inputs = family_prompt(model, family, SAMPLES[:2])
+    dynamic = _generate(model, inputs, steps=2)
+    static = _generate(model, inputs, steps=2, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
