@@ -40,6 +40,7 @@ done
 
 mkdir -p "$OUT_DIR" || exit 2
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pumer-gpu.XXXXXX") || exit 2  # step outputs; only the three files go to OUT_DIR
+trap 'rm -rf "$WORK"' EXIT
 LOG="$OUT_DIR/gpu.log"
 : >"$LOG"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -150,6 +151,5 @@ else
 fi
 
 "$PY" -m benchmarks.gpu_report merge "$WORK" "$OUT_DIR" || FAILED=1
-rm -rf "$WORK"
 echo "gpu.sh: wrote $OUT_DIR/gpu.json, gpu.md, gpu.log" | tee -a "$LOG"
 exit $FAILED
