@@ -126,6 +126,7 @@ from .base import (
     warn_if_untested,
 )
 from .guidance import GuidedTower, guide_of, text_guidance
+from .hf_vlm import VLM_CLASSES
 
 __all__ = ["HfVitAdapter", "text_guidance"]  # text_guidance: guidance's, for every tower that takes a query
 
@@ -626,15 +627,17 @@ _SUPPORTED = (
 
 
 def _refuse_towers_feeding_a_language_model(model: nn.Module, towers: Sequence[nn.Module]) -> None:
-    """Raise if a tower sits inside a vision-language model (LLaVA, PaliGemma: a module with a ``language_model``).
+    """Raise if a tower sits inside a vision-language model this adapter cannot serve (PaliGemma and others
+    with a ``language_model``).
 
     Such a model reads every patch's hidden state (``vision_feature_layer``) and places one embedding
-    per patch in the language model's sequence, so a tower that returns fewer tokens breaks it. No
-    adapter reduces tokens inside those models yet; refusing beats a crash in the outer forward.
+    per patch in the language model's sequence, so a tower that returns fewer tokens breaks it. The
+    VLMs of ``hf_vlm.VLM_CLASSES`` own their towers (that adapter reduces inside their language
+    model and leaves the tower whole); for the others refusing beats a crash in the outer forward.
     """
     tower_ids = {id(t) for t in towers}
     for name, module in model.named_modules():
-        if not isinstance(getattr(module, "language_model", None), nn.Module):
+        if not isinstance(getattr(module, "language_model", None), nn.Module) or isinstance(module, VLM_CLASSES):
             continue
         inside = [sub for sub in module.modules() if id(sub) in tower_ids]
         if inside:

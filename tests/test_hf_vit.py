@@ -128,14 +128,23 @@ def _paligemma() -> torch.nn.Module:
     return PaliGemmaForConditionalGeneration(PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=99))
 
 
-@pytest.mark.parametrize("build", [_llava, _paligemma], ids=["llava", "paligemma"])
-def test_a_tower_inside_a_vision_language_model_is_refused_and_left_untouched(build):
-    model = build()
+def test_a_tower_inside_a_vision_language_model_is_refused_and_left_untouched():
+    model = _paligemma()  # no adapter reduces inside PaliGemma's language model
     before = snapshot(model)
     with pytest.raises(ValueError, match="feeds every patch's features to a language model"):
         pumer_patch.apply(model, layers=[1], merge_ratio=0.3)
     assert not pumer_patch.is_patched(model)
     assert same(snapshot(model), before)
+
+
+def test_a_llavas_tower_belongs_to_the_vlm_adapter_and_stays_whole():
+    model = _llava()
+    tower = model.model.vision_tower
+    classes = {name: type(m) for name, m in tower.named_modules()}
+    pumer_patch.apply(model, layers=[1], merge_ratio=0.3)
+    assert pumer_patch.patched_roots(model) == [model]  # the VLM adapter's root, not the tower
+    assert {name: type(m) for name, m in tower.named_modules()} == classes
+    pumer_patch.remove(model)
 
 
 @pytest.mark.parametrize("name", ["hf-CLIPModel-sdpa", "hf-SiglipVisionModel", "hf-Dinov2Model-sdpa",
