@@ -91,10 +91,11 @@ def rope_slope(table: Tensor, grid: tuple[int, int], nominal: Tensor, scale: flo
     theta = torch.atan2(sin, cos).unflatten(-2, grid)  # (..., H, W, D)
     noise = max(1e-3, 8 * torch.finfo(table.dtype).eps)  # the error of an angle read from the table
     axes = []
-    for axis, (step, length) in enumerate(((theta[..., 1, 0, :], grid[0]), (theta[..., 0, 1, :], grid[1]))):
-        if length == 1:
+    for axis, length in enumerate(grid):
+        if length == 1:  # a one-row (or one-column) grid has no neighbour along this axis to read a step from
             axes.append(torch.zeros_like(theta[..., 0, 0, :]))
             continue
+        step = theta[..., 1, 0, :] if axis == 0 else theta[..., 0, 1, :]
         wrapped = torch.remainder(step - theta[..., 0, 0, :] + math.pi, 2 * math.pi) - math.pi
         with torch.no_grad():
             name = "row" if axis == 0 else "column"

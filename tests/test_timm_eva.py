@@ -169,22 +169,27 @@ ROPE_FAMILIES = {
 }
 
 
-def _rope_model(family: str, size: int, **overrides: object) -> nn.Module:
-    """A tiny Eva of ``family`` with a ``size`` x ``size`` patch grid (8-pixel patches)."""
+def _grid(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
+
+
+def _rope_model(family: str, size: int | tuple[int, int], **overrides: object) -> nn.Module:
+    """A tiny Eva of ``family`` with a ``size`` x ``size`` (or (H, W)) patch grid (8-pixel patches)."""
     name = ROPE_FAMILIES[family]
+    image = tuple(8 * n for n in _grid(size))
     if name is None:
         torch.manual_seed(0)
         args = {k: v for k, v in TINY.items() if k != "pretrained"}
-        return Eva(**{**args, "img_size": 8 * size, "use_rot_pos_emb": True, "rope_type": "mrope", **overrides}).eval()
-    return _eva(name, img_size=8 * size, **overrides)
+        return Eva(**{**args, "img_size": image, "use_rot_pos_emb": True, "rope_type": "mrope", **overrides}).eval()
+    return _eva(name, img_size=image, **overrides)
 
 
-def _table(model: nn.Module, size: int) -> Tensor:
+def _table(model: nn.Module, size: int | tuple[int, int]) -> Tensor:
     """The rotary table timm's forward reads: (N0, 2D), or (depth, heads, N0, 2D) for mixed RoPE."""
-    return model._pos_embed(model.patch_embed(torch.zeros(1, 3, 8 * size, 8 * size)))[1]
+    return model._pos_embed(model.patch_embed(torch.zeros(1, 3, *(8 * n for n in _grid(size)))))[1]
 
 
-def _table_moved(model: nn.Module, size: int, delta: float) -> Tensor:
+def _table_moved(model: nn.Module, size: int | tuple[int, int], delta: float) -> Tensor:
     """timm's rotary with every cell moved by ``delta`` cells along both axes, like ``_table``.
 
     cat / dinov3: the same rope with ``grid_offset`` + delta (offsets count cells, and in training
@@ -192,7 +197,7 @@ def _table_moved(model: nn.Module, size: int, delta: float) -> Tensor:
     at the moved coordinates (``get_mixed_freqs`` after the same draws; mrope's ``get_embed`` lines).
     """
     rope = copy.deepcopy(model.rope)
-    grid = [size, size]
+    grid = list(_grid(size))
     if isinstance(rope, RotaryEmbeddingMixed):
         coords = torch.stack(get_mixed_grid(grid, grid_indexing=rope.grid_indexing), dim=-1) + delta
         if rope.training and rope.aug_active:  # the draws its get_embed makes
@@ -239,6 +244,38 @@ def test_a_merged_tokens_rotary_is_timms_at_its_coordinate_on_every_grid(family,
             turned = rope_rows(rows, Positions(destination, coord + delta), size, slope)
             want = expected if block is None else expected[block]
             torch.testing.assert_close(turned, want.expand_as(turned), rtol=0, atol=2e-5)
+
+
+def _slopes(model: nn.Module, grid: tuple[int, int]) -> list[Tensor]:
+    nominal, spread = rope_steps(model.rope, grid)
+    return [rope_slope(rows, grid, nominal if block is None else nominal[block], spread)
+            for rows, block in _per_block(model, _table(model, grid))]
+
+
+@pytest.mark.parametrize("grid", [(2, 5), (5, 3), (1, 6), (5, 1)])
+@pytest.mark.parametrize("family", list(ROPE_FAMILIES))
+def test_a_merged_tokens_rotary_is_timms_on_grids_that_are_not_square_one_row_or_one_column_included(family, grid):
+    """A one-row (or one-column) grid crashed reading a step along its axis of one cell; it has slope 0 there
+    and, along the other axis, the step of a two-row grid of the same width (each axis is scaled alone)."""
+    model = _rope_model(family, grid)
+    if 1 not in grid:  # every token a quarter step along both axes: timm's rotary there
+        expected = _table_moved(model, grid, 0.25)
+        cell = torch.arange(grid[0] * grid[1])[None]
+        coord = torch.stack([cell // grid[1], cell % grid[1]], dim=-1).float() + 0.25
+        for (rows, block), slope in zip(_per_block(model, _table(model, grid)), _slopes(model, grid)):
+            turned = rope_rows(rows, Positions(cell, coord), grid[1], slope)
+            want = expected if block is None else expected[block]
+            torch.testing.assert_close(turned, want.expand_as(turned), rtol=0, atol=2e-5)
+    else:
+        short = grid.index(1)
+        wider = tuple(2 if n == 1 else n for n in grid)
+        for slope, other in zip(_slopes(model, grid), _slopes(_rope_model(family, wider), wider)):
+            assert torch.equal(slope[..., short], torch.zeros_like(slope[..., short]))
+            torch.testing.assert_close(slope[..., 1 - short], other[..., 1 - short], rtol=0, atol=1e-5)
+    merged = pumer_patch.apply(model, layers=[0, 1], merge_ratio=0.5)
+    with torch.no_grad():
+        out = merged(torch.randn(2, 3, 8 * grid[0], 8 * grid[1], generator=torch.Generator().manual_seed(0)))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("size", [2, 3, 4, 6, 8])
