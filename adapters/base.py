@@ -49,7 +49,7 @@ from pumer_patch.core import Mode, Tokens
 from pumer_patch.ratios import Ratios
 
 __all__ = [
-    "RECORD_ATTR", "saved_config", "Adapter", "Plan", "PatchState", "Trace", "LayerCount", "swap_class",
+    "RECORD_ATTR", "WrittenRecord", "saved_config", "Adapter", "Plan", "PatchState", "Trace", "LayerCount", "swap_class",
     "restore_classes", "check_restorable", "ensure_class", "library_class", "warn_if_untested", "record_trace", "own_trace", "collecting_traces",
 ]
 
@@ -69,6 +69,15 @@ def saved_config(root: nn.Module) -> Any | None:
     if transformers is None or not isinstance(config, transformers.PretrainedConfig):
         return None
     return config
+
+
+class WrittenRecord(dict):
+    """A ``RECORD_ATTR`` value that ``Adapter.patch`` wrote (the record of a live patch), a plain ``dict`` to JSON.
+
+    A record that ``from_pretrained`` loaded is a plain ``dict``. The type tells ``apply`` that a
+    config shared with (or copied from) another patched model holds that model's record, which
+    re-patching through this one would overwrite and ``remove`` would then lose.
+    """
 
 
 @dataclass(frozen=True)
@@ -114,14 +123,17 @@ class PatchState:
     Configuration only: the plan; ``record``, the reduction as ``apply`` arguments in JSON types,
     which ``patch`` writes into the root's transformers config (``saved_config``) as
     ``RECORD_ATTR`` for ``save_pretrained``, or None; ``prior``, that attribute's value before the
-    patch, as ``(value,)``, or ``()`` where it had none (``unpatch`` puts it back). Per-call state
-    travels in ``_loop.CallScope`` and the trace of a forward in ``record_trace``, never here.
+    patch, as ``(value,)``, or ``()`` where it had none (``unpatch`` puts it back); ``written``, the
+    ``WrittenRecord`` object ``patch`` set (``unpatch`` restores ``prior`` only while the config still
+    holds that very object). Per-call state travels in ``_loop.CallScope`` and the trace of a
+    forward in ``record_trace``, never here.
     """
 
     adapter: str
     plan: Plan
     record: dict[str, Any] | None = None
     prior: tuple[Any, ...] = ()
+    written: WrittenRecord | None = None
 
 
 # traces per call: id(PatchState) -> (state, its last Trace) for this thread / context only
@@ -217,7 +229,8 @@ class Adapter:
         config = saved_config(root)
         if config is not None and state.record is not None:
             state.prior = (vars(config)[RECORD_ATTR],) if RECORD_ATTR in vars(config) else ()
-            setattr(config, RECORD_ATTR, copy.deepcopy(state.record))
+            state.written = WrittenRecord(copy.deepcopy(state.record))
+            setattr(config, RECORD_ATTR, state.written)
 
     def unpatch(self, root: nn.Module) -> None:
         """Undo ``patch``: library classes back, every attribute we added gone, the config's record as it was."""
@@ -229,7 +242,9 @@ class Adapter:
                 if attr in vars(module):
                     delattr(module, attr)
         config = saved_config(root)
-        if config is not None and state is not None and state.record is not None:
+        if config is not None and state is not None and state.written is not None:
+            if vars(config).get(RECORD_ATTR) is not state.written:
+                return  # the user (or another tool) set a record since: theirs stays
             if state.prior:
                 setattr(config, RECORD_ATTR, state.prior[0])
             elif RECORD_ATTR in vars(config):

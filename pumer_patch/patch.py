@@ -20,6 +20,7 @@ from .adapters.base import (
     PatchState,
     Plan,
     Trace,
+    WrittenRecord,
     check_restorable,
     collecting_traces,
     own_trace,
@@ -281,6 +282,7 @@ def apply(
         )
     planned: list[tuple[Adapter, nn.Module, Plan, dict[str, Any] | None]] = []
     recorded: set[int] = set()  # configs already given a record (two roots sharing one config get one)
+    own = {id(s.written) for s in (_state(m) for m in inner.modules()) if s is not None and s.written is not None}
     for adapter, root in roots:
         unknown = set(options) - set(adapter.option_names())
         if unknown:
@@ -305,6 +307,7 @@ def apply(
         kept = {i: r for i, r in blocks.items() if not r.is_zero}
         resolved = adapter.resolve_options(inner, root, dict(options), mode, kept)
         config = saved_config(root)
+        _refuse_foreign_record(config, own, root)
         record = None
         if config is not None and id(config) not in recorded:
             recorded.add(id(config))
@@ -317,6 +320,19 @@ def apply(
             get_adapter(old.adapter).unpatch(root)
         adapter.patch(root, PatchState(adapter=adapter.name, plan=plan, record=record))
     return model
+
+
+def _refuse_foreign_record(config: Any, own: set[int], root: nn.Module) -> None:
+    """Refuse a config that holds the record ``apply`` wrote for another model (ids in ``own``: this model's)."""
+    written = vars(config).get(RECORD_ATTR) if config is not None else None
+    if isinstance(written, WrittenRecord) and id(written) not in own:
+        raise ValueError(
+            f"{type(root).__name__}'s config holds the {RECORD_ATTR} that pumer_patch.apply wrote for another patched "
+            f"model: the two share one config object (a model built from another's config), or this config was "
+            f"copied from it while patched. Patching this one would overwrite the other's record (and its remove "
+            f"would then drop this one's). Build this model with its own config (copy.deepcopy(config) before "
+            f"the other is patched), or delete {RECORD_ATTR} from a copied config first"
+        )
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -272,3 +272,39 @@ def test_a_recorded_reduction_with_a_bad_field_is_refused_and_changes_nothing(re
     assert not pumer_patch.is_patched(model) and model.config.pumer_reduction == record
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_config_shared_with_a_patched_model_is_refused_and_each_remove_leaves_nothing(tmp_path):
+    """Two models built on one config object: re-patching through the second overwrote the first's record, a
+    remove of the first then dropped the second's, and removing both left the first's record behind."""
+    first = pumer_patch.apply(vilt(), layers=[2], merge_ratio=0.3)
+    second = ViltForQuestionAnswering(first.config).eval()
+    assert second.config is first.config
+    record = dict(_record_of(first))
+    with pytest.raises(ValueError, match="wrote for another patched model: the two share one config object"):
+        pumer_patch.apply(second, layers=[1], prune_ratio=0.2)
+    assert not pumer_patch.is_patched(second) and _record_of(first) == record
+    copied = ViltForQuestionAnswering(copy.deepcopy(first.config)).eval()  # copied while the first was patched
+    with pytest.raises(ValueError, match="or delete pumer_reduction from a copied config first"):
+        pumer_patch.apply(copied, layers=[1], prune_ratio=0.2)
+    del copied.config.pumer_reduction
+    pumer_patch.apply(copied, layers=[1], prune_ratio=0.2)
+    pumer_patch.remove(copied)
+    assert "pumer_reduction" not in vars(copied.config)
+    pumer_patch.remove(first)  # now the shared config is free: the second patches, and remove leaves nothing
+    pumer_patch.apply(second, layers=[1], prune_ratio=0.2)
+    with pytest.raises(ValueError, match="wrote for another patched model"):  # and the first is refused in turn
+        pumer_patch.apply(first, layers=[2], merge_ratio=0.3)
+    pumer_patch.apply(second, layers=[3], merge_ratio=0.3)  # a patched model re-applies over its own record
+    pumer_patch.remove(second)
+    assert "pumer_reduction" not in vars(first.config)
+    first.save_pretrained(tmp_path)
+    assert "pumer_reduction" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_remove_keeps_a_record_set_after_apply():
+    model = pumer_patch.apply(vilt(), layers=[2], merge_ratio=0.3)
+    mine = {"ratios": {"1": "p0-r0.2-t0"}, "mode": "default", "options": {}}
+    model.config.pumer_reduction = mine  # the user's own, after the patch
+    pumer_patch.remove(model)
+    assert model.config.pumer_reduction is mine
