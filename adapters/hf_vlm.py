@@ -59,7 +59,10 @@ passed in, or a ``StaticCache``) records, for the length of its life and keyed w
 module), which prompt columns each later layer kept and their sizes; every later call on that cache
 (each ``generate`` step) gives the layers after a reduce layer their own mask over their shorter
 cache. The images of a prompt are reduced in the call that fills an empty cache (or in a call
-without one). A ``StaticCache`` (``generate(..., cache_implementation="static")``) works alike: its
+without one). ``generate`` can be handed its own output and cache to go on (it feeds the tokens after
+layer 0's cache) where the patch reduces in the LLM; a cache reduced before it (``where="input"``) holds
+fewer columns in layer 0 than tokens it stands for, so a call that gives cached tokens again is refused.
+A ``StaticCache`` (``generate(..., cache_implementation="static")``) works alike: its
 layers count their own lengths, and the masks are widened to its size (the 4-D mask ``generate``
 prepares for it is read back as the padding mask it was made from). ``prompt_end(n)``: inside the
 ``with`` block, tokens at position ``n`` and after are not relevance rows, so a no-cache recompute of
@@ -631,10 +634,25 @@ class _ReducingTextModel:
         if cache.get_seq_length(first.first) < first.real.shape[1] or first.real.shape[0] != b:
             raise ValueError("this cache holds a pumer_patch-reduced prompt of another batch, or was cropped into it; "
                              "continue it with the batch that filled it, or start from an empty cache")
+        seen = record.seen(cache)
+        # generate(..., cache=...) counts the cached tokens by layer 0's length, which where="input" reduced:
+        # it would give again tokens the cache holds (a mask too wide, or, without one, positions too low)
+        refed = attention_mask.shape[1] != seen + q if attention_mask is not None else (
+            first.first == 0 and position_ids is not None and position_ids.dim() == 2
+            and bool((position_ids[:, 0] < seen).any())
+        )
+        if refed:
+            raise ValueError(
+                f"this cache holds a pumer_patch-reduced prompt standing for {seen} tokens, but this call gives "
+                f"{q} tokens that do not follow them: pass only the tokens after those {seen} (with a mask of the "
+                f"{seen} and them, or positions from {seen}) (a cache reduced before the LLM, "
+                f"where='input', cannot be handed back to generate: continue it step by step, or reduce in the "
+                f"LLM, layers=[K])"
+            )
         if attention_mask is not None:  # the prompt's columns, then every token given since
             later = attention_mask[:, record.prompt:].bool()
         else:
-            later = torch.ones(b, record.seen(cache) + q - record.prompt, dtype=torch.bool, device=hidden_states.device)
+            later = torch.ones(b, seen + q - record.prompt, dtype=torch.bool, device=hidden_states.device)
         masks: dict[int, Tensor] = {}
         for stage in record.stages:
             real = torch.cat([stage.real, later], dim=1)

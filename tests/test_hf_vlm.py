@@ -579,3 +579,30 @@ def test_every_family_generates_with_a_static_cache_as_with_the_default_one(fami
     assert torch.equal(static.sequences, dynamic.sequences)
     for a, b in zip(static.logits, dynamic.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# what a demanding user tries
+# --------------------------------------------------------------------------------------------
+
+
+def _generate_on(model, inputs, cache, sequences, steps=2):
+    """``generate`` handed back its own output and cache: it feeds the tokens it counts as uncached."""
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(sequences[:, inputs["input_ids"].shape[1]:])], dim=1)
+    with torch.no_grad():
+        return model.generate(input_ids=sequences, attention_mask=mask, cache=cache, max_new_tokens=steps,
+                              do_sample=False, return_dict_in_generate=True)
+
+
+def test_generation_continued_on_its_cache_equals_one_longer_generation_or_is_refused():
+    inputs = prompt([(3, 1, 4), (1, 1, 6)])
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3, merge_ratio=0.2)
+    first = _generate(model, inputs, steps=2)
+    again = _generate_on(model, inputs, first.cache, first.sequences)
+    assert torch.equal(again.sequences, _generate(model, inputs, steps=4).sequences)
+    # before the LLM, layer 0's cache is reduced too: generate would count it short and give cached tokens again
+    model = pumer_patch.apply(llava(), layers=[0], prune_ratio=0.3, merge_ratio=0.2, where="input")
+    for inputs in (prompt([(3, 1, 4), (1, 1, 6)]), prompt([(3, 1, 4), (1, 1, 9)])):  # no padding: no mask
+        first = _generate(model, inputs, steps=2)
+        with pytest.raises(ValueError, match="where='input', cannot be handed back to generate"):
+            _generate_on(model, inputs, first.cache, first.sequences)
