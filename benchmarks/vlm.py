@@ -3,6 +3,7 @@
     python -m benchmarks.vlm                                  # LLaVA-1.5 geometry, width 256, batch 1 and 8
     python -m benchmarks.vlm --width 512 --batch-sizes 1 --decode 16 --repeats 5
     python -m benchmarks.vlm --tiny                           # a smoke run of the whole path, not figures
+    python -m benchmarks.vlm --device cuda --dtype bf16       # on a GPU, under bf16 autocast
 
 The model is a ``LlavaForConditionalGeneration`` with LLaVA-1.5's geometry (576 visual tokens per
 image, a 24-layer Llama) at a width this machine can run (``--width``; heads of 64, MLP 2.6875x as
@@ -27,8 +28,10 @@ Analytic count (what ``FlopCounterMode`` counts: a multiply-accumulate is 2 FLOP
 a layer on N tokens costs ``2 N d (2 d + 2 d_kv) + 4 N^2 d + 6 N d f``; a reduce layer runs its
 attention on N and its MLP on the N' kept; the head reads the last token (``2 d V``). Both figures
 are reported for the model run here (``tests/test_hf_vlm.py`` checks that they agree). Timings on a
-shared CPU are noisy: the FLOPs and cache bytes are exact. Writes ``vlm.json`` and ``vlm.md`` under
-``--out``.
+shared CPU are noisy: the FLOPs and cache bytes are exact. ``--device cuda`` runs every model on the
+GPU (timings synchronise it before and after); ``--dtype bf16`` runs the prefills and decodes under
+``torch.autocast`` to bfloat16 (weights stay fp32; the cache then holds bfloat16), the FLOPs are counted
+in fp32. Writes ``vlm.json`` and ``vlm.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import json
 import logging
 import statistics
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,11 +97,11 @@ def build(width: int, layers: int = 24, tiny: bool = False) -> LlavaForCondition
     return LlavaForConditionalGeneration(config).eval()
 
 
-def prompt(batch: int, visual: int = VISUAL) -> dict[str, torch.Tensor]:
+def prompt(batch: int, visual: int = VISUAL, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """LLaVA-1.5's template for ``batch`` samples: 5 tokens, ``visual`` image placeholders, a 40-token question."""
     g = torch.Generator().manual_seed(1)
     ids = torch.cat([torch.randint(1, 31000, (batch, BEFORE), generator=g), torch.full((batch, visual), IMAGE),
-                     torch.randint(1, 31000, (batch, QUESTION), generator=g)], dim=1)
+                     torch.randint(1, 31000, (batch, QUESTION), generator=g)], dim=1).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -126,26 +130,49 @@ def _cache_bytes(cache: Any) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def _prefill(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-    with torch.no_grad():
-        return model(**inputs, use_cache=True, logits_to_keep=1)
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads what ran (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _decode(model: torch.nn.Module, inputs: dict[str, torch.Tensor], out: Any, steps: int) -> float:
+def _precision(device: torch.device, dtype: str) -> AbstractContextManager:
+    """bf16: autocast to bfloat16 on ``device``; fp32: nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def _prefill(model: torch.nn.Module, inputs: dict[str, torch.Tensor], dtype: str = "fp32") -> tuple[Any, float]:
+    """The prefill's output and its seconds."""
+    device = inputs["input_ids"].device
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad(), _precision(device, dtype):
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def _decode(model: torch.nn.Module, inputs: dict[str, torch.Tensor], out: Any, steps: int, dtype: str = "fp32") -> float:
     """Seconds for ``steps`` greedy one-token forwards on the prefill's cache."""
     token = out.logits[:, -1:].argmax(-1)
     mask = inputs["attention_mask"]
     cache = out.cache
+    device = token.device
+    _sync(device)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _precision(device, dtype):
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
             token = step.logits[:, -1:].argmax(-1)
+    _sync(device)
     return time.perf_counter() - start
 
 
-def measure(width: int, batch_sizes: list[int], repeats: int, steps: int, tiny: bool) -> tuple[list[dict], dict]:
+def measure(
+    width: int, batch_sizes: list[int], repeats: int, steps: int, tiny: bool,
+    device: torch.device = torch.device("cpu"), dtype: str = "fp32",
+) -> tuple[list[dict], dict]:
     layers = 2 if tiny else 24
     model = build(width, layers, tiny)
     visual = 16 if tiny else VISUAL
@@ -157,28 +184,28 @@ def measure(width: int, batch_sizes: list[int], repeats: int, steps: int, tiny: 
     for row in rows:
         net = build(width, layers, tiny)
         net.load_state_dict(model.state_dict())
+        net.to(device)
         if row.patch is not None:
             pumer_patch.apply(net, **row.patch)
-        example = prompt(1, visual)
+        example = prompt(1, visual, device)
         gflops[row.name] = gflops_per_example(net, {**example, "logits_to_keep": 1})
         if row.patch is not None:
             kept[row.name] = pumer_patch.last_trace(net).counts[-1].image
         models[row.name] = net
     results = []
     for batch in batch_sizes:
-        inputs = prompt(batch, visual)
+        inputs = prompt(batch, visual, device)
         prefill: dict[str, list[float]] = {r.name: [] for r in rows}
         decode: dict[str, list[float]] = {r.name: [] for r in rows}
         cache_bytes: dict[str, int] = {}
         for r in rows:  # warm-up
-            _decode(models[r.name], inputs, _prefill(models[r.name], inputs), 1)
+            _decode(models[r.name], inputs, _prefill(models[r.name], inputs, dtype)[0], 1, dtype)
         for _ in range(repeats):  # interleaved: A B C ... A B C ...
             for r in rows:
-                start = time.perf_counter()
-                out = _prefill(models[r.name], inputs)
-                prefill[r.name].append(time.perf_counter() - start)
+                out, seconds = _prefill(models[r.name], inputs, dtype)
+                prefill[r.name].append(seconds)
                 cache_bytes[r.name] = _cache_bytes(out.cache)
-                decode[r.name].append(_decode(models[r.name], inputs, out, steps))
+                decode[r.name].append(_decode(models[r.name], inputs, out, steps, dtype))
         log.info("batch %d: prefill ms %s", batch, {k: round(1e3 * statistics.median(v), 1) for k, v in prefill.items()})
         base = statistics.median(prefill["unpatched"])
         for r in rows:
@@ -240,14 +267,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode", type=int, default=8, help="greedy decode steps timed after each prefill")
     parser.add_argument("--tiny", action="store_true", help="width 64, 2 layers, 16 visual tokens: a smoke run")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the models run [cpu]")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: prefill and decode under torch.autocast to bfloat16, weights fp32 [fp32]")
     parser.add_argument("--out", type=Path, default=Path("results/vlm"))
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here; use --device cpu")
+    device = torch.device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     width = 64 if args.tiny else args.width
-    rows, kept = measure(width, args.batch_sizes, args.repeats, args.decode, args.tiny)
+    rows, kept = measure(width, args.batch_sizes, args.repeats, args.decode, args.tiny, device, args.dtype)
     big = full_size(kept) if not args.tiny else []
     args.out.mkdir(parents=True, exist_ok=True)
-    info = {**machine_info(torch.device("cpu"), "fp32"), "width": width}
+    info = {**machine_info(device, args.dtype), "width": width}
     (args.out / "vlm.json").write_text(json.dumps({"machine": info, "rows": rows, "llava_7b": big}, indent=2))
     text = table(rows, big)
     (args.out / "vlm.md").write_text(f"{info}\n\n{text}")

@@ -522,6 +522,14 @@ def test_the_vlm_benchmark_runs_and_its_analytic_flops_match_the_counted_ones(tm
         assert row["decode_tokens_per_s"] > 0 and row["kv_cache_mib"] > 0
     assert rows["FastV rule, 144 kept"]["gflops"] < rows["FastV rule, 288 kept"]["gflops"] < rows["unpatched"]["gflops"]
     assert rows["PuMer before the LLM, 288 kept"]["kv_cache_mib"] < rows["PuMer in the LLM, 288 kept"]["kv_cache_mib"]
+    # --dtype bf16 (what benchmarks/gpu.sh passes with --device cuda): under autocast the values cache in bfloat16
+    vlm.main(["--tiny", "--batch-sizes", "1", "--repeats", "1", "--decode", "1", "--dtype", "bf16",
+              "--out", str(tmp_path / "bf16")])
+    bf16 = json.loads((tmp_path / "bf16" / "vlm.json").read_text())
+    assert bf16["machine"]["dtype"] == "bf16 autocast"
+    for row in bf16["rows"]:
+        assert row["kv_cache_mib"] < rows[row["config"]]["kv_cache_mib"], row
+        assert row["visual_kept"] == rows[row["config"]]["visual_kept"]
 
 
 def _llava_with(text) -> LlavaForConditionalGeneration:
