@@ -21,7 +21,8 @@ Where (``where``):
 * ``"input"``: the same prune and merge applied to the visual embeddings after they are placed in the
   sequence, before the first decoder layer (``layers=[0]``); every layer and its cache hold the
   reduced sequence. Relevance: the softmax attention of the mean embedding of the text after the image
-  over the image's embeddings (``pumer_patch.query_relevance``); merging compares the embeddings.
+  (``text_tokens="last"``: of the last prompt token's) over the image's embeddings
+  (``pumer_patch.query_relevance``); merging compares the embeddings.
 
 Relevance in the LLM (``text_tokens``): an image is ranked by the text after it (in a causal LLM only
 later tokens attend to it): ``"all"``, PuMer's rule, the attention of the real prompt tokens after the
@@ -161,7 +162,7 @@ class VlmOptions:
     """The options of ``apply`` for vision-language LLMs (see the module docstring).
 
     where: ``"llm"`` (at decoder layers ``layers``) or ``"input"`` (before the first layer, ``layers=[0]``).
-    text_tokens: the relevance rows in the LLM, ``"all"`` (PuMer) or ``"last"`` (FastV).
+    text_tokens: the relevance rows, ``"all"`` (PuMer) or ``"last"`` (FastV); before the LLM, the query's tokens.
     merge_position: a merged token's position, its destination's or the size-weighted ``"mean"``.
     """
 
@@ -525,7 +526,7 @@ class _ReducingTextModel:
             ratios = state.plan.schedule[0]
             relevance = None
             if ratios.prune > 0:
-                relevance = _embedding_relevance(hidden_states, seq)
+                relevance = _embedding_relevance(hidden_states, seq, options.text_tokens)
             seq, hidden_states, position_embeddings, mask = self._after_reduce(
                 seq, hidden_states, ratios, relevance, hidden_states, position_embeddings, options, new_record, 0,
                 recorder, mask, cache,
@@ -696,10 +697,11 @@ def _mlp_half(layer: nn.Module, x: Tensor) -> Tensor:
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def _embedding_relevance(x: Tensor, seq: _Seq) -> Tensor:
-    """Relevance (B, M, L) before the LLM: per image, the mean embedding of the prompt text after it as a query."""
+def _embedding_relevance(x: Tensor, seq: _Seq, text_tokens: str) -> Tensor:
+    """Relevance (B, M, L) before the LLM: per image, the mean embedding of the prompt text after it as a query
+    (``text_tokens="last"``: the last prompt token's embedding)."""
     end = _PROMPT_END.get()
-    rows, ranks = _rows(seq, "all", _NO_END if end is None else end)
+    rows, ranks = _rows(seq, text_tokens, _NO_END if end is None else end)
     text = take_rows(x, rows).float()  # (B, T, C)
     query = torch.einsum("btc,btm->bmc", text, ranks) / ranks.sum(dim=1).clamp_min(1.0)[:, :, None]
     b, m, c = query.shape

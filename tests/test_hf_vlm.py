@@ -292,6 +292,25 @@ def test_fastv_rule_ranks_by_the_last_prompt_token_alone():
     assert not torch.equal(fastv_out, pumer_patch.last_trace(pumer).image.x)  # another rule, other survivors
 
 
+def test_fastv_rule_before_the_llm_queries_by_the_last_prompt_token_s_embedding():
+    """``text_tokens="last"``, ``where="input"``: the image tokens most like the last token's embedding stay."""
+    inputs = prompt([(3, 1, 6)])
+    model = pumer_patch.apply(llava(), layers=[0], prune_ratio=0.5, where="input", text_tokens="last")
+    logits = _forward(model, inputs)[0]
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])[0]
+        image = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output[0]
+        scores = pumer_patch.query_relevance(embeds[-1:].float(), image[None].float())[0]
+        columns = torch.arange(embeds.shape[0])
+        placed = columns[inputs["input_ids"][0] == IMAGE]
+        embeds[placed] = image
+        kept = torch.cat([columns[:3], placed[scores.topk(VISUAL // 2).indices.sort().values], columns[3 + VISUAL:]])
+        # the survivors at their own positions, through the library's language model
+        hidden = model.model.language_model(inputs_embeds=embeds[kept][None], position_ids=kept[None]).last_hidden_state
+        expected = model.lm_head(hidden)[0]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
