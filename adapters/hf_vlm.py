@@ -39,7 +39,9 @@ Images: a run of image-placeholder tokens in a sample is one image; each image i
 by the ratios of its own token count, so a sample's counts do not depend on its neighbours in the
 batch. Samples whose reduced lengths differ are aligned by keeping some removed columns as masked
 fillers (never attended to), so a sample gives the same output in a batch as alone (to float
-rounding), with left or right padding. A prompt without image tokens passes untouched.
+rounding), with left or right padding. A prompt without image tokens passes untouched. A video's
+placeholders (Qwen-VL's, LLaVA-OneVision's) pass whole: neither reduced nor relevance rows (nor counted
+as text).
 
 Positions: surviving tokens keep their position ids (1-D, or each of Qwen's M-RoPE rows); a merged
 token takes its destination's (``merge_position="destination"``, the default) or the size-weighted
@@ -176,6 +178,7 @@ class _VlmCall:
     """What the VLM root hands its language model for one forward: where the image tokens are."""
 
     image: Tensor | None  # (B, L) bool, True at image-placeholder tokens; None: no image tokens
+    video: Tensor | None = None  # (B, L) bool, True at video-placeholder tokens (kept whole, no relevance rows)
 
 
 _CALL: CallScope[_VlmCall] = CallScope("pumer_patch_hf_vlm_call")
@@ -245,7 +248,8 @@ class _Seq:
 
     orig: original position of each column. image: image index within its sample, -1 for text, padding and
     fillers. real: a real key (not padding, not a filler). size: original tokens each column stands for.
-    filler: a removed image column kept only so that every sample has the batch's length.
+    filler: a removed image column kept only so that every sample has the batch's length. text: a real text
+    column (not an image's or a video's, not padding, not a filler): where relevance rows come from.
     pos: rotary position ids (R, B, L_cur), R = 1 (1-D) or 3 (M-RoPE rows); ``pos_float`` the size-weighted
     mean where merges move positions. layer_pos: the position ids the layers get (B, L_cur), or None.
     """
@@ -259,15 +263,19 @@ class _Seq:
     layer_pos: Tensor | None
     filler: Tensor  # a removed image column kept only to align the batch
     ends: Tensor  # (B, M) the last original position of each image, -1 where a sample has fewer images
+    text: Tensor
 
     @property
     def length(self) -> int:
         return self.orig.shape[1]
 
 
-def _start(image: Tensor, attention_mask: Tensor | None, rope_positions: Tensor, layer_positions: Tensor | None) -> _Seq:
-    """The full prompt as a ``_Seq``: image (B, L) bool placeholders, the 2-D mask, rotary positions (B or 1, L)
-    or (3, B, L), the layers' positions (B or 1, L) or None."""
+def _start(
+    image: Tensor, video: Tensor | None, attention_mask: Tensor | None, rope_positions: Tensor,
+    layer_positions: Tensor | None,
+) -> _Seq:
+    """The full prompt as a ``_Seq``: image and video (B, L) bool placeholders (video None: none), the 2-D mask,
+    rotary positions (B or 1, L) or (3, B, L), the layers' positions (B or 1, L) or None."""
     b, n = image.shape
     device = image.device
     orig = torch.arange(n, device=device).expand(b, n)
@@ -281,7 +289,8 @@ def _start(image: Tensor, attention_mask: Tensor | None, rope_positions: Tensor,
     pos = (rope_positions if rope_positions.dim() == 3 else rope_positions[None]).expand(-1, b, n)
     layer_pos = None if layer_positions is None else layer_positions.expand(b, n)
     size = torch.ones(b, n, dtype=torch.float32, device=device)
-    return _Seq(orig, ids, real, size, pos, pos.float(), layer_pos, torch.zeros_like(real), ends)
+    text = real & ~image if video is None else real & ~image & ~video
+    return _Seq(orig, ids, real, size, pos, pos.float(), layer_pos, torch.zeros_like(real), ends, text)
 
 
 def _rows(seq: _Seq, text_tokens: str, end: int) -> tuple[Tensor, Tensor]:
@@ -292,7 +301,7 @@ def _rows(seq: _Seq, text_tokens: str, end: int) -> tuple[Tensor, Tensor]:
     """
     col = torch.arange(seq.length, device=seq.orig.device).expand_as(seq.orig)
     first_end = torch.where(seq.ends >= 0, seq.ends, torch.full_like(seq.ends, _NO_END)).amin(dim=1, keepdim=True)
-    text = seq.real & (seq.image < 0) & (seq.orig > first_end) & (seq.orig < end)
+    text = seq.text & (seq.orig > first_end) & (seq.orig < end)
     if text_tokens == "last":
         last = torch.where(text, col, -1).amax(dim=1, keepdim=True)
         text = text & (col == last)
@@ -399,7 +408,7 @@ def _reduce(
     layer_pos = None if seq.layer_pos is None else seq.layer_pos.gather(1, kept)  # the rotary reads pos, not these
     new = _Seq(
         seq.orig.gather(1, kept), image, seq.real.gather(1, kept) & ~filler, size.gather(1, kept), pos, pos_float,
-        layer_pos, filler, seq.ends,
+        layer_pos, filler, seq.ends, seq.text.gather(1, kept),  # fillers are image columns, never text
     )
     return new, take_rows(x, kept), kept
 
@@ -495,13 +504,15 @@ class _ReducingTextModel:
             raise ValueError(f"pumer_patch reduces the prompt's cache in place of some layers: a {type(cache).__name__} "
                              "cannot hold layers of different lengths; use the default DynamicCache or a StaticCache")
         return self._pumer_forward(
-            call.image if reduces else None, record, input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            call.image if reduces else None, call.video if reduces else None, record, input_ids=input_ids,
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, **kwargs,
         )
 
     @merge_with_config_defaults
     @capture_outputs
-    def _pumer_forward(self, image: Tensor | None, record: _CacheRecord | None, input_ids: Tensor | None = None,
+    def _pumer_forward(self, image: Tensor | None, video: Tensor | None, record: _CacheRecord | None,
+                       input_ids: Tensor | None = None,
                        attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                        cache: Cache | None = None, inputs_embeds: Tensor | None = None,
                        use_cache: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
@@ -519,7 +530,7 @@ class _ReducingTextModel:
         state: PatchState = getattr(self, SHARED_ATTR)
         options: VlmOptions = state.plan.options
         recorder = Recorder(state.plan)
-        seq = _start(image, attention_mask, rope_positions, position_ids)
+        seq = _start(image, video, attention_mask, rope_positions, position_ids)
         new_record = _CacheRecord(prompt=seq.length)
         mask = causal_mask
         if options.where == "input":
@@ -611,7 +622,7 @@ class _ReducingTextModel:
         mean = options.merge_position == "mean"
         new, x_new, kept = _reduce(seq, x, ratios, relevance, metric, mean)
         recorder.counts.append(LayerCount(
-            max(first - 1, 0), int((new.image >= 0).sum(dim=1).max()), int((new.real & (new.image < 0)).sum(dim=1).max())
+            max(first - 1, 0), int((new.image >= 0).sum(dim=1).max()), int(new.text.sum(dim=1).max())
         ))
         if new.length == seq.length and bool((new.size == seq.size).all()):
             return seq, x, position_embeddings, mask  # nothing removed or merged: the mask in use still fits
@@ -717,9 +728,17 @@ def _argument(function: Any, name: str, args: tuple[Any, ...], kwargs: dict[str,
     return args[names.index(name)] if name in names and names.index(name) < len(args) else None
 
 
-def _image_mask(model: nn.Module, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor | None:
-    """(B, L) True at the image-placeholder tokens, as the library's ``get_placeholder_mask`` finds them; None if none."""
-    token = model.config.image_token_id
+def _placeholders(model: nn.Module, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> _VlmCall:
+    """Where the image and the video placeholders are, as the library's ``get_placeholder_mask`` finds them."""
+    video = getattr(model.config, "video_token_id", None)
+    return _VlmCall(_placeholder_mask(model, model.config.image_token_id, input_ids, inputs_embeds),
+                    None if video is None else _placeholder_mask(model, video, input_ids, inputs_embeds))
+
+
+def _placeholder_mask(
+    model: nn.Module, token: int, input_ids: Tensor | None, inputs_embeds: Tensor | None
+) -> Tensor | None:
+    """(B, L) True at the placeholder tokens ``token``; None if none."""
     if input_ids is not None:
         mask = input_ids == token
     elif inputs_embeds is not None:
@@ -830,7 +849,7 @@ def _bare_forward(library: type[nn.Module]) -> Any:
         state: PatchState = getattr(self, SHARED_ATTR)
         input_ids = _argument(library.forward, "input_ids", args, kwargs)
         inputs_embeds = _argument(library.forward, "inputs_embeds", args, kwargs)
-        with _CALL.open(state, _VlmCall(_image_mask(self, input_ids, inputs_embeds))):
+        with _CALL.open(state, _placeholders(self, input_ids, inputs_embeds)):
             return library.forward(self, *args, **kwargs)
 
     return forward

@@ -23,7 +23,7 @@ from pumer_patch.adapters.hf_vlm import prompt_end
 from pumer_patch.core import reduced_counts
 from pumer_patch.ratios import Ratios
 from tests.model_state import same, snapshot
-from tests.vlm_models import FAMILIES, IMAGE, VISUAL, build, family_prompt, llava, prompt
+from tests.vlm_models import FAMILIES, IMAGE, QWEN_END, QWEN_START, VISUAL, build, family_prompt, llava, prompt
 
 IMPLEMENTATIONS = ["sdpa", "eager"]
 
@@ -520,6 +520,27 @@ def test_qwen_merged_tokens_stand_at_the_mean_of_their_m_rope_rows():
     with prompt_end(length), torch.no_grad():
         logits = model(**_continued(inputs, gen.sequences, mask, length + 1), use_cache=False).logits[:, -1]
     torch.testing.assert_close(logits, gen.logits[1], rtol=0, atol=1e-5)
+
+
+def test_a_video_passes_whole_and_its_tokens_are_no_text():
+    """A video's placeholders are neither reduced nor relevance rows: only the prompt's text ranks an image."""
+    family, video = "qwen2_vl", 98
+    unpatched = build(family)
+    model = pumer_patch.apply(build(family), layers=[1], prune_ratio=0.5, trace=True)
+    g = torch.Generator().manual_seed(0)
+    clip = [QWEN_START, *[video] * VISUAL, QWEN_END]
+    for ids, images in (([5, 6, *clip, 7, 8, 9], 0), ([5, QWEN_START, *[IMAGE] * VISUAL, QWEN_END, 3, *clip, 7, 8], 1)):
+        input_ids = torch.tensor([ids])
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                  "mm_token_type_ids": torch.where(input_ids == IMAGE, 1, torch.where(input_ids == video, 2, 0)).int(),
+                  "pixel_values_videos": torch.randn(64, 96, generator=g), "video_grid_thw": torch.tensor([[1, 8, 8]])}
+        if images:
+            inputs.update(pixel_values=torch.randn(64, 96, generator=g), image_grid_thw=torch.tensor([[1, 8, 8]]))
+            _forward(model, inputs)
+            text = len(ids) - 2 * VISUAL
+            assert [(c.image, c.text) for c in pumer_patch.last_trace(model).counts] == [(VISUAL // 2, text)]
+        else:
+            assert torch.equal(_forward(model, inputs), _forward(unpatched, inputs))
 
 
 def test_a_reduce_layer_before_deepstack_s_last_layer_is_refused():
