@@ -39,7 +39,8 @@ Images: a run of image-placeholder tokens in a sample is one image; each image i
 by the ratios of its own token count, so a sample's counts do not depend on its neighbours in the
 batch. Samples whose reduced lengths differ are aligned by keeping some removed columns as masked
 fillers (never attended to), so a sample gives the same output in a batch as alone (to float
-rounding), with left or right padding. A prompt without image tokens passes untouched. A video's
+rounding), with left or right padding. A prompt without image tokens passes untouched (its trace
+counts no visual tokens at each reduce layer). A video's
 placeholders (Qwen-VL's, LLaVA-OneVision's) pass whole: neither reduced nor relevance rows (nor counted
 as text).
 
@@ -489,7 +490,10 @@ class _ReducingTextModel:
         call = _CALL.get(state)
         reduces = bool(state.plan.schedule) and call is not None and call.image is not None and fresh
         if record is None and not reduces:
-            return super().forward(**args)
+            out = super().forward(**args)
+            if fresh and call is not None and state.plan.schedule:  # a prompt without images: its own trace
+                self._untouched_trace(state, out[0], attention_mask, call)
+            return out
         _check_implementation(self.config, type(self).__name__)
         if isinstance(attention_mask, dict) and set(attention_mask) == {"full_attention"}:
             attention_mask = attention_mask["full_attention"]  # what generate prepares per layer type (Qwen)
@@ -572,6 +576,18 @@ class _ReducingTextModel:
             _RECORDS[cache] = new_record
         record_trace(state, recorder.trace(Tokens(hidden_states, size=seq.size, mask=seq.real)))
         return self._output(hidden_states, cache, use_cache)
+
+    def _untouched_trace(self, state: PatchState, hidden_states: Tensor, attention_mask: Any, call: _VlmCall) -> None:
+        """Record the trace of a prompt that kept every token (no image): no visual tokens at any reduce layer."""
+        b, n = hidden_states.shape[:2]
+        real = torch.ones(b, n, dtype=torch.bool, device=hidden_states.device)
+        if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
+            real = attention_mask.bool()
+        text = real if call.video is None else real & ~call.video
+        recorder = Recorder(state.plan)
+        recorder.counts = [LayerCount(i, 0, int(text.sum(dim=1).max())) for i in sorted(state.plan.schedule)]
+        size = torch.ones(b, n, dtype=torch.float32, device=hidden_states.device)
+        record_trace(state, recorder.trace(Tokens(hidden_states, size=size, mask=real)))
 
     def _output(self, hidden_states: Tensor, cache: Cache | None, use_cache: bool | None) -> BaseModelOutputWithPast:
         returned = cache if use_cache or self._returns_cache_without_use_cache else None

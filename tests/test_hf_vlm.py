@@ -251,6 +251,17 @@ def test_token_counts_per_layer_follow_reduced_counts_per_image(images):
     assert logits.shape[1] == text + images * per_image[2]
 
 
+def test_a_prompt_without_image_has_its_own_trace_not_the_last_image_prompt_s():
+    model = pumer_patch.apply(llava(), layers=[0, 2], prune_ratio=0.5, trace=True)
+    _forward(model, prompt([(3, 1, 4)]))
+    text_only = prompt([(5, 0, 4), (2, 0, 3)], "right")
+    logits = _forward(model, text_only)
+    trace = pumer_patch.last_trace(model)
+    assert [(c.layer, c.image, c.text) for c in trace.counts] == [(0, 0, 9), (2, 0, 9)]
+    assert torch.equal(trace.image.mask, text_only["attention_mask"].bool())
+    assert trace.image.x.shape[:2] == logits.shape[:2]
+
+
 def test_several_reduce_layers_compound_and_the_cache_holds_each_stage():
     model = pumer_patch.apply(llava(layers=4), layers=[0, 2], prune_ratio=0.5)
     inputs = prompt([(3, 1, 4)])
