@@ -59,8 +59,9 @@ columns (causal by original order, padding and fillers masked, ``log(size)`` on 
 proportional attention), which eager and SDPA both add to their logits.
 
 KV cache: the cache a reducing forward fills (``DynamicCache``, the default, made by the model or
-passed in, or a ``StaticCache``) records, for the length of its life and keyed weakly by the cache object (never on a
-module), which prompt columns each later layer kept and their sizes; every later call on that cache
+passed in, or a ``StaticCache``) records, on the cache object itself (never on a module; so a
+``copy.deepcopy`` of the cache, transformers' recipe for reusing a prompt's cache, carries it), which
+prompt columns each later layer kept and their sizes; every later call on that cache
 (each ``generate`` step) gives the layers after a reduce layer their own mask over their shorter
 cache. The images of a prompt are reduced in the call that fills an empty cache (or in a call
 without one). ``generate`` can be handed its own output and cache to go on (it feeds the tokens after
@@ -90,7 +91,6 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -239,8 +239,12 @@ class _CacheRecord:
         return found
 
 
-# cache -> its record; weak, so the record goes with the cache
-_RECORDS: weakref.WeakKeyDictionary[Cache, _CacheRecord] = weakref.WeakKeyDictionary()
+# the attribute of a cache holding its record: the record lives and is copied with the cache
+_RECORD_ATTR = "_pumer_patch_record"
+
+
+def _record_of(cache: Cache) -> _CacheRecord | None:
+    return getattr(cache, _RECORD_ATTR, None)
 
 
 @dataclass
@@ -485,8 +489,8 @@ class _ReducingTextModel:
                     inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         fresh = cache is None or cache.get_seq_length() == 0
         if fresh and cache is not None:  # an emptied cache starts afresh: an earlier prompt's record goes
-            _RECORDS.pop(cache, None)
-        record = None if fresh else _RECORDS.get(cache)
+            cache.__dict__.pop(_RECORD_ATTR, None)
+        record = None if fresh else _record_of(cache)
         call = _CALL.get(state)
         reduces = bool(state.plan.schedule) and call is not None and call.image is not None and fresh
         if record is None and not reduces:
@@ -573,7 +577,7 @@ class _ReducingTextModel:
             hidden_states = self._after_layer(i, hidden_states, extra)
         hidden_states = self.norm(hidden_states)
         if cache is not None and new_record.stages:
-            _RECORDS[cache] = new_record
+            setattr(cache, _RECORD_ATTR, new_record)
         record_trace(state, recorder.trace(Tokens(hidden_states, size=seq.size, mask=seq.real)))
         return self._output(hidden_states, cache, use_cache)
 

@@ -176,6 +176,21 @@ def test_an_emptied_cache_forgets_the_reduced_prompt_it_held():
         _forward(model, {"input_ids": other["input_ids"][:, :1]}, cache=_filled(model), use_cache=True)
 
 
+def test_a_copied_prompt_cache_continues_as_the_original():
+    """transformers' recipe for reusing a prompt's cache: a ``copy.deepcopy`` of it per continuation."""
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3, merge_ratio=0.2)
+    inputs = prompt([(3, 1, 4)])
+    cache = DynamicCache(config=model.config.text_config)
+    _forward(model, inputs, cache=cache, use_cache=True)
+    longer = torch.cat([inputs["input_ids"], torch.tensor([[11, 12, 13]])], dim=1)
+    outputs = []
+    for reused in (copy.deepcopy(cache), copy.deepcopy(cache), cache):
+        with torch.no_grad():
+            outputs.append(model.generate(input_ids=longer, attention_mask=torch.ones_like(longer), cache=reused,
+                                          max_new_tokens=3, do_sample=False))
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[2])
+
+
 def _filled(model):
     """A cache holding a reduced prompt of one sample."""
     cache = DynamicCache(config=model.config.text_config)
