@@ -35,14 +35,16 @@ row attends to: a (text rows x sequence) slice, never the full attention. The sa
 An image with no prompt text after it gets no relevance: its tokens are then pruned by position
 (the later ones go first).
 
-Images: a run of image-placeholder tokens in a sample is one image; each image is reduced on its own
+Images: the image placeholders are found as the library finds them, by their id in ``input_ids`` or,
+given ``inputs_embeds``, by the placeholder's embedding (before the image features are placed:
+embeddings with the features already in them show no image and pass unreduced). A run of
+image-placeholder tokens in a sample is one image; each image is reduced on its own
 by the ratios of its own token count, so a sample's counts do not depend on its neighbours in the
 batch. Samples whose reduced lengths differ are aligned by keeping some removed columns as masked
 fillers (never attended to), so a sample gives the same output in a batch as alone (to float
 rounding), with left or right padding. A prompt without image tokens passes untouched (its trace
-counts no visual tokens at each reduce layer). A video's
-placeholders (Qwen-VL's, LLaVA-OneVision's) pass whole: neither reduced nor relevance rows (nor counted
-as text).
+counts no visual tokens at each reduce layer). A video's placeholders (Qwen-VL's, LLaVA-OneVision's)
+pass whole: neither reduced nor relevance rows (nor counted as text).
 
 Positions: surviving tokens keep their position ids (1-D, or each of Qwen's M-RoPE rows); a merged
 token takes its destination's (``merge_position="destination"``, the default) or the size-weighted

@@ -236,6 +236,19 @@ def test_a_sample_gives_the_same_output_in_a_padded_batch_as_alone(implementatio
         torch.testing.assert_close(_real_columns(model, got, row), expected, rtol=0, atol=1e-5)
 
 
+def test_inputs_embeds_and_a_missing_mask_reduce_as_input_ids_and_a_full_mask():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.3, merge_ratio=0.2)
+    inputs = prompt([(3, 1, 4), (1, 1, 9)])
+    embedded = {k: v for k, v in inputs.items() if k != "input_ids"}
+    with torch.no_grad():
+        embedded["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
+    torch.testing.assert_close(_forward(model, embedded), _forward(model, inputs), rtol=0, atol=1e-6)
+    assert torch.equal(_generate(model, embedded).sequences, _generate(model, inputs).sequences[:, -4:])
+    alone = prompt([(3, 1, 4)])
+    unmasked = {k: v for k, v in alone.items() if k != "attention_mask"}
+    torch.testing.assert_close(_forward(model, unmasked), _forward(model, alone), rtol=0, atol=1e-6)
+
+
 def test_a_prompt_without_image_is_the_library_s_own_forward():
     model = llava()
     inputs = prompt([(5, 0, 4), (2, 0, 7)])
