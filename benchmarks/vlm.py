@@ -30,8 +30,8 @@ attention on N and its MLP on the N' kept; the head reads the last token (``2 d 
 are reported for the model run here (``tests/test_hf_vlm.py`` checks that they agree). Timings on a
 shared CPU are noisy: the FLOPs and cache bytes are exact. ``--device cuda`` runs every model on the
 GPU (timings synchronise it before and after); ``--dtype bf16`` runs the prefills and decodes under
-``torch.autocast`` to bfloat16 (weights stay fp32; the cache then holds bfloat16), the FLOPs are counted
-in fp32. Writes ``vlm.json`` and ``vlm.md`` under ``--out``.
+``torch.autocast`` to bfloat16 (weights stay fp32; the cache's values are then bfloat16, its keys leave
+the rotary embedding in fp32); the FLOPs are counted in fp32. Writes ``vlm.json`` and ``vlm.md`` under ``--out``.
 """
 
 from __future__ import annotations
