@@ -147,7 +147,7 @@ class VlmStudyConfig:
     """
 
     model: VlmModelConfig = field(default_factory=VlmModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.5))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.25))
     reduce_layer: int = 1
     budgets: tuple[int, ...] = (4, 8)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.25))

@@ -419,7 +419,7 @@ def run_study(
     plot_tradeoff(rows, per_pass, torch.get_num_threads(), out_dir / "tradeoff.png")
     shown = figure_examples(test, cfg.figure_examples)
     # METER's tower-merging rows are left out: their source maps start at the fusion blocks, not at the patches
-    shown_variants = ("pumer", "pumer-finetuned", "meter-pumer", "meter-pumer-finetuned")
+    shown_variants = ("pumer", "pumer-finetuned", "meter-pumer")
     traced = [(v.name, v.build(trained.weights, trace=True)) for v in variants if v.name in shown_variants]
     plot_kept_merged(traced, test, shown, answers, out_dir / "kept_merged.png")
 
