@@ -66,7 +66,8 @@ passed in, or a ``StaticCache``) records, on the cache object itself (never on a
 prompt columns each later layer kept and their sizes; every later call on that cache
 (each ``generate`` step) gives the layers after a reduce layer their own mask over their shorter
 cache. The images of a prompt are reduced in the call that fills an empty cache (or in a call
-without one). ``generate`` can be handed its own output and cache to go on (it feeds the tokens after
+without one); image tokens given on a cache that holds tokens already (after a cached text prefix, in
+a later turn) pass unreduced, with a warning. ``generate`` can be handed its own output and cache to go on (it feeds the tokens after
 layer 0's cache) where the patch reduces in the LLM; a cache reduced before it (``where="input"``) holds
 fewer columns in layer 0 than tokens it stands for, so a call that gives cached tokens again is refused.
 A ``StaticCache`` (``generate(..., cache_implementation="static")``) works alike: its
@@ -93,6 +94,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -495,10 +497,12 @@ class _ReducingTextModel:
         record = None if fresh else _record_of(cache)
         call = _CALL.get(state)
         reduces = bool(state.plan.schedule) and call is not None and call.image is not None and fresh
+        late = bool(state.plan.schedule) and call is not None and call.image is not None and not fresh
         if record is None and not reduces:
             out = super().forward(**args)
             if fresh and call is not None and state.plan.schedule:  # a prompt without images: its own trace
                 self._untouched_trace(state, out[0], attention_mask, call)
+            _warn_if_late(late)
             return out
         _check_implementation(self.config, type(self).__name__)
         if isinstance(attention_mask, dict) and set(attention_mask) == {"full_attention"}:
@@ -513,11 +517,13 @@ class _ReducingTextModel:
         if reduces and cache is not None and not isinstance(cache, (DynamicCache, StaticCache)):
             raise ValueError(f"pumer_patch reduces the prompt's cache in place of some layers: a {type(cache).__name__} "
                              "cannot hold layers of different lengths; use the default DynamicCache or a StaticCache")
-        return self._pumer_forward(
+        out = self._pumer_forward(
             call.image if reduces else None, call.video if reduces else None, record, input_ids=input_ids,
             attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, **kwargs,
         )
+        _warn_if_late(late)
+        return out
 
     @merge_with_config_defaults
     @capture_outputs
@@ -702,6 +708,16 @@ class _ReducingTextModel:
             hidden_states = self._after_layer(i, hidden_states, extra)
         hidden_states = self.norm(hidden_states)
         return self._output(hidden_states, cache, use_cache)
+
+
+def _warn_if_late(late: bool) -> None:
+    """Warn that a call's image tokens, given on a cache that held tokens already, went through unreduced."""
+    if late:
+        warnings.warn(
+            "image tokens given on a cache that already holds tokens pass unreduced (pumer_patch reduces the "
+            "images of the call that fills an empty cache): give the image in the first call, or prefill "
+            "without a cache", stacklevel=3,
+        )
 
 
 def _checkpointed(layer: nn.Module, half: Any, *args: Any) -> Any:

@@ -191,6 +191,19 @@ def test_a_copied_prompt_cache_continues_as_the_original():
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[2])
 
 
+def test_an_image_given_on_a_filled_cache_passes_unreduced_with_a_warning():
+    model = pumer_patch.apply(llava(), layers=[1], prune_ratio=0.5)
+    cache = DynamicCache(config=model.config.text_config)
+    system = prompt([(5, 0, 0)])
+    _forward(model, system, cache=cache, use_cache=True)  # a text prefix, cached
+    turn = prompt([(0, 1, 4)])
+    mask = torch.ones(1, 5 + turn["input_ids"].shape[1], dtype=torch.long)
+    with pytest.warns(UserWarning, match="image tokens given on a cache that already holds tokens pass unreduced"):
+        logits = _forward(model, {"input_ids": turn["input_ids"], "attention_mask": mask,
+                                  "pixel_values": turn["pixel_values"]}, cache=cache, use_cache=True)
+    assert logits.shape[1] == turn["input_ids"].shape[1]
+
+
 def _filled(model):
     """A cache holding a reduced prompt of one sample."""
     cache = DynamicCache(config=model.config.text_config)
