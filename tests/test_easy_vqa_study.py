@@ -35,7 +35,7 @@ VLM_VARIANTS = (["vlm-unpatched"] + [f"vlm-{rule}-{b}" for b in (4, 8) for rule 
 VARIANTS = VILT_VARIANTS + METER_VARIANTS + VLM_VARIANTS
 # QUICK's ViLT cache keys for the vocabulary {"[PAD]": 0, "what": 1} (CACHE_VERSION 2: METER's and the VLM's
 # settings never move them)
-QUICK_BASE_KEY, QUICK_FINETUNE_KEY = "245f1e79de24", "cd7f7595d7fc"
+QUICK_BASE_KEY, QUICK_FINETUNE_KEY = "f8349c7f5fed", "b07c5035022a"
 FILES = ["results.json", "results.md", "tradeoff.png", "kept_merged.png"]
 
 
@@ -304,7 +304,7 @@ def _keys(cfg: StudyConfig) -> dict[str, str]:
     ({"finetune": QUICK.finetune.__class__(epochs=0.3)}, {"vilt-finetune"}),
     ({"meter.train.epochs": 0.7}, {"meter"}),
     ({"meter.finetune.epochs": 0.2}, {"meter-finetune"}),
-    ({"vlm.train.lr": 1e-3}, {"vlm"}),
+    ({"vlm.train.lr": 3e-3}, {"vlm"}),
     ({"vlm.model.layers": 5}, {"vlm"}),
     ({"vlm.finetune.epochs": 0.2}, {"vlm-finetune"}),
     # what only chooses what is evaluated, finetuned or timed: no key moves
