@@ -121,7 +121,7 @@ class MeterStudyConfig:
     per block of the CLIP tower (``encoder_merge_schedule``). Each reduced variant (PuMer, the tower's
     ToMe, both) is also finetuned with its reduction on, distilled from the unpatched METER.
 
-    Trained 1 epoch (the ViLT 2) and finetuned a quarter epoch, only with both reductions on
+    Trained 1 epoch (the ViLT 3) and finetuned a quarter epoch, only with both reductions on
     (``finetuned``), to keep the default run within its ten minutes (README gives the measured run
     time); a METER step costs about what a ViLT step does, and more epochs buy accuracy.
     """
